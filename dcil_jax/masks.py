@@ -1,0 +1,230 @@
+"""Binary weight masks that live as a pytree next to the parameters.
+
+A masks tree mirrors the params tree: every prunable leaf has a boolean array of the same shape
+(``True`` = kept), every other leaf is ``None``. ``None`` is an empty pytree node, so a masks tree
+can sit inside an optax state, be jitted, donated and checkpointed like any other pytree.
+
+Masks are magnitude masks with an **exact** number of zeros: scores are ranked with a stable sort,
+so ties are broken by flat index (the lower index is pruned first) and the count never drifts the
+way the official code's strict ``score > quantile`` threshold does (it prunes one weight too many).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dcil_jax.paths import is_per_path
+
+Params = Any
+Masks = Any
+KeyPath = tuple[Any, ...]
+IsPrunable = Callable[[KeyPath, Any], bool]
+Distribution = Literal["global", "layerwise", "erk"]
+DISTRIBUTIONS = ("global", "layerwise", "erk")
+
+
+def _key_name(key: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def is_conv_kernel(path: KeyPath, leaf: Any) -> bool:
+  """Default prunable rule, as in the official code: every convolution kernel.
+
+  A Flax ``nn.Conv`` kernel is a leaf named ``kernel`` with ``ndim >= 3`` (``nn.Dense`` kernels
+  are 2-D), so the first conv and 1x1 shortcut convs are pruned while classifier heads,
+  BatchNorm and biases stay dense.
+  """
+  return bool(path) and _key_name(path[-1]) == "kernel" and getattr(leaf, "ndim", 0) >= 3
+
+
+def masks_like(params: Params, is_prunable: IsPrunable = is_conv_kernel) -> Masks:
+  """All-ones masks for the leaves selected by ``is_prunable`` and ``None`` elsewhere.
+
+  Args:
+    params: a params tree (plain, or dual-path with ``PerPath`` leaves, which are never prunable).
+    is_prunable: ``(key_path, leaf) -> bool``.
+
+  Returns:
+    A masks tree with the structure of ``params``.
+
+  Raises:
+    ValueError: if the rule selects no leaf at all.
+  """
+
+  def make(path, leaf):
+    if is_per_path(leaf) or not is_prunable(path, leaf):
+      return None
+    return jnp.ones(jnp.shape(leaf), dtype=bool)
+
+  masks = jax.tree_util.tree_map_with_path(make, params, is_leaf=is_per_path)
+  if not jax.tree.leaves(masks):
+    raise ValueError(
+      "The prunable rule selects no parameter: nothing would be pruned. The default rule "
+      "prunes convolution kernels (leaves named 'kernel' with ndim >= 3); pass `is_prunable` "
+      "for other models."
+    )
+  return masks
+
+
+def check_masks(masks: Masks, params: Params) -> list[tuple[Any, Any, Any]]:
+  """(key path, mask, param) for every prunable leaf; checks that the trees match."""
+  flat_masks, mask_def = jax.tree_util.tree_flatten_with_path(masks, is_leaf=_is_none)
+  flat_params, param_def = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_per_path)
+  if mask_def.num_leaves != param_def.num_leaves or [p for p, _ in flat_masks] != [
+    p for p, _ in flat_params
+  ]:
+    raise ValueError(
+      "The masks tree does not mirror the params tree. Masks must have one entry per "
+      "parameter leaf (None for leaves that are not pruned); build them with "
+      "dcil_jax.masks_like(params)."
+    )
+  out = []
+  for (path, m), (_, p) in zip(flat_masks, flat_params):
+    if m is None:
+      continue
+    if is_per_path(p):
+      raise ValueError(
+        f"Leaf {jax.tree_util.keystr(path)} has one copy per path and cannot be masked."
+      )
+    if jnp.shape(m) != jnp.shape(p):
+      raise ValueError(
+        f"Mask shape {jnp.shape(m)} does not match parameter shape {jnp.shape(p)} at "
+        f"{jax.tree_util.keystr(path)}."
+      )
+    out.append((path, m, p))
+  return out
+
+
+def _is_none(x: Any) -> bool:
+  return x is None
+
+
+def map_masked(fn: Callable[[Any, Any], Any], params: Params, masks: Masks) -> Params:
+  """``fn(param, mask)`` on prunable leaves; other leaves are returned unchanged."""
+  check_masks(masks, params)  # validates structure and shapes (at trace time: free under jit)
+  return jax.tree.map(lambda m, p: p if m is None else fn(p, m), masks, params, is_leaf=_is_none)
+
+
+def apply_masks(params: Params, masks: Masks) -> Params:
+  """``W ⊙ M`` on prunable leaves."""
+  return map_masked(lambda p, m: jnp.where(m, p, jnp.zeros_like(p)), params, masks)
+
+
+def check_sparsity(sparsity: Any) -> None:
+  """Raises ``ValueError`` unless a concrete ``sparsity`` lies in [0, 1); tracers pass."""
+  if isinstance(sparsity, jax.core.Tracer):
+    return
+  s = np.asarray(sparsity)
+  if s.ndim != 0 or not np.isfinite(s) or not 0.0 <= float(s) < 1.0:
+    raise ValueError(f"Sparsity must be a number in [0, 1), got {sparsity!r}.")
+
+
+def _keep_top(scores: jax.Array, num_pruned: jax.Array) -> jax.Array:
+  """Boolean mask keeping all but the ``num_pruned`` lowest scores; ties pruned by lower index."""
+  flat = scores.reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  rank = jnp.zeros(flat.shape, jnp.int32).at[order].set(jnp.arange(flat.size, dtype=jnp.int32))
+  return (rank >= num_pruned).reshape(scores.shape)
+
+
+def _num_pruned(sparsity: jax.Array, size: int | jax.Array) -> jax.Array:
+  return jnp.round(jnp.asarray(sparsity, jnp.float32) * size).astype(jnp.int32)
+
+
+def erk_sparsities(
+  shapes: list[tuple[int, ...]], sparsity: jax.Array, power: float = 1.0
+) -> jax.Array:
+  """Per-layer sparsities of the Erdős–Rényi-Kernel distribution (RigL, Evci et al. 2020).
+
+  Density of layer l is ``eps * (sum(shape_l) / prod(shape_l)) ** power``, with ``eps`` chosen so
+  the overall sparsity equals ``sparsity``; layers whose density would exceed 1 are kept dense and
+  ``eps`` re-solved. Jittable in ``sparsity`` (a fixed number of capping rounds).
+  """
+  sizes = jnp.asarray([float(np.prod(s)) for s in shapes])
+  raw = jnp.asarray([(sum(s) / float(np.prod(s))) ** power for s in shapes])
+  density = 1.0 - jnp.asarray(sparsity, jnp.float32)
+
+  def solve(dense):
+    rhs = jnp.sum(jnp.where(dense, 0.0, sizes * density)) - jnp.sum(
+      jnp.where(dense, sizes * (1.0 - density), 0.0)
+    )
+    divisor = jnp.sum(jnp.where(dense, 0.0, raw * sizes))
+    return rhs / divisor
+
+  dense = jnp.zeros(len(shapes), bool)
+  for _ in range(len(shapes)):  # capping only grows `eps`, so each round can only add layers
+    dense = dense | (solve(dense) * raw > 1.0)
+  layer_density = jnp.where(dense, 1.0, jnp.clip(solve(dense) * raw, 0.0, 1.0))
+  return 1.0 - layer_density
+
+
+def magnitude_masks(
+  params: Params,
+  masks: Masks,
+  sparsity: Any,
+  distribution: Distribution = "global",
+) -> Masks:
+  """New masks from the magnitudes of the (dense) ``params``, at an exact ``sparsity``.
+
+  Args:
+    params: the weights ``W`` whose magnitudes rank the entries.
+    masks: a masks tree; only its structure (which leaves are prunable) is used.
+    sparsity: fraction of prunable entries to prune, in [0, 1); may be traced.
+    distribution: ``"global"`` — one threshold over all prunable leaves (the official default);
+      ``"layerwise"`` — the same sparsity in every leaf; ``"erk"`` — Erdős–Rényi-Kernel.
+
+  Returns:
+    A masks tree like ``masks`` with ``round(sparsity * n)`` zeros (overall for ``global``, per
+    leaf otherwise).
+  """
+  check_sparsity(sparsity)
+  pairs = check_masks(masks, params)
+  scores = [jnp.square(p.astype(jnp.float32)) for _, _, p in pairs]
+  if distribution == "global":
+    sizes = [s.size for s in scores]
+    flat = jnp.concatenate([s.reshape(-1) for s in scores])
+    keep = _keep_top(flat, _num_pruned(sparsity, flat.size))
+    new = jnp.split(keep, np.cumsum(sizes)[:-1])
+    new = [k.reshape(s.shape) for k, s in zip(new, scores)]
+  elif distribution == "layerwise":
+    new = [_keep_top(s, _num_pruned(sparsity, s.size)) for s in scores]
+  elif distribution == "erk":
+    layer_sparsity = erk_sparsities([s.shape for s in scores], sparsity)
+    new = [_keep_top(s, _num_pruned(layer_sparsity[i], s.size)) for i, s in enumerate(scores)]
+  else:
+    raise ValueError(
+      f"Unknown mask distribution {distribution!r}; expected one of {DISTRIBUTIONS}."
+    )
+  by_path = {path: m for (path, _, _), m in zip(pairs, new)}
+  return jax.tree_util.tree_map_with_path(
+    lambda path, m: None if m is None else by_path[path], masks, is_leaf=_is_none
+  )
+
+
+def sparsity(masks: Masks) -> jax.Array:
+  """Overall fraction of pruned entries among all prunable entries."""
+  leaves = jax.tree.leaves(masks)
+  pruned = sum(jnp.sum(~m) for m in leaves)
+  return pruned / sum(m.size for m in leaves)
+
+
+def layer_sparsities(masks: Masks) -> dict[str, jax.Array]:
+  """Fraction pruned per prunable leaf, keyed by its path (e.g. ``"['Conv_0']['kernel']"``)."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(masks)
+  return {jax.tree_util.keystr(path): 1.0 - jnp.mean(m) for path, m in flat}
+
+
+def flip_rate(old: Masks, new: Masks) -> jax.Array:
+  """Fraction of prunable entries whose mask bit differs between two masks trees."""
+  a, b = jax.tree.leaves(old), jax.tree.leaves(new)
+  if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+    raise ValueError("flip_rate needs two masks trees of the same structure and shapes.")
+  return sum(jnp.sum(x != y) for x, y in zip(a, b)) / sum(x.size for x in a)

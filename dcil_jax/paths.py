@@ -1,0 +1,139 @@
+"""The two forward paths of DCIL: the dual-path parameter tree and how the path axis executes.
+
+A dual-path tree is the model's own tree in which every leaf that is not a shared (prunable)
+kernel is boxed in :class:`PerPath` and stacked on a leading axis of size 2: index 0 belongs to
+the sparse path (``W⊙M``), index 1 to the dense path (``W``). Nothing in the model changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+SPARSE, DENSE = 0, 1
+NUM_PATHS = 2
+STRATEGIES = ("vmap", "unrolled", "sharded")
+PATH_AXIS = "path"
+
+
+@struct.dataclass
+class PerPath:
+  """A leaf that exists once per forward path, stacked on axis 0 (0 = sparse, 1 = dense).
+
+  DCIL shares the prunable kernels between the paths but keeps separate BatchNorm parameters,
+  statistics and heads. Boxing those leaves makes a dual-path tree self-describing: they are
+  never prunable, whatever their shape.
+  """
+
+  value: Any
+
+
+def is_per_path(x: Any) -> bool:
+  return isinstance(x, PerPath)
+
+
+def to_dual_path(params: Any, masks: Any, batch_stats: Any = None) -> tuple[Any, Any]:
+  """Lifts a plain model's params and BN statistics into the dual-path layout.
+
+  Args:
+    params: the plain Flax params tree.
+    masks: a masks tree for ``params``; leaves with a mask stay shared, every other leaf
+      (BatchNorm scale/bias, heads, biases) is copied once per path.
+    batch_stats: the plain BN statistics (or ``None``); every leaf is copied once per path.
+
+  Returns:
+    ``(dual_params, dual_batch_stats)``.
+  """
+  stack = lambda x: PerPath(jnp.stack([x] * NUM_PATHS))  # noqa: E731
+  dual = jax.tree.map(
+    lambda m, p: stack(p) if m is None else p, masks, params, is_leaf=lambda x: x is None
+  )
+  return dual, jax.tree.map(stack, batch_stats)
+
+
+def select_path(tree: Any, path: int) -> Any:
+  """Unboxes every :class:`PerPath` leaf at ``path``; shared leaves are returned as they are."""
+  return jax.tree.map(lambda x: x.value[path] if is_per_path(x) else x, tree, is_leaf=is_per_path)
+
+
+def unbox(tree: Any) -> Any:
+  """Replaces every :class:`PerPath` box by its stacked value."""
+  return jax.tree.map(lambda x: x.value if is_per_path(x) else x, tree, is_leaf=is_per_path)
+
+
+def box(tree: Any) -> Any:
+  """Boxes every leaf of a stacked tree as :class:`PerPath`."""
+  return jax.tree.map(PerPath, tree)
+
+
+def path_mesh(devices: Any = None) -> Mesh:
+  """A 1-D mesh with a ``path`` axis of size 2, for ``strategy="sharded"``."""
+  devices = jax.devices() if devices is None else list(devices)
+  if len(devices) < NUM_PATHS:
+    raise ValueError(
+      f'strategy="sharded" needs at least {NUM_PATHS} devices, found {len(devices)}.'
+    )
+  return jax.make_mesh((NUM_PATHS,), (PATH_AXIS,), devices=devices[:NUM_PATHS])
+
+
+def default_strategy(backend: str | None = None) -> str:
+  """How to run the path axis when the caller does not say.
+
+  ``unrolled`` everywhere: on CPU ``vmap`` turns the per-path kernels into grouped convolutions
+  that ran 4-9x slower than two plain applies (``benchmarks/results``). On GPU/TPU the two are
+  not yet measured here; unrolled costs exactly two ordinary applies, which is the floor.
+  """
+  del backend
+  return "unrolled"
+
+
+def map_paths(
+  fn: Callable[..., Any],
+  per_path_args: tuple[Any, ...],
+  shared_args: tuple[Any, ...] = (),
+  *,
+  strategy: str = "unrolled",
+  mesh: Mesh | None = None,
+) -> Any:
+  """``fn`` applied to each path: a mapped axis whose execution is a choice.
+
+  All strategies compute the same function; outputs are stacked on a leading path axis.
+
+  Args:
+    fn: ``fn(*per_path_slices, *shared_args)`` for one path.
+    per_path_args: pytrees whose leaves all have a leading axis of size 2.
+    shared_args: pytrees used unchanged by both paths (e.g. the input batch).
+    strategy: ``"vmap"`` — one ``jax.vmap`` over the path axis; ``"unrolled"`` — ``fn`` called
+      once per path; ``"sharded"`` — ``vmap`` with the path axis sharded over the ``path`` axis
+      of ``mesh``, so each device runs one path with ordinary convolutions.
+    mesh: a mesh with a ``path`` axis of size 2 (``strategy="sharded"`` only).
+
+  Returns:
+    ``fn``'s outputs stacked on axis 0.
+  """
+  if strategy == "unrolled":
+    outs = [
+      fn(*jax.tree.map(lambda x, i=i: x[i], per_path_args), *shared_args) for i in range(NUM_PATHS)
+    ]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+  in_axes = (0,) * len(per_path_args) + (None,) * len(shared_args)
+  if strategy == "vmap":
+    return jax.vmap(fn, in_axes=in_axes)(*per_path_args, *shared_args)
+  if strategy == "sharded":
+    if mesh is None or mesh.shape.get(PATH_AXIS) != NUM_PATHS:
+      raise ValueError(
+        f'strategy="sharded" needs a mesh with a "{PATH_AXIS}" axis of size {NUM_PATHS} '
+        "(see dcil_jax.path_mesh)."
+      )
+    on_path = NamedSharding(mesh, PartitionSpec(PATH_AXIS))
+    constrain = lambda t: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, on_path), t)  # noqa: E731
+    out = jax.vmap(fn, in_axes=in_axes, spmd_axis_name=PATH_AXIS)(
+      *constrain(per_path_args), *shared_args
+    )
+    return constrain(out)
+  raise ValueError(f"Unknown path strategy {strategy!r}; expected one of {STRATEGIES}.")

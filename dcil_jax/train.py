@@ -1,0 +1,216 @@
+"""Train state and jitted train / eval steps shared by DCIL, DPF and dense training."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from dcil_jax import losses, paths
+from dcil_jax import masks as masks_lib
+from dcil_jax.transform import find_masked_state, get_masks
+
+METHODS = ("dcil", "dpf", "dense")
+
+
+def check_method(method: str) -> None:
+  if method not in METHODS:
+    raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}.")
+
+
+class TrainState(struct.PyTreeNode):
+  """Everything a step needs; the masks live in ``opt_state`` (see :attr:`masks`).
+
+  For ``method="dcil"`` ``params`` and ``batch_stats`` are dual-path trees: shared prunable
+  kernels, and ``PerPath`` copies (sparse, dense) of everything else.
+  """
+
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array
+  apply_fn: Callable[..., Any] = struct.field(pytree_node=False)
+  tx: optax.GradientTransformation = struct.field(pytree_node=False)
+  method: str = struct.field(pytree_node=False, default="dcil")
+  kd_start_step: int = struct.field(pytree_node=False, default=0)
+  temperature: float = struct.field(pytree_node=False, default=2.0)
+  strategy: str = struct.field(pytree_node=False, default="unrolled")
+
+  @property
+  def masks(self) -> Any:
+    """Masks for the next forward pass (``None`` for dense training, which uses none)."""
+    if self.method == "dense":
+      return None
+    return get_masks(self.opt_state)
+
+  @classmethod
+  def create(
+    cls,
+    apply_fn: Callable[..., Any],
+    variables: Any,
+    tx: optax.GradientTransformation,
+    *,
+    method: str = "dcil",
+    kd_start_step: int = 0,
+    temperature: float = 2.0,
+    strategy: str | None = None,
+    rng: jax.Array | None = None,
+  ) -> TrainState:
+    """Builds the state from a plain model's ``variables`` and an optax chain.
+
+    Args:
+      apply_fn: the plain model's ``apply``.
+      variables: ``model.init(...)``: ``{"params": ..., "batch_stats": ...}``.
+      tx: the optimizer; for ``dcil``/``dpf`` it must contain :func:`dcil_jax.masked_update`.
+      method: ``"dcil"`` (default), ``"dpf"`` or ``"dense"``.
+      kd_start_step: first step with the mutual-distillation terms (official: epoch 70).
+      temperature: distillation temperature (official: 2).
+      strategy: how DCIL runs its path axis (default: :func:`dcil_jax.paths.default_strategy`).
+      rng: PRNG key for stochastic layers (default ``PRNGKey(0)``).
+    """
+    check_method(method)
+    strategy = strategy or paths.default_strategy(jax.default_backend())
+    if strategy not in ("vmap", "unrolled"):
+      raise ValueError(
+        f"TrainState supports strategy 'vmap' or 'unrolled', got {strategy!r} "
+        "(call dcil_jax.dcil_loss with a mesh for 'sharded')."
+      )
+    if "params" not in variables:
+      raise TypeError("`variables` must be a Flax variables dict with a 'params' collection.")
+    # The state owns copies of its buffers: donating it to train_step never deletes `variables`.
+    params, batch_stats = jax.tree.map(
+      jnp.copy, (variables["params"], variables.get("batch_stats"))
+    )
+    opt_state = tx.init(params)
+    if method != "dense" and not _has_masks(opt_state):
+      raise ValueError(
+        f"method={method!r} needs masks: add dcil_jax.masked_update(...) at the end of the "
+        "optax chain."
+      )
+    if method == "dcil":
+      params, batch_stats = paths.to_dual_path(params, get_masks(opt_state), batch_stats)
+      opt_state = tx.init(params)
+    return cls(
+      step=jnp.zeros([], jnp.int32),
+      params=params,
+      batch_stats=batch_stats,
+      opt_state=opt_state,
+      rng=jax.random.PRNGKey(0) if rng is None else rng,
+      apply_fn=apply_fn,
+      tx=tx,
+      method=method,
+      kd_start_step=kd_start_step,
+      temperature=temperature,
+      strategy=strategy,
+    )
+
+
+def _has_masks(opt_state: Any) -> bool:
+  try:
+    find_masked_state(opt_state)
+  except ValueError:
+    return False
+  return True
+
+
+def loss_and_aux(state: TrainState, params: Any, batch: dict[str, jax.Array], rngs=None):
+  """The loss of ``state.method`` at ``params`` (``state.params`` supplies nothing else)."""
+  masks = state.masks
+  if state.method == "dcil":
+    kd_weight = (state.step >= state.kd_start_step).astype(jnp.float32)
+    return losses.dcil_loss(
+      state.apply_fn,
+      params,
+      masks,
+      batch,
+      state.batch_stats,
+      kd_weight=kd_weight,
+      temperature=state.temperature,
+      strategy=state.strategy,
+      rngs=rngs,
+    )
+  loss_fn = losses.dpf_loss if state.method == "dpf" else losses.dense_loss
+  return loss_fn(state.apply_fn, params, masks, batch, state.batch_stats, rngs=rngs)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, Any]]:
+  """One optimizer step of ``state.method``; ``state`` is donated.
+
+  Returns:
+    ``(new_state, metrics)``: the loss and each term, per-path accuracy, the actual sparsity of
+    the masks used in this step, and whether the masks were refreshed for the next step (with
+    the flip rate of that refresh).
+  """
+  rng, dropout_rng = jax.random.split(state.rng)
+  rngs = {"dropout": dropout_rng}
+  masks = state.masks
+  (loss, aux), grads = jax.value_and_grad(
+    lambda p: loss_and_aux(state, p, batch, rngs), has_aux=True
+  )(state.params)
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(
+    step=state.step + 1,
+    params=optax.apply_updates(state.params, updates),
+    batch_stats=aux["batch_stats"],
+    opt_state=opt_state,
+    rng=rng,
+  )
+  metrics = {"loss": loss}
+  if state.method == "dcil":
+    metrics |= {
+      "ce_sparse": aux["ce"][paths.SPARSE],
+      "ce_dense": aux["ce"][paths.DENSE],
+      "kl_sparse": aux["kl"][paths.SPARSE],
+      "kl_dense": aux["kl"][paths.DENSE],
+      "accuracy_sparse": aux["accuracy"][paths.SPARSE],
+      "accuracy_dense": aux["accuracy"][paths.DENSE],
+    }
+  else:
+    metrics |= {"ce_sparse": aux["ce"], "accuracy_sparse": aux["accuracy"]}
+  if masks is not None:
+    before, after = find_masked_state(state.opt_state), find_masked_state(opt_state)
+    metrics |= {
+      "sparsity": masks_lib.sparsity(masks),
+      "target_sparsity": before.target_sparsity,
+      "mask_refreshed": after.last_refresh == after.count,
+      "flip_rate": after.flip_rate,
+    }
+  return new_state, metrics
+
+
+def export_variables(state: TrainState, path: str = "sparse") -> dict[str, Any]:
+  """Plain variables for the unmodified model: the deployable sparse network by default.
+
+  ``path="sparse"`` gives ``W⊙M`` with the sparse path's BatchNorm and head (for DPF: ``W⊙M``;
+  for dense training: ``W``); ``path="dense"`` gives DCIL's dense path ``W`` with its own
+  BatchNorm and head.
+  """
+  if path not in ("sparse", "dense"):
+    raise ValueError(f"path must be 'sparse' or 'dense', got {path!r}.")
+  if path == "dense" and state.method != "dcil":
+    raise ValueError(f"Only DCIL has a dense path; this state was trained with {state.method!r}.")
+  index = paths.SPARSE if path == "sparse" else paths.DENSE
+  params = state.params
+  if path == "sparse" and state.masks is not None:
+    params = masks_lib.apply_masks(params, state.masks)
+  variables = {"params": paths.select_path(params, index)}
+  if state.batch_stats is not None:
+    variables["batch_stats"] = paths.select_path(state.batch_stats, index)
+  return variables
+
+
+@functools.partial(jax.jit, static_argnames="path")
+def eval_step(state: TrainState, batch: dict[str, jax.Array], path: str = "sparse"):
+  """Cross-entropy and accuracy of one exported path in eval mode (running BN statistics)."""
+  logits = state.apply_fn(export_variables(state, path), batch["image"], train=False)
+  return {
+    "loss": losses.cross_entropy(logits, batch["label"]),
+    "accuracy": losses.accuracy(logits, batch["label"]),
+  }
