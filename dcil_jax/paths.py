@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 SPARSE, DENSE = 0, 1
 NUM_PATHS = 2
@@ -78,7 +78,9 @@ def path_mesh(devices: Any = None) -> Mesh:
     raise ValueError(
       f'strategy="sharded" needs at least {NUM_PATHS} devices, found {len(devices)}.'
     )
-  return jax.make_mesh((NUM_PATHS,), (PATH_AXIS,), devices=devices[:NUM_PATHS])
+  return jax.make_mesh(
+    (NUM_PATHS,), (PATH_AXIS,), axis_types=(AxisType.Auto,), devices=devices[:NUM_PATHS]
+  )
 
 
 def default_strategy(backend: str | None = None) -> str:

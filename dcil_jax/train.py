@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+from jax.sharding import Mesh
 
 from dcil_jax import losses, paths
 from dcil_jax import masks as masks_lib
@@ -41,6 +42,7 @@ class TrainState(struct.PyTreeNode):
   kd_start_step: int = struct.field(pytree_node=False, default=0)
   temperature: float = struct.field(pytree_node=False, default=2.0)
   strategy: str = struct.field(pytree_node=False, default="unrolled")
+  mesh: Mesh | None = struct.field(pytree_node=False, default=None)
 
   @property
   def masks(self) -> Any:
@@ -60,6 +62,7 @@ class TrainState(struct.PyTreeNode):
     kd_start_step: int = 0,
     temperature: float = 2.0,
     strategy: str | None = None,
+    mesh: Mesh | None = None,
     rng: jax.Array | None = None,
   ) -> TrainState:
     """Builds the state from a plain model's ``variables`` and an optax chain.
@@ -71,16 +74,17 @@ class TrainState(struct.PyTreeNode):
       method: ``"dcil"`` (default), ``"dpf"`` or ``"dense"``.
       kd_start_step: first step with the mutual-distillation terms (official: epoch 70).
       temperature: distillation temperature (official: 2).
-      strategy: how DCIL runs its path axis (default: :func:`dcil_jax.paths.default_strategy`).
+      strategy: how DCIL runs its path axis: ``"unrolled"``, ``"vmap"`` or ``"sharded"``
+        (default: :func:`dcil_jax.paths.default_strategy`).
+      mesh: for ``strategy="sharded"``, a mesh with a ``path`` axis of size 2.
       rng: PRNG key for stochastic layers (default ``PRNGKey(0)``).
     """
     check_method(method)
     strategy = strategy or paths.default_strategy(jax.default_backend())
-    if strategy not in ("vmap", "unrolled"):
-      raise ValueError(
-        f"TrainState supports strategy 'vmap' or 'unrolled', got {strategy!r} "
-        "(call dcil_jax.dcil_loss with a mesh for 'sharded')."
-      )
+    if strategy not in paths.STRATEGIES:
+      raise ValueError(f"Unknown path strategy {strategy!r}; expected one of {paths.STRATEGIES}.")
+    if strategy == "sharded" and mesh is None:
+      mesh = paths.path_mesh()
     if "params" not in variables:
       raise TypeError("`variables` must be a Flax variables dict with a 'params' collection.")
     # The state owns copies of its buffers: donating it to train_step never deletes `variables`.
@@ -108,6 +112,7 @@ class TrainState(struct.PyTreeNode):
       kd_start_step=kd_start_step,
       temperature=temperature,
       strategy=strategy,
+      mesh=mesh,
     )
 
 
@@ -133,6 +138,7 @@ def loss_and_aux(state: TrainState, params: Any, batch: dict[str, jax.Array], rn
       kd_weight=kd_weight,
       temperature=state.temperature,
       strategy=state.strategy,
+      mesh=state.mesh,
       rngs=rngs,
     )
   loss_fn = losses.dpf_loss if state.method == "dpf" else losses.dense_loss
