@@ -1,0 +1,36 @@
+"""Shared tiny model and data: small shapes keep compiles to a few seconds on 2 CPU cores."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from dcil_jax.models import SmallCNN
+
+NUM_CLASSES = 5
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+  return SmallCNN(num_classes=NUM_CLASSES, widths=(4, 8))
+
+
+@pytest.fixture(scope="session")
+def tiny_batch():
+  kx, ky = jax.random.split(jax.random.PRNGKey(42))
+  return {
+    "image": jax.random.normal(kx, (8, 8, 8, 1)),
+    "label": jax.random.randint(ky, (8,), 0, NUM_CLASSES),
+  }
+
+
+@pytest.fixture(scope="session")
+def tiny_variables(tiny_model, tiny_batch):
+  return tiny_model.init(jax.random.PRNGKey(0), tiny_batch["image"])
+
+
+def tree_allclose(a, b, rtol=1e-5, atol=1e-6):
+  """Asserts two pytrees have the same structure and close leaves."""
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    assert jnp.shape(x) == jnp.shape(y)
+    assert jnp.allclose(x, y, rtol=rtol, atol=atol), float(jnp.max(jnp.abs(x - y)))
