@@ -1,0 +1,150 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import tree_allclose
+
+import dcil_jax
+from dcil_jax import paths
+
+SPARSITY = 0.75
+
+
+def make_tx(update_every=2):
+  return optax.chain(
+    optax.add_decayed_weights(1e-4),
+    optax.sgd(0.05, momentum=0.9, nesterov=True),
+    dcil_jax.masked_update(dcil_jax.cubic_sparsity(SPARSITY, ramp_steps=4), update_every),
+  )
+
+
+@pytest.fixture(scope="module", params=dcil_jax.METHODS)
+def trained(request, tiny_model, tiny_variables, tiny_batch):
+  """Six steps of each method; returns (method, state, metrics of each step)."""
+  state = dcil_jax.TrainState.create(
+    tiny_model.apply, tiny_variables, make_tx(), method=request.param, kd_start_step=3
+  )
+  history = []
+  for _ in range(6):
+    state, metrics = dcil_jax.train_step(state, tiny_batch)
+    history.append(jax.device_get(metrics))
+  return request.param, state, history
+
+
+def test_train_step_trains_and_reports(trained, tiny_variables):
+  method, state, history = trained
+  assert int(state.step) == 6
+  assert history[-1]["loss"] < history[0]["loss"]
+  assert np.isfinite([h["loss"] for h in history]).all()
+  # The caller's variables survive the donated steps.
+  assert np.isfinite(np.asarray(jax.tree.leaves(tiny_variables)[0])).all()
+  if method == "dcil":
+    assert all(h["kl_sparse"] >= 0 and h["kl_dense"] >= 0 for h in history)
+    kd_on = [h["loss"] - h["ce_sparse"] - h["ce_dense"] > 1e-9 for h in history]
+    assert kd_on == [False, False, False, True, True, True]  # kd_start_step=3
+  if method == "dense":
+    assert state.masks is None and "sparsity" not in history[-1]
+  else:
+    # Masks refresh every 2 steps; steps 1, 3, 5 end with a refresh for the next step.
+    assert [bool(h["mask_refreshed"]) for h in history] == [False, True] * 3
+    assert float(dcil_jax.sparsity(state.masks)) == pytest.approx(SPARSITY, abs=1e-3)
+
+
+def test_dual_path_layout(trained):
+  method, state, _ = trained
+  if method != "dcil":
+    return
+  assert state.params["Conv_0"]["kernel"].ndim == 4  # shared kernel
+  head = state.params["Dense_0"]["kernel"]
+  assert isinstance(head, dcil_jax.PerPath) and head.value.shape[0] == 2
+  for leaf in jax.tree.leaves(state.batch_stats, is_leaf=paths.is_per_path):
+    assert isinstance(leaf, dcil_jax.PerPath)
+
+
+def test_export_reproduces_sparse_path_eval(trained, tiny_model, tiny_batch):
+  method, state, _ = trained
+  exported = dcil_jax.export_variables(state)
+  # Plain variables for the unmodified model: same tree as model.init.
+  assert jax.tree.structure(exported) == jax.tree.structure(
+    tiny_model.init(jax.random.PRNGKey(0), tiny_batch["image"])
+  )
+  logits = tiny_model.apply(exported, tiny_batch["image"], train=False)
+  metrics = dcil_jax.eval_step(state, tiny_batch)
+  accuracy = jnp.mean(jnp.argmax(logits, -1) == tiny_batch["label"])
+  assert float(metrics["accuracy"]) == pytest.approx(float(accuracy))
+  if method != "dense":
+    kernel = exported["params"]["Conv_1"]["kernel"]
+    assert float(jnp.mean(kernel == 0)) == pytest.approx(
+      1 - float(jnp.mean(state.masks["Conv_1"]["kernel"]))
+    )
+  if method == "dcil":
+    dense = dcil_jax.export_variables(state, "dense")
+    assert float(jnp.mean(dense["params"]["Conv_1"]["kernel"] == 0)) == 0.0
+    assert set(dcil_jax.eval_step(state, tiny_batch, path="dense")) == {"loss", "accuracy"}
+  else:
+    with pytest.raises(ValueError, match="Only DCIL has a dense path"):
+      dcil_jax.export_variables(state, "dense")
+
+
+def test_vmap_strategy_trains_like_unrolled(tiny_model, tiny_variables, tiny_batch):
+  states = {}
+  for strategy in ["unrolled", "vmap"]:
+    state = dcil_jax.TrainState.create(
+      tiny_model.apply, tiny_variables, make_tx(update_every=100), strategy=strategy
+    )
+    states[strategy], _ = dcil_jax.train_step(state, tiny_batch)
+  tree_allclose(states["vmap"].params, states["unrolled"].params, rtol=1e-4, atol=1e-6)
+
+
+def test_bad_method_and_missing_masks(tiny_model, tiny_variables):
+  with pytest.raises(ValueError, match="Unknown method"):
+    dcil_jax.TrainState.create(tiny_model.apply, tiny_variables, make_tx(), method="rigl")
+  with pytest.raises(ValueError, match="needs masks"):
+    dcil_jax.TrainState.create(tiny_model.apply, tiny_variables, optax.sgd(0.1), method="dcil")
+  with pytest.raises(ValueError, match="Unknown path strategy"):
+    dcil_jax.TrainState.create(tiny_model.apply, tiny_variables, make_tx(), strategy="magic")
+  with pytest.raises(TypeError, match="'params'"):
+    dcil_jax.TrainState.create(tiny_model.apply, tiny_variables["params"], make_tx())
+  state = dcil_jax.TrainState.create(
+    tiny_model.apply, tiny_variables, optax.sgd(0.1), method="dense"
+  )
+  assert state.masks is None
+
+
+SHARDED_SCRIPT = textwrap.dedent(
+  """
+    import jax, jax.numpy as jnp, numpy as np, optax
+    import dcil_jax
+    from dcil_jax.models import SmallCNN
+    assert jax.device_count() == 2
+    model = SmallCNN(num_classes=5, widths=(4, 8))
+    x = jax.random.normal(jax.random.PRNGKey(1), (8, 8, 8, 1))
+    batch = {"image": x, "label": jnp.arange(8) % 5}
+    variables = model.init(jax.random.PRNGKey(0), x)
+    out = {}
+    for strategy in ["unrolled", "sharded"]:
+      tx = optax.chain(optax.sgd(0.05, momentum=0.9),
+                       dcil_jax.masked_update(dcil_jax.constant_sparsity(0.5), 100))
+      state = dcil_jax.TrainState.create(model.apply, variables, tx, strategy=strategy)
+      state, metrics = dcil_jax.train_step(state, batch)
+      out[strategy] = (metrics["loss"], state.params)
+    np.testing.assert_allclose(out["sharded"][0], out["unrolled"][0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(out["sharded"][1]), jax.tree.leaves(out["unrolled"][1])):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    print("SHARDED_OK")
+    """
+)
+
+
+def test_sharded_strategy_on_two_devices_equals_unrolled():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+    [sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+  )
+  assert "SHARDED_OK" in result.stdout, result.stderr[-3000:]
