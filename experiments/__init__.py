@@ -1,0 +1,1 @@
+"""Runnable experiments built only on the public dcil_jax API (see ``experiments.quickstart``)."""
