@@ -87,10 +87,10 @@ def masked_update(
     if params is None:
       raise ValueError("masked_update needs `params`: call tx.update(grads, state, params).")
     count = optax.safe_increment(state.count)
-    next_params = optax.apply_updates(params, updates)
     masks, target, flips, last = jax.lax.cond(
       count % update_every == 0,
-      lambda: (*refresh(next_params, state.masks, count), count),
+      # W_{t+1} = params + updates, computed only on refresh steps.
+      lambda: (*refresh(optax.apply_updates(params, updates), state.masks, count), count),
       lambda: (state.masks, state.target_sparsity, state.flip_rate, state.last_refresh),
     )
     return updates, MaskedUpdateState(count, masks, target, flips, last)
