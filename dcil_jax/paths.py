@@ -37,7 +37,9 @@ def is_per_path(x: Any) -> bool:
   return isinstance(x, PerPath)
 
 
-def to_dual_path(params: Any, masks: Any, batch_stats: Any = None) -> tuple[Any, Any]:
+def to_dual_path(
+  params: Any, masks: Any, batch_stats: Any = None, *, share_non_prunable: bool = False
+) -> tuple[Any, Any]:
   """Lifts a plain model's params and BN statistics into the dual-path layout.
 
   Args:
@@ -45,15 +47,19 @@ def to_dual_path(params: Any, masks: Any, batch_stats: Any = None) -> tuple[Any,
     masks: a masks tree for ``params``; leaves with a mask stay shared, every other leaf
       (BatchNorm scale/bias, heads, biases) is copied once per path.
     batch_stats: the plain BN statistics (or ``None``); every leaf is copied once per path.
+    share_non_prunable: ablation — share BatchNorm parameters and heads between the paths too
+      (their gradient is then the sum of both paths'). BN statistics stay per path: each path
+      normalises its own activations.
 
   Returns:
     ``(dual_params, dual_batch_stats)``.
   """
   stack = lambda x: PerPath(jnp.stack([x] * NUM_PATHS))  # noqa: E731
-  dual = jax.tree.map(
-    lambda m, p: stack(p) if m is None else p, masks, params, is_leaf=lambda x: x is None
-  )
-  return dual, jax.tree.map(stack, batch_stats)
+  if not share_non_prunable:
+    params = jax.tree.map(
+      lambda m, p: stack(p) if m is None else p, masks, params, is_leaf=lambda x: x is None
+    )
+  return params, jax.tree.map(stack, batch_stats)
 
 
 def select_path(tree: Any, path: int) -> Any:

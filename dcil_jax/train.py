@@ -60,6 +60,7 @@ class TrainState(struct.PyTreeNode):
     *,
     method: str = "dcil",
     kd_start_step: int = 0,
+    share_non_prunable: bool = False,
     temperature: float = 2.0,
     strategy: str | None = None,
     mesh: Mesh | None = None,
@@ -74,6 +75,8 @@ class TrainState(struct.PyTreeNode):
       method: ``"dcil"`` (default), ``"dpf"`` or ``"dense"``.
       kd_start_step: first step with the mutual-distillation terms (official: epoch 70).
       temperature: distillation temperature (official: 2).
+      share_non_prunable: DCIL ablation: one BatchNorm/head for both paths (default: per path,
+        as the official code).
       strategy: how DCIL runs its path axis: ``"unrolled"``, ``"vmap"`` or ``"sharded"``
         (default: :func:`dcil_jax.paths.default_strategy`).
       mesh: for ``strategy="sharded"``, a mesh with a ``path`` axis of size 2.
@@ -98,7 +101,9 @@ class TrainState(struct.PyTreeNode):
         "optax chain."
       )
     if method == "dcil":
-      params, batch_stats = paths.to_dual_path(params, get_masks(opt_state), batch_stats)
+      params, batch_stats = paths.to_dual_path(
+        params, get_masks(opt_state), batch_stats, share_non_prunable=share_non_prunable
+      )
       opt_state = tx.init(params)
     return cls(
       step=jnp.zeros([], jnp.int32),

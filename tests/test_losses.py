@@ -164,3 +164,20 @@ def test_unknown_strategy_is_rejected(setup, tiny_batch):
     dcil_jax.dcil_loss(apply_fn, dual, masks, tiny_batch, dual_stats, strategy="pmap")
   with pytest.raises(ValueError, match="needs a mesh"):
     dcil_jax.dcil_loss(apply_fn, dual, masks, tiny_batch, dual_stats, strategy="sharded")
+
+
+def test_shared_bn_and_head_ablation_sums_both_paths(tiny_model, tiny_variables, tiny_batch):
+  params, stats = tiny_variables["params"], tiny_variables["batch_stats"]
+  masks = dcil_jax.magnitude_masks(params, dcil_jax.masks_like(params), 0.6)
+  shared, dual_stats = dcil_jax.to_dual_path(params, masks, stats, share_non_prunable=True)
+  assert not isinstance(shared["Dense_0"]["kernel"], dcil_jax.PerPath)
+  per_path, _ = dcil_jax.to_dual_path(params, masks, stats)
+  loss_fn = lambda p: dcil_jax.dcil_loss(tiny_model.apply, p, masks, tiny_batch, dual_stats)[0]  # noqa: E731
+  g_shared, g_per_path = jax.grad(loss_fn)(shared), jax.grad(loss_fn)(per_path)
+  # Identical forward values, so the shared head's gradient is the sum over the two paths.
+  assert float(loss_fn(shared)) == pytest.approx(float(loss_fn(per_path)), rel=1e-6)
+  head = g_per_path["Dense_0"]["kernel"].value
+  np.testing.assert_allclose(g_shared["Dense_0"]["kernel"], head[0] + head[1], rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(
+    g_shared["Conv_1"]["kernel"], g_per_path["Conv_1"]["kernel"], rtol=1e-5
+  )
