@@ -14,7 +14,7 @@ from dcil_jax.masks import (
 from dcil_jax.paths import PerPath, map_paths, path_mesh, select_path, to_dual_path
 from dcil_jax.schedules import constant_sparsity, cubic_sparsity
 from dcil_jax.train import METHODS, TrainState, eval_step, export_variables, train_step
-from dcil_jax.transform import MaskedUpdateState, get_masks, masked_update
+from dcil_jax.transform import MaskedUpdateState, get_masks, get_trained_masks, masked_update
 
 __all__ = [
   "METHODS",
@@ -33,6 +33,7 @@ __all__ = [
   "export_variables",
   "flip_rate",
   "get_masks",
+  "get_trained_masks",
   "is_conv_kernel",
   "layer_sparsities",
   "magnitude_masks",

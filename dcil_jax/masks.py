@@ -212,6 +212,8 @@ def magnitude_masks(
 def sparsity(masks: Masks) -> jax.Array:
   """Overall fraction of pruned entries among all prunable entries."""
   leaves = jax.tree.leaves(masks)
+  if not leaves:
+    raise ValueError("sparsity() needs a masks tree with at least one mask (got none).")
   pruned = sum(jnp.sum(~m) for m in leaves)
   return pruned / sum(m.size for m in leaves)
 

@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 
 from dcil_jax import losses, paths
 from dcil_jax import masks as masks_lib
-from dcil_jax.transform import find_masked_state, get_masks
+from dcil_jax.transform import find_masked_state, get_masks, get_trained_masks
 
 METHODS = ("dcil", "dpf", "dense")
 
@@ -46,10 +46,13 @@ class TrainState(struct.PyTreeNode):
 
   @property
   def masks(self) -> Any:
-    """Masks for the next forward pass (``None`` for dense training, which uses none)."""
-    if self.method == "dense":
-      return None
-    return get_masks(self.opt_state)
+    """Masks of the next forward pass (``None`` for dense training, which uses none)."""
+    return None if self.method == "dense" else get_masks(self.opt_state)
+
+  @property
+  def trained_masks(self) -> Any:
+    """Masks the last step trained with (``None`` for dense): what eval and export use."""
+    return None if self.method == "dense" else get_trained_masks(self.opt_state)
 
   @classmethod
   def create(
@@ -94,17 +97,17 @@ class TrainState(struct.PyTreeNode):
     params, batch_stats = jax.tree.map(
       jnp.copy, (variables["params"], variables.get("batch_stats"))
     )
-    opt_state = tx.init(params)
-    if method != "dense" and not _has_masks(opt_state):
+    abstract_opt_state = jax.eval_shape(tx.init, params)  # which leaves are masked, for free
+    if method != "dense" and not _has_masks(abstract_opt_state):
       raise ValueError(
         f"method={method!r} needs masks: add dcil_jax.masked_update(...) at the end of the "
         "optax chain."
       )
     if method == "dcil":
       params, batch_stats = paths.to_dual_path(
-        params, get_masks(opt_state), batch_stats, share_non_prunable=share_non_prunable
+        params, get_masks(abstract_opt_state), batch_stats, share_non_prunable=share_non_prunable
       )
-      opt_state = tx.init(params)
+    opt_state = jax.jit(tx.init)(params)  # one compile instead of many small eager ops
     return cls(
       step=jnp.zeros([], jnp.int32),
       params=params,
@@ -201,7 +204,8 @@ def export_variables(state: TrainState, path: str = "sparse") -> dict[str, Any]:
 
   ``path="sparse"`` gives ``W⊙M`` with the sparse path's BatchNorm and head (for DPF: ``W⊙M``;
   for dense training: ``W``); ``path="dense"`` gives DCIL's dense path ``W`` with its own
-  BatchNorm and head.
+  BatchNorm and head. ``M`` is the mask the last step trained with (``state.trained_masks``),
+  not one refreshed for the next step that no step and no BN statistic has seen yet.
   """
   if path not in ("sparse", "dense"):
     raise ValueError(f"path must be 'sparse' or 'dense', got {path!r}.")
@@ -209,8 +213,8 @@ def export_variables(state: TrainState, path: str = "sparse") -> dict[str, Any]:
     raise ValueError(f"Only DCIL has a dense path; this state was trained with {state.method!r}.")
   index = paths.SPARSE if path == "sparse" else paths.DENSE
   params = state.params
-  if path == "sparse" and state.masks is not None:
-    params = masks_lib.apply_masks(params, state.masks)
+  if path == "sparse" and state.method != "dense":
+    params = masks_lib.apply_masks(params, state.trained_masks)
   variables = {"params": paths.select_path(params, index)}
   if state.batch_stats is not None:
     variables["batch_stats"] = paths.select_path(state.batch_stats, index)

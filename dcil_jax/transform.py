@@ -16,9 +16,11 @@ class MaskedUpdateState(NamedTuple):
   """State of :func:`masked_update`.
 
   Attributes:
-    count: optimizer steps taken so far (``t``); ``masks`` are the ones for the forward pass of
-      step ``t``.
-    masks: the masks tree (``None`` at leaves that are not pruned).
+    count: optimizer steps taken so far (``t``).
+    masks: the masks for the forward pass of step ``t`` (``None`` at leaves that are not pruned).
+    trained_masks: the masks step ``t - 1`` trained with. They differ from ``masks`` right after
+      a refresh; evaluation and export use them, as the official code evaluates the masks the
+      network (and its BatchNorm statistics) has trained with, not the ones it refreshes next.
     target_sparsity: the schedule's sparsity at the last refresh.
     flip_rate: fraction of prunable entries whose bit changed at the last refresh.
     last_refresh: the ``count`` at which the masks were last computed.
@@ -26,6 +28,7 @@ class MaskedUpdateState(NamedTuple):
 
   count: jax.Array
   masks: Any
+  trained_masks: Any
   target_sparsity: jax.Array
   flip_rate: jax.Array
   last_refresh: jax.Array
@@ -79,8 +82,9 @@ def masked_update(
     template = masks_lib.masks_like(params, is_prunable)
     count = jnp.zeros([], jnp.int32)
     masks, target, _ = refresh(params, template, count)
+    trained = jax.tree.map(jnp.copy, masks)  # distinct buffers: the state may be donated
     return MaskedUpdateState(
-      count, masks, target, jnp.zeros([], jnp.float32), jnp.zeros([], jnp.int32)
+      count, masks, trained, target, jnp.zeros([], jnp.float32), jnp.zeros([], jnp.int32)
     )
 
   def update_fn(updates, state, params=None):
@@ -93,7 +97,7 @@ def masked_update(
       lambda: (*refresh(optax.apply_updates(params, updates), state.masks, count), count),
       lambda: (state.masks, state.target_sparsity, state.flip_rate, state.last_refresh),
     )
-    return updates, MaskedUpdateState(count, masks, target, flips, last)
+    return updates, MaskedUpdateState(count, masks, state.masks, target, flips, last)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -117,5 +121,10 @@ def find_masked_state(opt_state: Any) -> MaskedUpdateState:
 
 
 def get_masks(opt_state: Any) -> Any:
-  """The current masks tree (those of the next forward pass) from any optimizer state."""
+  """The masks of the next forward pass, from any optimizer state that holds them."""
   return find_masked_state(opt_state).masks
+
+
+def get_trained_masks(opt_state: Any) -> Any:
+  """The masks the last optimizer step trained with: those to evaluate and export."""
+  return find_masked_state(opt_state).trained_masks

@@ -52,6 +52,8 @@ def test_refreshes_on_schedule_with_official_timing(name):
     params = optax.apply_updates(params, updates)
     new_masks = dcil_jax.get_masks(state)
     count = t + 1
+    # Evaluation and export use the masks this step trained with.
+    jax.tree.map(np.testing.assert_array_equal, dcil_jax.get_trained_masks(state), masks)
     if count % UPDATE_EVERY == 0:
       # The masks for the forward pass of step `count` come from W_count at schedule(count).
       expected = dcil_jax.magnitude_masks(params, new_masks, SCHEDULE(count))
