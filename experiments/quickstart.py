@@ -158,11 +158,8 @@ def zero_fraction(variables: dict[str, Any]) -> float:
 def evaluate(state: dcil_jax.TrainState, test_batch: dict[str, jax.Array]) -> dict[str, float]:
   """Full-test-set metrics: the sparse path (deployable model), plus DCIL's dense path.
 
-  ``state.masks`` are the masks of the *next* forward pass: right after a step ``t`` with
-  ``t % update_every == 0`` they were just refreshed and have not been trained with (nor have the
-  BatchNorm statistics), so during the ramp an eval at such a step sees a freshly pruned net —
-  DPF's test accuracy dips there. The default ``eval_every`` (50) meets a refresh only at
-  multiples of 400.
+  Both use the masks the last step trained with (``state.trained_masks``), as the official code
+  does, not the ones just refreshed for the next step.
   """
   out = {}
   paths = ("sparse", "dense") if state.method == "dcil" else ("sparse",)
@@ -170,7 +167,8 @@ def evaluate(state: dcil_jax.TrainState, test_batch: dict[str, jax.Array]) -> di
     m = jax.device_get(dcil_jax.eval_step(state, test_batch, path=path))
     out[f"test_acc_{path}"] = float(m["accuracy"])
     out[f"test_loss_{path}"] = float(m["loss"])
-  out["sparsity"] = 0.0 if state.masks is None else float(dcil_jax.sparsity(state.masks))
+  masks = state.trained_masks
+  out["sparsity"] = 0.0 if masks is None else float(dcil_jax.sparsity(masks))
   return out
 
 
