@@ -141,3 +141,16 @@ def test_apply_masks_zeroes_pruned_entries(params):
   masked = dcil_jax.apply_masks(params, masks)
   assert float(jnp.sum(masked["conv2"]["kernel"] != 0)) == float(jnp.sum(masks["conv2"]["kernel"]))
   np.testing.assert_array_equal(masked["head"]["kernel"], params["head"]["kernel"])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_threshold_search_matches_a_stable_sort(seed):
+  """The bisection threshold prunes exactly the entries a stable argsort would."""
+  rng = np.random.default_rng(seed)
+  scores = np.round(rng.exponential(size=5000), 1).astype(np.float32)  # many ties
+  scores[:50] = 0.0
+  keep = jax.jit(masks_lib._keep_top)
+  for k in [0, 1, 49, 50, 51, 2500, 4999, 5000]:
+    expected = np.ones(5000, bool)
+    expected[np.argsort(scores, kind="stable")[:k]] = False
+    np.testing.assert_array_equal(np.asarray(keep(jnp.asarray(scores), k)), expected)
