@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import struct
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, PartitionSpec
 
 SPARSE, DENSE = 0, 1
 NUM_PATHS = 2
@@ -117,8 +117,8 @@ def map_paths(
     per_path_args: pytrees whose leaves all have a leading axis of size 2.
     shared_args: pytrees used unchanged by both paths (e.g. the input batch).
     strategy: ``"vmap"`` — one ``jax.vmap`` over the path axis; ``"unrolled"`` — ``fn`` called
-      once per path; ``"sharded"`` — ``vmap`` with the path axis sharded over the ``path`` axis
-      of ``mesh``, so each device runs one path with ordinary convolutions.
+      once per path; ``"sharded"`` — ``jax.shard_map`` over the ``path`` axis of ``mesh``, so
+      each device runs one path with ordinary convolutions.
     mesh: a mesh with a ``path`` axis of size 2 (``strategy="sharded"`` only).
 
   Returns:
@@ -129,8 +129,8 @@ def map_paths(
       fn(*jax.tree.map(lambda x, i=i: x[i], per_path_args), *shared_args) for i in range(NUM_PATHS)
     ]
     return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
-  in_axes = (0,) * len(per_path_args) + (None,) * len(shared_args)
   if strategy == "vmap":
+    in_axes = (0,) * len(per_path_args) + (None,) * len(shared_args)
     return jax.vmap(fn, in_axes=in_axes)(*per_path_args, *shared_args)
   if strategy == "sharded":
     if mesh is None or mesh.shape.get(PATH_AXIS) != NUM_PATHS:
@@ -138,10 +138,19 @@ def map_paths(
         f'strategy="sharded" needs a mesh with a "{PATH_AXIS}" axis of size {NUM_PATHS} '
         "(see dcil_jax.path_mesh)."
       )
-    on_path = NamedSharding(mesh, PartitionSpec(PATH_AXIS))
-    constrain = lambda t: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, on_path), t)  # noqa: E731
-    out = jax.vmap(fn, in_axes=in_axes, spmd_axis_name=PATH_AXIS)(
-      *constrain(per_path_args), *shared_args
-    )
-    return constrain(out)
+
+    # shard_map, not vmap + sharding constraints: under GSPMD the vmapped convolutions stay
+    # grouped, while here each device applies `fn` to its own path with ordinary convolutions.
+    def one_path(*args):
+      own = jax.tree.map(lambda x: x[0], args[: len(per_path_args)])
+      out = fn(*own, *args[len(per_path_args) :])
+      return jax.tree.map(lambda x: x[None], out)
+
+    on_path, replicated = PartitionSpec(PATH_AXIS), PartitionSpec()
+    return jax.shard_map(
+      one_path,
+      mesh=mesh,
+      in_specs=(on_path,) * len(per_path_args) + (replicated,) * len(shared_args),
+      out_specs=on_path,
+    )(*per_path_args, *shared_args)
   raise ValueError(f"Unknown path strategy {strategy!r}; expected one of {STRATEGIES}.")

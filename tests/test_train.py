@@ -132,6 +132,10 @@ SHARDED_SCRIPT = textwrap.dedent(
       tx = optax.chain(optax.sgd(0.05, momentum=0.9),
                        dcil_jax.masked_update(dcil_jax.constant_sparsity(0.5), 100))
       state = dcil_jax.TrainState.create(model.apply, variables, tx, strategy=strategy)
+      if strategy == "sharded":  # each device runs ordinary, not grouped, convolutions
+        hlo = dcil_jax.train_step.lower(state, batch).compile().as_text()
+        convs = [l for l in hlo.splitlines() if " convolution(" in l]
+        assert convs and not any("feature_group_count" in l for l in convs), convs
       state, metrics = dcil_jax.train_step(state, batch)
       out[strategy] = (metrics["loss"], state.params)
     np.testing.assert_allclose(out["sharded"][0], out["unrolled"][0], rtol=1e-5)
