@@ -1,0 +1,1 @@
+"""Benchmarks for dcil_jax (run as modules, e.g. ``python -m benchmarks.step_time``)."""
