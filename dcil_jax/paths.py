@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import struct
-from jax.sharding import AxisType, Mesh, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 SPARSE, DENSE = 0, 1
 NUM_PATHS = 2
@@ -86,6 +86,23 @@ def path_mesh(devices: Any = None) -> Mesh:
     )
   return jax.make_mesh(
     (NUM_PATHS,), (PATH_AXIS,), axis_types=(AxisType.Auto,), devices=devices[:NUM_PATHS]
+  )
+
+
+def place_on_path_mesh(tree: Any, mesh: Mesh) -> Any:
+  """Puts :class:`PerPath` leaves one path per device and replicates everything else.
+
+  These are the shardings a ``strategy="sharded"`` step returns, so placing the state this way
+  up front spares the second compilation a single-device state would cause.
+  """
+  on_path = NamedSharding(mesh, PartitionSpec(PATH_AXIS))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.tree.map(
+    lambda x: (
+      PerPath(jax.device_put(x.value, on_path)) if is_per_path(x) else jax.device_put(x, replicated)
+    ),
+    tree,
+    is_leaf=is_per_path,
   )
 
 

@@ -108,7 +108,7 @@ class TrainState(struct.PyTreeNode):
         params, get_masks(abstract_opt_state), batch_stats, share_non_prunable=share_non_prunable
       )
     opt_state = jax.jit(tx.init)(params)  # one compile instead of many small eager ops
-    return cls(
+    state = cls(
       step=jnp.zeros([], jnp.int32),
       params=params,
       batch_stats=batch_stats,
@@ -122,6 +122,7 @@ class TrainState(struct.PyTreeNode):
       strategy=strategy,
       mesh=mesh,
     )
+    return state if mesh is None else paths.place_on_path_mesh(state, mesh)
 
 
 def _has_masks(opt_state: Any) -> bool:
