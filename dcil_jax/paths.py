@@ -107,11 +107,12 @@ def place_on_path_mesh(tree: Any, mesh: Mesh) -> Any:
 
 
 def default_strategy(backend: str | None = None) -> str:
-  """How to run the path axis when the caller does not say.
+  """How to run the path axis when the caller does not say: ``"unrolled"``.
 
-  ``unrolled`` everywhere: on CPU ``vmap`` turns the per-path kernels into grouped convolutions
-  that ran 4-9x slower than two plain applies (``benchmarks/results``). On GPU/TPU the two are
-  not yet measured here; unrolled costs exactly two ordinary applies, which is the floor.
+  Measured on CPU (``benchmarks/results/step_time_cpu.md``): unrolled costs 1.7-1.9x a dense
+  step, while ``vmap`` turns the per-path kernels into grouped convolutions and costs 11-17x.
+  GPU/TPU are not measured here yet; unrolled runs two ordinary applies, the floor of the method
+  on one device. On several devices ``"sharded"`` runs one path per device.
   """
   del backend
   return "unrolled"
