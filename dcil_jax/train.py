@@ -154,6 +154,22 @@ def loss_and_aux(state: TrainState, params: Any, batch: dict[str, jax.Array], rn
   return loss_fn(state.apply_fn, params, masks, batch, state.batch_stats, rngs=rngs)
 
 
+def check_batch(batch: Any) -> None:
+  """Raises ``TypeError`` unless ``batch`` is ``{"image": [B, ...], "label": [B] int}``."""
+  if not isinstance(batch, dict) or not {"image", "label"} <= set(batch):
+    raise TypeError(
+      f'A batch is a dict with "image" and "label"; got {type(batch).__name__} '
+      f"with keys {sorted(batch) if isinstance(batch, dict) else None}."
+    )
+  image, label = batch["image"], batch["label"]
+  if jnp.ndim(label) != 1 or jnp.shape(image)[:1] != jnp.shape(label):
+    raise TypeError(
+      f"Need labels [B] for images [B, ...]; got {jnp.shape(label)} and {jnp.shape(image)}."
+    )
+  if not jnp.issubdtype(jnp.result_type(label), jnp.integer):
+    raise TypeError(f"Labels must be integer class indices, got dtype {jnp.result_type(label)}.")
+
+
 @functools.partial(jax.jit, donate_argnums=0)
 def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, Any]]:
   """One optimizer step of ``state.method``; ``state`` is donated.
@@ -163,6 +179,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainSta
     the masks used in this step, and whether the masks were refreshed for the next step (with
     the flip rate of that refresh).
   """
+  check_batch(batch)
   rng, dropout_rng = jax.random.split(state.rng)
   rngs = {"dropout": dropout_rng}
   masks = state.masks
@@ -225,6 +242,7 @@ def export_variables(state: TrainState, path: str = "sparse") -> dict[str, Any]:
 @functools.partial(jax.jit, static_argnames="path")
 def eval_step(state: TrainState, batch: dict[str, jax.Array], path: str = "sparse"):
   """Cross-entropy and accuracy of one exported path in eval mode (running BN statistics)."""
+  check_batch(batch)
   logits = state.apply_fn(export_variables(state, path), batch["image"], train=False)
   return {
     "loss": losses.cross_entropy(logits, batch["label"]),

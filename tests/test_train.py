@@ -152,3 +152,20 @@ def test_sharded_strategy_on_two_devices_equals_unrolled():
     [sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True, text=True, timeout=300
   )
   assert "SHARDED_OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_bad_batches_are_rejected_before_anything_is_donated(
+  tiny_model, tiny_variables, tiny_batch
+):
+  state = dcil_jax.TrainState.create(tiny_model.apply, tiny_variables, make_tx(), method="dpf")
+  bad = {
+    "keys": {"x": tiny_batch["image"], "y": tiny_batch["label"]},
+    "float labels": dict(tiny_batch, label=tiny_batch["label"].astype(jnp.float32)),
+    "sizes": dict(tiny_batch, label=tiny_batch["label"][:3]),
+  }
+  for name, batch in bad.items():
+    with pytest.raises(TypeError, match="batch|labels|Labels"):
+      dcil_jax.train_step(state, batch)
+    assert name and np.isfinite(np.asarray(jax.tree.leaves(state.params)[0])).all()
+  state, _ = dcil_jax.train_step(state, tiny_batch)  # the state is still usable
+  assert int(state.step) == 1
