@@ -109,8 +109,8 @@ def place_on_path_mesh(tree: Any, mesh: Mesh) -> Any:
 def default_strategy(backend: str | None = None) -> str:
   """How to run the path axis when the caller does not say: ``"unrolled"``.
 
-  Measured on CPU (``benchmarks/results/step_time_cpu.md``): unrolled costs 1.7-1.9x a dense
-  step, while ``vmap`` turns the per-path kernels into grouped convolutions and costs 11-17x.
+  Measured on CPU (``benchmarks/results/step_time_cpu.md``): unrolled costs 1.6-1.9x a dense
+  step, while ``vmap`` turns the per-path kernels into grouped convolutions and costs 10-17x.
   GPU/TPU are not measured here yet; unrolled runs two ordinary applies, the floor of the method
   on one device. On several devices ``"sharded"`` runs one path per device.
   """
