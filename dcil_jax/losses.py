@@ -108,19 +108,12 @@ def dcil_loss(
   """
   x, y = batch["image"], batch["label"]
   weights = dual_path_weights(params, masks)
-  stats = None if batch_stats is None else paths.unbox(batch_stats)
+  stats = paths.unbox(batch_stats)  # None (no BatchNorm) is an empty pytree: mapped like any other
 
   def forward(w, s, x):
     return apply_train(apply_fn, w, s, x, rngs)
 
-  if stats is None:
-    logits, new_stats = paths.map_paths(
-      lambda w, x: forward(w, None, x), (weights,), (x,), strategy=strategy, mesh=mesh
-    )
-  else:
-    logits, new_stats = paths.map_paths(
-      forward, (weights, stats), (x,), strategy=strategy, mesh=mesh
-    )
+  logits, new_stats = paths.map_paths(forward, (weights, stats), (x,), strategy=strategy, mesh=mesh)
   z_s, z_d = logits[paths.SPARSE], logits[paths.DENSE]
   ce = jnp.stack([cross_entropy(z_s, y), cross_entropy(z_d, y)])
   kl = jnp.stack([distillation_kl(z_s, z_d, temperature), distillation_kl(z_d, z_s, temperature)])

@@ -181,3 +181,25 @@ def test_shared_bn_and_head_ablation_sums_both_paths(tiny_model, tiny_variables,
   np.testing.assert_allclose(
     g_shared["Conv_1"]["kernel"], g_per_path["Conv_1"]["kernel"], rtol=1e-5
   )
+
+
+@pytest.mark.parametrize("strategy", ["unrolled", "vmap"])
+def test_model_without_batchnorm(strategy, tiny_batch):
+  import flax.linen as nn
+
+  class NoBN(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+      x = nn.relu(nn.Conv(4, (3, 3))(x))
+      return nn.Dense(5)(jnp.mean(x, axis=(1, 2)))
+
+  model = NoBN()
+  params = model.init(jax.random.PRNGKey(0), tiny_batch["image"])["params"]
+  masks = dcil_jax.magnitude_masks(params, dcil_jax.masks_like(params), 0.5)
+  dual, stats = dcil_jax.to_dual_path(params, masks)
+  assert stats is None
+  loss, aux = dcil_jax.dcil_loss(model.apply, dual, masks, tiny_batch, strategy=strategy)
+  assert aux["batch_stats"] is None and aux["logits"].shape == (2, 8, 5)
+  sparse = dcil_jax.apply_masks(paths.select_path(dual, 0), masks)
+  z_s = model.apply({"params": sparse}, tiny_batch["image"])
+  np.testing.assert_allclose(aux["logits"][0], z_s, rtol=1e-5, atol=1e-6)
