@@ -110,7 +110,7 @@ def default_strategy(backend: str | None = None) -> str:
   """How to run the path axis when the caller does not say: ``"unrolled"``.
 
   Measured on CPU (``benchmarks/results/step_time_cpu.md``): unrolled costs 1.6-1.9x a dense
-  step, while ``vmap`` turns the per-path kernels into grouped convolutions and costs 10-17x.
+  step, while ``vmap`` turns the per-path kernels into grouped convolutions and costs 10-19x.
   GPU/TPU are not measured here yet; unrolled runs two ordinary applies, the floor of the method
   on one device. On several devices ``"sharded"`` runs one path per device.
   """
