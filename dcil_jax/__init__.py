@@ -13,6 +13,7 @@ from dcil_jax.masks import (
 )
 from dcil_jax.paths import PerPath, map_paths, path_mesh, select_path, to_dual_path
 from dcil_jax.schedules import constant_sparsity, cubic_sparsity
+from dcil_jax.sharding import make_mesh, shard_batch
 from dcil_jax.train import METHODS, TrainState, eval_step, export_variables, train_step
 from dcil_jax.transform import MaskedUpdateState, get_masks, get_trained_masks, masked_update
 
@@ -37,11 +38,13 @@ __all__ = [
   "is_conv_kernel",
   "layer_sparsities",
   "magnitude_masks",
+  "make_mesh",
   "map_paths",
   "masked_update",
   "masks_like",
   "path_mesh",
   "select_path",
+  "shard_batch",
   "sparsity",
   "to_dual_path",
   "train_step",

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import struct
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, PartitionSpec
 
 SPARSE, DENSE = 0, 1
 NUM_PATHS = 2
@@ -89,23 +89,6 @@ def path_mesh(devices: Any = None) -> Mesh:
   )
 
 
-def place_on_path_mesh(tree: Any, mesh: Mesh) -> Any:
-  """Puts :class:`PerPath` leaves one path per device and replicates everything else.
-
-  These are the shardings a ``strategy="sharded"`` step returns, so placing the state this way
-  up front spares the second compilation a single-device state would cause.
-  """
-  on_path = NamedSharding(mesh, PartitionSpec(PATH_AXIS))
-  replicated = NamedSharding(mesh, PartitionSpec())
-  return jax.tree.map(
-    lambda x: (
-      PerPath(jax.device_put(x.value, on_path)) if is_per_path(x) else jax.device_put(x, replicated)
-    ),
-    tree,
-    is_leaf=is_per_path,
-  )
-
-
 def default_strategy(backend: str | None = None) -> str:
   """How to run the path axis when the caller does not say: ``"unrolled"``.
 
@@ -164,11 +147,14 @@ def map_paths(
       out = fn(*own, *args[len(per_path_args) :])
       return jax.tree.map(lambda x: x[None], out)
 
+    # Only the path axis is manual: a ``data`` axis of the same mesh stays automatic, so the
+    # batch stays split over it and BatchNorm still reduces over the global batch.
     on_path, replicated = PartitionSpec(PATH_AXIS), PartitionSpec()
     return jax.shard_map(
       one_path,
       mesh=mesh,
       in_specs=(on_path,) * len(per_path_args) + (replicated,) * len(shared_args),
       out_specs=on_path,
+      axis_names={PATH_AXIS},
     )(*per_path_args, *shared_args)
   raise ValueError(f"Unknown path strategy {strategy!r}; expected one of {STRATEGIES}.")

@@ -12,7 +12,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from dcil_jax import losses, paths
+from dcil_jax import losses, paths, sharding
 from dcil_jax import masks as masks_lib
 from dcil_jax.transform import find_masked_state, get_masks, get_trained_masks
 
@@ -81,16 +81,29 @@ class TrainState(struct.PyTreeNode):
       share_non_prunable: DCIL ablation: one BatchNorm/head for both paths (default: per path,
         as the official code).
       strategy: how DCIL runs its path axis: ``"unrolled"``, ``"vmap"`` or ``"sharded"``
-        (default: :func:`dcil_jax.paths.default_strategy`).
-      mesh: for ``strategy="sharded"``, a mesh with a ``path`` axis of size 2.
+        (default: ``"sharded"`` on a mesh with a ``path`` axis, else
+        :func:`dcil_jax.paths.default_strategy`).
+      mesh: the device mesh the state lives on (:func:`dcil_jax.sharding.make_mesh`): a
+        ``data`` axis splits each batch (data parallelism; params, optimizer state and masks
+        are replicated), a ``path`` axis of size 2 runs one DCIL path per device
+        (``strategy="sharded"``). Default: no mesh (one device), or a 2-device ``path`` mesh
+        for ``strategy="sharded"``.
       rng: PRNG key for stochastic layers (default ``PRNGKey(0)``).
     """
     check_method(method)
-    strategy = strategy or paths.default_strategy(jax.default_backend())
+    path_parallel = sharding.has_axis(mesh, paths.PATH_AXIS)
+    if strategy is None:
+      strategy = "sharded" if path_parallel else paths.default_strategy(jax.default_backend())
     if strategy not in paths.STRATEGIES:
       raise ValueError(f"Unknown path strategy {strategy!r}; expected one of {paths.STRATEGIES}.")
     if strategy == "sharded" and mesh is None:
       mesh = paths.path_mesh()
+    elif path_parallel != (strategy == "sharded"):
+      raise ValueError(
+        f"strategy='sharded' and a mesh with a {paths.PATH_AXIS!r} axis go together; got "
+        f"strategy={strategy!r} on mesh axes {mesh.axis_names}. For data parallelism alone use "
+        "dcil_jax.sharding.make_mesh() (no path axis)."
+      )
     if "params" not in variables:
       raise TypeError("`variables` must be a Flax variables dict with a 'params' collection.")
     # The state owns copies of its buffers: donating it to train_step never deletes `variables`.
@@ -122,7 +135,7 @@ class TrainState(struct.PyTreeNode):
       strategy=strategy,
       mesh=mesh,
     )
-    return state if mesh is None else paths.place_on_path_mesh(state, mesh)
+    return state if mesh is None else sharding.place_state(state, mesh)
 
 
 def _has_masks(opt_state: Any) -> bool:
@@ -154,8 +167,9 @@ def loss_and_aux(state: TrainState, params: Any, batch: dict[str, jax.Array], rn
   return loss_fn(state.apply_fn, params, masks, batch, state.batch_stats, rngs=rngs)
 
 
-def check_batch(batch: Any) -> None:
-  """Raises ``TypeError`` unless ``batch`` is ``{"image": [B, ...], "label": [B] int}``."""
+def check_batch(batch: Any, mesh: Mesh | None = None) -> None:
+  """Raises ``TypeError`` unless ``batch`` is ``{"image": [B, ...], "label": [B] int}``, and
+  ``ValueError`` unless ``B`` splits evenly over the mesh's ``data`` axis."""
   if not isinstance(batch, dict) or not {"image", "label"} <= set(batch):
     raise TypeError(
       f'A batch is a dict with "image" and "label"; got {type(batch).__name__} '
@@ -168,6 +182,12 @@ def check_batch(batch: Any) -> None:
     )
   if not jnp.issubdtype(jnp.result_type(label), jnp.integer):
     raise TypeError(f"Labels must be integer class indices, got dtype {jnp.result_type(label)}.")
+  ways = sharding.data_parallelism(mesh)
+  if jnp.shape(label)[0] % ways:
+    raise ValueError(
+      f"The batch of {jnp.shape(label)[0]} does not split over the {ways} devices of the mesh's "
+      f"{sharding.DATA_AXIS!r} axis; use a global batch that is a multiple of {ways}."
+    )
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -179,7 +199,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainSta
     the masks used in this step, and whether the masks were refreshed for the next step (with
     the flip rate of that refresh).
   """
-  check_batch(batch)
+  check_batch(batch, state.mesh)
+  if state.mesh is not None:
+    batch = sharding.constrain_batch(batch, state.mesh)
   rng, dropout_rng = jax.random.split(state.rng)
   rngs = {"dropout": dropout_rng}
   masks = state.masks
@@ -194,6 +216,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainSta
     opt_state=opt_state,
     rng=rng,
   )
+  if state.mesh is not None:  # replicated (or one path per device), whatever XLA would pick
+    new_state = sharding.constrain_state(new_state, state.mesh)
   metrics = {"loss": loss}
   if state.method == "dcil":
     metrics |= {
@@ -242,7 +266,7 @@ def export_variables(state: TrainState, path: str = "sparse") -> dict[str, Any]:
 @functools.partial(jax.jit, static_argnames="path")
 def eval_step(state: TrainState, batch: dict[str, jax.Array], path: str = "sparse"):
   """Cross-entropy and accuracy of one exported path in eval mode (running BN statistics)."""
-  check_batch(batch)
+  check_batch(batch, state.mesh)
   logits = state.apply_fn(export_variables(state, path), batch["image"], train=False)
   return {
     "loss": losses.cross_entropy(logits, batch["label"]),

@@ -1,5 +1,7 @@
 """Shared tiny model and data: small shapes keep compiles to a few seconds on 2 CPU cores."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -7,6 +9,10 @@ import pytest
 from dcil_jax.models import SmallCNN
 
 NUM_CLASSES = 5
+
+# Needs 8 fake devices from process start: tests/test_multi_device.py runs it in a subprocess.
+if os.environ.get("DCIL_MULTI_DEVICE") != "1":
+  collect_ignore = ["multi_device"]
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,134 @@
+"""Data and path parallelism on 8 fake CPU devices, against one device on the same global batch.
+
+These tests need ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` before JAX starts, so
+``tests/test_multi_device.py`` runs this directory in a subprocess (the main run ignores it).
+"""
+
+import jax
+import numpy as np
+import optax
+import pytest
+from conftest import NUM_CLASSES, tree_allclose
+from jax.sharding import PartitionSpec
+
+import dcil_jax
+from dcil_jax import paths, sharding
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
+
+GLOBAL_BATCH = 16
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def global_batch():
+  rng = np.random.default_rng(0)
+  return {
+    "image": rng.normal(size=(GLOBAL_BATCH, 8, 8, 1)).astype(np.float32),
+    "label": rng.integers(0, NUM_CLASSES, GLOBAL_BATCH).astype(np.int32),
+  }
+
+
+def make_tx():
+  # Plain SGD with lr 1: each step's param change is minus the gradient, so equal params after
+  # a step mean equal gradients. Masks refresh after every step, from the updated weights.
+  return optax.chain(
+    optax.sgd(1.0), dcil_jax.masked_update(dcil_jax.constant_sparsity(0.5), update_every=1)
+  )
+
+
+def run(model, variables, batch, method, mesh=None):
+  state = dcil_jax.TrainState.create(
+    model.apply, variables, make_tx(), method=method, kd_start_step=1, mesh=mesh
+  )
+  if mesh is not None:
+    batch = sharding.shard_batch(batch, mesh)
+  losses, masks = [], []
+  for _ in range(STEPS):
+    state, metrics = dcil_jax.train_step(state, batch)
+    losses.append(float(metrics["loss"]))
+    masks.append(jax.device_get(state.masks))
+  return state, np.array(losses), masks
+
+
+@pytest.fixture(scope="module")
+def one_device(tiny_model, tiny_variables, global_batch):
+  """The reference: each method on one device, computed once per method."""
+  cache = {}
+
+  def get(method):
+    if method not in cache:
+      cache[method] = run(tiny_model, tiny_variables, global_batch, method)
+    return cache[method]
+
+  return get
+
+
+@pytest.mark.parametrize(
+  "method, path_parallel", [("dcil", False), ("dcil", True), ("dpf", False), ("dense", False)]
+)
+def test_sharded_step_equals_one_device_step(
+  one_device, method, path_parallel, tiny_model, tiny_variables, global_batch
+):
+  ref_state, ref_losses, ref_masks = one_device(method)
+  mesh = sharding.make_mesh(path_parallel=path_parallel)
+  state, losses, masks = run(tiny_model, tiny_variables, global_batch, method, mesh)
+
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  tree_allclose(state.params, ref_state.params, rtol=1e-4, atol=1e-6)  # = the gradients
+  tree_allclose(state.batch_stats, ref_state.batch_stats, rtol=1e-4, atol=1e-6)
+  if method == "dense":
+    return
+  for got, want in zip(masks, ref_masks, strict=True):
+    assert jax.tree.all(jax.tree.map(np.array_equal, got, want))
+  # The refreshes really moved the masks, so equal masks are not trivially equal.
+  first, last = jax.tree.leaves(masks[0]), jax.tree.leaves(masks[-1])
+  assert any(not np.array_equal(a, b) for a, b in zip(first, last, strict=True))
+
+
+def test_state_stays_replicated_and_batch_is_split(tiny_model, tiny_variables, global_batch):
+  mesh = sharding.make_mesh()
+  state, _, _ = run(tiny_model, tiny_variables, global_batch, "dcil", mesh)
+  for leaf in jax.tree.leaves(state):
+    assert leaf.sharding.is_fully_replicated, leaf.sharding
+  # Replicated BN statistics: every device holds the same global-batch statistics.
+  for leaf in jax.tree.leaves(state.batch_stats):
+    shards = [np.asarray(s.data) for s in leaf.addressable_shards]
+    assert len(shards) == 8 and all(np.array_equal(s, shards[0]) for s in shards)
+  batch = sharding.shard_batch(global_batch, mesh)
+  assert batch["image"].sharding.shard_shape(batch["image"].shape) == (GLOBAL_BATCH // 8, 8, 8, 1)
+
+
+def test_path_axis_puts_one_path_per_device(tiny_model, tiny_variables, global_batch):
+  mesh = sharding.make_mesh(path_parallel=True)
+  assert dict(mesh.shape) == {"data": 4, "path": 2}
+  state, _, _ = run(tiny_model, tiny_variables, global_batch, "dcil", mesh)
+  assert state.strategy == "sharded"
+  boxed = jax.tree.leaves(state.params, is_leaf=paths.is_per_path)
+  per_path = [x.value for x in boxed if paths.is_per_path(x)]
+  shared = [x for x in boxed if not paths.is_per_path(x)]
+  assert per_path and shared
+  for leaf in per_path:
+    assert leaf.sharding.spec == PartitionSpec(paths.PATH_AXIS)
+  for leaf in shared:
+    assert leaf.sharding.is_fully_replicated
+
+
+def test_batch_that_does_not_split_over_data_axis_is_rejected(tiny_model, tiny_variables):
+  mesh = sharding.make_mesh()
+  state = dcil_jax.TrainState.create(tiny_model.apply, tiny_variables, make_tx(), mesh=mesh)
+  batch = {"image": np.zeros((12, 8, 8, 1), np.float32), "label": np.zeros(12, np.int32)}
+  with pytest.raises(ValueError, match="multiple of 8"):
+    dcil_jax.train_step(state, batch)
+  assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(state))  # nothing donated
+
+
+def test_path_axis_needs_sharded_strategy(tiny_model, tiny_variables):
+  with pytest.raises(ValueError, match="sharded"):
+    dcil_jax.TrainState.create(
+      tiny_model.apply,
+      tiny_variables,
+      make_tx(),
+      strategy="unrolled",
+      mesh=sharding.make_mesh(path_parallel=True),
+    )
