@@ -1,0 +1,58 @@
+"""Fields shared by every experiment config (see ``cifar.py`` and ``imagenet.py``)."""
+
+from __future__ import annotations
+
+from ml_collections import ConfigDict, config_dict
+
+from experiments import recipes
+
+
+def base_config() -> ConfigDict:
+  """Defaults for every run; recipe fields stay ``None`` until the recipe fills them."""
+  config = ConfigDict()
+  config.dataset = "cifar10"
+  config.data_dir = config_dict.placeholder(str)  # TFDS data dir (default ~/tensorflow_datasets)
+  config.model = "resnet32"
+  config.image_size = config_dict.placeholder(int)  # default: the dataset's (32 or 224)
+  config.method = "dcil"  # dcil | dpf | dense
+  config.sparsity = 0.9  # final fraction of conv weights pruned
+  config.distribution = "global"  # global (official) | layerwise | erk
+  config.update_every = 16  # mask refresh period in steps (official: 16)
+  config.temperature = 2.0  # distillation temperature (official: 2)
+  config.momentum = 0.9
+  config.nesterov = True
+
+  # The recipe ("auto": the model's own, from experiments/recipes.py); each field below left at
+  # None is taken from it, any field set here overrides it.
+  config.recipe = "auto"
+  types = dict(
+    num_epochs=int,
+    batch_size=int,  # global batch over all devices and hosts
+    learning_rate=float,  # peak; scaled by batch_size / lr_reference_batch when that is > 0
+    lr_reference_batch=int,
+    lr_schedule=str,  # step | cosine
+    warmup_epochs=float,
+    warmup_init_lr=float,
+    lr_boundaries=tuple,  # epochs at which a step schedule multiplies the lr by lr_decay
+    lr_decay=float,
+    weight_decay=float,
+    ramp_end_epoch=float,  # the cubic sparsity ramp reaches `sparsity` here
+    kd_start_epoch=float,  # first epoch with the mutual-distillation terms
+  )
+  assert set(types) == set(recipes.RECIPE_FIELDS)
+  for name, kind in types.items():
+    setattr(config, name, config_dict.placeholder(kind))
+
+  config.dtype = config_dict.placeholder(str)  # compute dtype; default: by --accelerator
+  config.path_parallel = False  # DCIL: a mesh axis of 2 devices, one path each
+  config.strategy = config_dict.placeholder(str)  # path strategy: unrolled | vmap | sharded
+  config.seed = 0
+  config.num_train_steps = config_dict.placeholder(int)  # cut the run short (smoke runs)
+  config.steps_per_epoch = config_dict.placeholder(int)  # default: split size // batch_size
+  config.max_eval_steps = config_dict.placeholder(int)  # default: the whole eval split
+  config.eval_every_epochs = 1
+  config.log_every_steps = 100
+  config.worker_count = 0  # grain worker processes decoding and augmenting
+  config.prefetch = 2  # batches put on the devices ahead of the step
+  config.progress = True  # tqdm progress bar (process 0 only)
+  return config

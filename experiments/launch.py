@@ -1,0 +1,124 @@
+"""Command-line entry shared by ``experiments.cifar`` and ``experiments.imagenet``.
+
+Flags follow Flax's examples: ``--workdir``, ``--config`` (an ``ml_collections`` config file,
+overridable as ``--config.x=...``), plus ``--accelerator`` (platform and its defaults) and
+``--distributed`` (``jax.distributed.initialize()`` for TPU pod slices and multi-host GPU).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+ACCELERATORS = ("tpu", "gpu", "cpu")
+# What --accelerator sets unless the config says otherwise.
+ACCELERATOR_DEFAULTS = {
+  "tpu": {"dtype": "bfloat16"},
+  "gpu": {"dtype": "bfloat16"},
+  "cpu": {"dtype": "float32"},
+}
+# jax_platforms values for each accelerator.
+PLATFORMS = {"tpu": "tpu", "gpu": "cuda,rocm", "cpu": "cpu"}
+
+
+def define_flags(config_file: str) -> None:
+  """Defines ``--workdir``, ``--config`` (default ``config_file``), ``--accelerator`` and
+  ``--distributed``."""
+  flags.DEFINE_string("workdir", None, "Where metrics, TensorBoard events and summary.json go.")
+  config_flags.DEFINE_config_file(
+    "config",
+    config_file,
+    "Experiment config file (path[:arg]); override with --config.x=...",
+    lock_config=True,
+  )
+  flags.DEFINE_enum(
+    "accelerator",
+    None,
+    ACCELERATORS,
+    "Platform to run on, and its defaults: bfloat16 compute on tpu/gpu, float32 on cpu "
+    "(default: whatever JAX finds, with that platform's defaults).",
+  )
+  flags.DEFINE_enum(
+    "distributed",
+    "auto",
+    ["auto", "true", "false"],
+    "Call jax.distributed.initialize() (multi-host). auto: on TPU, and where a coordinator, "
+    "SLURM or Open MPI environment says there are several processes.",
+  )
+  flags.mark_flags_as_required(["workdir"])
+
+
+def wants_distributed(setting: str, accelerator: str | None) -> bool:
+  if setting != "auto":
+    return setting == "true"
+  if accelerator == "tpu":
+    return True
+  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    return True
+  return any(int(os.environ.get(v) or 1) > 1 for v in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
+
+
+def select_platform(accelerator: str | None) -> None:
+  """Points JAX at ``accelerator`` (before any backend starts)."""
+  import jax
+
+  if accelerator is not None:
+    jax.config.update("jax_platforms", PLATFORMS[accelerator])
+
+
+def started_platform(accelerator: str | None) -> str:
+  """Starts the backend and returns ``"tpu"``, ``"gpu"`` or ``"cpu"``, or explains what is
+  missing."""
+  import jax
+
+  try:
+    backend = jax.default_backend()
+  except RuntimeError as e:
+    raise RuntimeError(
+      f"--accelerator={accelerator} but JAX cannot start that platform ({e}). Install the "
+      "matching JAX build (jax[tpu] on a TPU VM, jax[cuda12] for NVIDIA GPUs), or pick another "
+      "--accelerator."
+    ) from e
+  return "gpu" if backend in ("cuda", "rocm", "gpu") else backend
+
+
+def initialize_distributed(setting: str, accelerator: str | None) -> None:
+  """``jax.distributed.initialize()`` where asked (or, for ``auto``, where it makes sense)."""
+  import jax
+
+  if not wants_distributed(setting, accelerator):
+    return
+  try:
+    jax.distributed.initialize()  # auto-detects TPU pods, SLURM, Open MPI, or JAX_COORDINATOR_*
+  except (RuntimeError, ValueError) as e:
+    if setting == "true":
+      raise
+    logging.warning("Running as a single process: jax.distributed.initialize() failed: %s", e)
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  import jax
+
+  from experiments import train
+
+  f = flags.FLAGS
+  select_platform(f.accelerator)
+  initialize_distributed(f.distributed, f.accelerator)  # before anything touches the devices
+  platform = started_platform(f.accelerator)
+  config = f.config
+  with config.unlocked():
+    for name, value in ACCELERATOR_DEFAULTS.get(platform, {}).items():
+      if config[name] is None:
+        config[name] = value
+  logging.info("process %d of %d on %s", jax.process_index(), jax.process_count(), platform)
+  train.train_and_evaluate(config, f.workdir)
+
+
+def run(config_file: str) -> None:
+  define_flags(config_file)
+  app.run(main)

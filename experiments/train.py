@@ -1,0 +1,416 @@
+"""The training loop shared by ``experiments.cifar`` and ``experiments.imagenet``.
+
+One loop for every dataset, model and method: the library's ``TrainState`` and jitted
+``train_step`` on a device mesh (batch split over ``data``, state replicated, optionally one
+DCIL path per device), TFDS + grain input, an evaluation of the sparse path (and DCIL's dense
+path) every epoch, TensorBoard + JSONL metrics, and a final summary in ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from etils import epath
+
+import dcil_jax
+from dcil_jax import sharding
+from dcil_jax.models import MODELS, create_model
+from experiments import input_pipeline, recipes
+from experiments.metric_writers import MetricWriter
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of ``config`` with the recipe's values filled in, checked for sense.
+
+  Raises:
+    ValueError: with what is wrong and how to fix it, for any setting that cannot work.
+  """
+  config = ml_collections.ConfigDict(config.to_dict())  # plain copy, no shared references
+  if config.dataset not in input_pipeline.DATASETS:
+    raise ValueError(
+      f"Unknown dataset {config.dataset!r}; expected one of {sorted(input_pipeline.DATASETS)}."
+    )
+  if config.model not in MODELS:
+    raise ValueError(f"Unknown model {config.model!r}; expected one of {sorted(MODELS)}.")
+  dcil_jax.train.check_method(config.method)
+  recipe = recipes.recipe_for(config.recipe, config.model)
+  with config.unlocked():
+    for name in recipes.RECIPE_FIELDS:
+      if config[name] is None:
+        config[name] = recipe[name]
+    config.lr_boundaries = tuple(config.lr_boundaries)
+    if config.image_size is None:
+      config.image_size = input_pipeline.DATASETS[config.dataset].image_size
+    if config.dtype is None:
+      config.dtype = "float32"
+  _check_config(config)
+  return config
+
+
+def _check_config(config: ml_collections.ConfigDict) -> None:
+  problems = []
+  if not 0.0 <= config.sparsity < 1.0:
+    problems.append(f"sparsity must be in [0, 1), got {config.sparsity}")
+  if config.method == "dense" and config.sparsity:
+    problems.append("method='dense' trains no masks: set --config.sparsity=0 or another method")
+  if config.dtype not in DTYPES:
+    problems.append(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
+  if config.lr_schedule not in ("step", "cosine"):
+    problems.append(f"lr_schedule must be 'step' or 'cosine', got {config.lr_schedule!r}")
+  if config.batch_size <= 0 or config.num_epochs <= 0 or config.learning_rate <= 0:
+    problems.append("batch_size, num_epochs and learning_rate must be positive")
+  if not 0 <= config.warmup_epochs < config.num_epochs:
+    problems.append(f"warmup_epochs={config.warmup_epochs} must be in [0, num_epochs)")
+  if any(not 0 < b <= config.num_epochs for b in config.lr_boundaries) or list(
+    config.lr_boundaries
+  ) != sorted(config.lr_boundaries):
+    problems.append(f"lr_boundaries={config.lr_boundaries} must be increasing, in (0, num_epochs]")
+  if config.method != "dense" and not 0 < config.ramp_end_epoch <= config.num_epochs:
+    problems.append(
+      f"ramp_end_epoch={config.ramp_end_epoch} must be in (0, num_epochs={config.num_epochs}]"
+    )
+  if config.path_parallel and config.method != "dcil":
+    problems.append("path_parallel runs DCIL's two paths on two devices; it needs method='dcil'")
+  if config.update_every <= 0 or config.eval_every_epochs <= 0 or config.log_every_steps <= 0:
+    problems.append("update_every, eval_every_epochs and log_every_steps must be positive")
+  if problems:
+    raise ValueError("Bad config:\n  - " + "\n  - ".join(problems))
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int):
+  """The recipe's learning rate per step: linear warm-up, then steps or cosine."""
+  peak = config.learning_rate
+  if config.lr_reference_batch:
+    peak *= config.batch_size / config.lr_reference_batch  # the linear scaling rule
+  warmup = round(config.warmup_epochs * steps_per_epoch)
+  total = round(config.num_epochs * steps_per_epoch)
+  if config.lr_schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+      config.warmup_init_lr, peak, warmup_steps=warmup, decay_steps=total, end_value=0.0
+    )
+  after = optax.piecewise_constant_schedule(
+    peak,
+    {round(b * steps_per_epoch) - warmup: config.lr_decay for b in config.lr_boundaries},
+  )
+  if not warmup:
+    return after
+  ramp = optax.linear_schedule(config.warmup_init_lr, peak, warmup)
+  return optax.join_schedules([ramp, after], [warmup])
+
+
+def make_optimizer(
+  config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> optax.GradientTransformation:
+  """SGD (Nesterov) with weight decay on every parameter, as the official code; for DCIL and
+  DPF ``masked_update`` comes last (it reads the next weights as params + updates)."""
+  parts = [
+    optax.add_decayed_weights(config.weight_decay),
+    optax.sgd(
+      learning_rate_schedule(config, steps_per_epoch),
+      momentum=config.momentum,
+      nesterov=config.nesterov,
+    ),
+  ]
+  if config.method != "dense":
+    ramp_steps = max(1, round(config.ramp_end_epoch * steps_per_epoch))
+    # Official: the ramp is evaluated at the integer epoch. A ramp shorter than an epoch (smoke
+    # configs) is evaluated every step instead.
+    stage = steps_per_epoch if ramp_steps >= steps_per_epoch else 1
+    schedule = dcil_jax.cubic_sparsity(config.sparsity, ramp_steps, steps_per_stage=stage)
+    parts.append(
+      dcil_jax.masked_update(
+        schedule, update_every=config.update_every, distribution=config.distribution
+      )
+    )
+  return optax.chain(*parts)
+
+
+def create_train_state(
+  config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, steps_per_epoch: int
+) -> dcil_jax.TrainState:
+  """The model's variables lifted into a ``TrainState`` placed on ``mesh``."""
+  info = input_pipeline.DATASETS[config.dataset]
+  model = create_model(config.model, info.num_classes, dtype=DTYPES[config.dtype])
+  init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  dummy = jnp.zeros((1, config.image_size, config.image_size, 3), DTYPES[config.dtype])
+  variables = jax.jit(functools.partial(model.init, train=False))(init_rng, dummy)
+  return dcil_jax.TrainState.create(
+    model.apply,
+    variables,
+    make_optimizer(config, steps_per_epoch),
+    method=config.method,
+    kd_start_step=round(config.kd_start_epoch * steps_per_epoch),
+    temperature=config.temperature,
+    strategy=config.strategy,
+    mesh=mesh,
+    rng=state_rng,
+  )
+
+
+@functools.partial(jax.jit, static_argnames="path")
+def eval_counts(state: dcil_jax.TrainState, batch: dict[str, jax.Array], path: str = "sparse"):
+  """Summed loss and top-1/top-5 hits of one exported path over the unpadded examples."""
+  logits = state.apply_fn(dcil_jax.export_variables(state, path), batch["image"], train=False)
+  logits = logits.astype(jnp.float32)
+  labels, weight = batch["label"], batch["mask"].astype(jnp.float32)
+  _, top = jax.lax.top_k(logits, min(5, logits.shape[-1]))
+  hits = top == labels[:, None]
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return {
+    "count": weight.sum(),
+    "loss": (loss * weight).sum(),
+    "top1": (hits[:, 0] * weight).sum(),
+    "top5": (hits.any(axis=1) * weight).sum(),
+  }
+
+
+def evaluate(
+  state: dcil_jax.TrainState, batches: Iterable[dict[str, jax.Array]]
+) -> dict[str, float]:
+  """Sparse-path (deployable) metrics over ``batches``, and DCIL's dense path as ``dense_*``."""
+  path_names = ["sparse", "dense"] if state.method == "dcil" else ["sparse"]
+  totals = {path: None for path in path_names}
+  for batch in batches:
+    for path in path_names:
+      counts = eval_counts(state, batch, path)
+      totals[path] = counts if totals[path] is None else jax.tree.map(jnp.add, totals[path], counts)
+  results = {}
+  for path in path_names:
+    t = jax.device_get(totals[path])
+    prefix = "" if path == "sparse" else "dense_"
+    n = max(float(t["count"]), 1.0)
+    results |= {f"{prefix}{k}": float(t[k]) / n for k in ("loss", "top1", "top5")}
+  results["examples"] = float(jax.device_get(totals["sparse"])["count"])
+  return results
+
+
+def prefetch(iterator: Iterator[Any], size: int) -> Iterator[Any]:
+  """Runs ``iterator`` (host input + transfer to devices) ``size`` items ahead in a thread."""
+  if size <= 0:
+    yield from iterator
+    return
+  import queue
+
+  items: queue.Queue = queue.Queue(maxsize=size)
+  done = object()
+
+  def produce():
+    try:
+      for item in iterator:
+        items.put(item)
+    except BaseException as e:  # re-raised in the consumer
+      items.put(e)
+    items.put(done)
+
+  threading.Thread(target=produce, daemon=True).start()
+  while (item := items.get()) is not done:
+    if isinstance(item, BaseException):
+      raise item
+    yield item
+
+
+def _mean_metrics(history: list[dict[str, Any]]) -> dict[str, float]:
+  """Averages a window of step metrics; the flip rate only over steps that refreshed masks."""
+  stacked = {k: np.stack([np.asarray(h[k]) for h in history]) for k in history[0]}
+  out = {k: float(v.mean()) for k, v in stacked.items() if k not in ("flip_rate", "mask_refreshed")}
+  if "mask_refreshed" in stacked and stacked["mask_refreshed"].any():
+    out["flip_rate"] = float(stacked["flip_rate"][stacked["mask_refreshed"]].mean())
+  return out
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains ``config`` and evaluates every ``eval_every_epochs``; returns the summary.
+
+  Writes ``config.json``, ``metrics.jsonl``, TensorBoard events and ``summary.json`` to
+  ``workdir`` (from process 0 only).
+  """
+  config = resolve_config(config)
+  lead = jax.process_index() == 0
+  mesh = sharding.make_mesh(path_parallel=config.path_parallel)
+  ways, hosts = sharding.data_parallelism(mesh), jax.process_count()
+  if config.batch_size % ways or config.batch_size % hosts:
+    raise ValueError(
+      f"batch_size={config.batch_size} must split evenly over the {ways} data-parallel devices "
+      f"and {hosts} processes; try a multiple of {math.lcm(ways, hosts)}."
+    )
+  steps_per_epoch = config.steps_per_epoch or input_pipeline.steps_per_epoch(
+    config.dataset, config.batch_size, config.data_dir
+  )
+  num_steps = config.num_train_steps or round(config.num_epochs * steps_per_epoch)
+  eval_every = max(1, round(config.eval_every_epochs * steps_per_epoch))
+
+  workpath = epath.Path(workdir)
+  if lead:
+    workpath.mkdir(parents=True, exist_ok=True)
+    (workpath / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
+  writer = MetricWriter(workdir, enabled=lead)
+
+  state = create_train_state(config, mesh, steps_per_epoch)
+  num_params = sum(x.size for x in jax.tree.leaves(dcil_jax.export_variables(state)["params"]))
+  dtype = np.dtype(DTYPES[config.dtype])
+  train_batches = prefetch(
+    (
+      sharding.shard_batch(batch, mesh)
+      for batch in input_pipeline.create_train_iterator(
+        config.dataset,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        data_dir=config.data_dir,
+        image_size=config.image_size,
+        dtype=dtype,
+        worker_count=config.worker_count,
+      )
+    ),
+    config.prefetch,
+  )
+
+  def eval_batches() -> Iterator[dict[str, jax.Array]]:
+    it = input_pipeline.create_eval_iterator(
+      config.dataset,
+      global_batch_size=config.batch_size,
+      data_dir=config.data_dir,
+      image_size=config.image_size,
+      dtype=dtype,
+      worker_count=config.worker_count,
+    )
+    for i, batch in enumerate(it):
+      if config.max_eval_steps is not None and i >= config.max_eval_steps:
+        break
+      yield sharding.shard_batch(batch, mesh)
+
+  if lead:
+    print(
+      f"{config.model} ({num_params:,} params) on {config.dataset}, method={config.method}, "
+      f"sparsity={config.sparsity}, {num_steps} steps ({steps_per_epoch}/epoch), "
+      f"batch {config.batch_size} on {jax.device_count()} {jax.default_backend()} device(s), "
+      f"mesh {dict(mesh.shape)}, strategy={state.strategy}, dtype={config.dtype}"
+    )
+
+  lr_fn = learning_rate_schedule(config, steps_per_epoch)
+  evals, refresh_flips, window = [], [], []
+  progress = _progress(num_steps, enabled=lead and config.progress)
+  train_start, images = time.perf_counter(), 0
+  for step in range(1, num_steps + 1):
+    batch = next(train_batches)
+    state, metrics = dcil_jax.train_step(state, batch)
+    window.append(metrics)
+    images += config.batch_size
+    progress.update(1)
+    if step % config.log_every_steps == 0 or step == num_steps:
+      history = jax.device_get(window)
+      window = []
+      refresh_flips += [
+        (step - len(history) + 1 + i, float(h["flip_rate"]))
+        for i, h in enumerate(history)
+        if h.get("mask_refreshed", False)
+      ]
+      scalars = _mean_metrics(history)
+      scalars["learning_rate"] = float(lr_fn(step - 1))
+      scalars["images_per_second"] = images / (time.perf_counter() - train_start)
+      writer.write(step, "train", scalars)
+      progress.set_postfix(
+        loss=f"{scalars['loss']:.3f}", acc=f"{scalars['accuracy_sparse']:.3f}", refresh=False
+      )
+      if not np.isfinite(scalars["loss"]):
+        raise FloatingPointError(f"The training loss is {scalars['loss']} at step {step}.")
+    if step % eval_every == 0 or step == num_steps:
+      result = evaluate(state, eval_batches()) | {"step": step, "epoch": step / steps_per_epoch}
+      evals.append(result)
+      writer.write(step, "eval", {k: v for k, v in result.items() if k != "step"})
+      if lead:
+        progress.write(_format_eval(result))
+  progress.close()
+  train_seconds = time.perf_counter() - train_start
+
+  summary = _summary(config, state, evals, refresh_flips, num_params, steps_per_epoch)
+  summary |= {"train_seconds": train_seconds, "images_per_second": images / train_seconds}
+  if lead:
+    (workpath / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(format_summary(summary))
+  writer.close()
+  return summary
+
+
+def _summary(config, state, evals, refresh_flips, num_params, steps_per_epoch) -> dict[str, Any]:
+  """Best and final sparse-path accuracy, per-layer sparsity and mask flip rates."""
+  final = evals[-1]
+  best = max(evals, key=lambda r: r["top1"])
+  summary: dict[str, Any] = {
+    "model": config.model,
+    "dataset": config.dataset,
+    "method": config.method,
+    "target_sparsity": config.sparsity,
+    "num_params": int(num_params),
+    "steps": int(final["step"]),
+    "final": {k: v for k, v in final.items() if k not in ("examples",)},
+    # Picked on the evaluation split, like the official logs: report the final numbers.
+    "best": {k: best[k] for k in ("top1", "top5", "step", "epoch")},
+  }
+  if state.method != "dense":
+    masks = jax.device_get(state.trained_masks)
+    summary["sparsity"] = float(dcil_jax.sparsity(masks))
+    summary["layer_sparsity"] = {k: float(v) for k, v in dcil_jax.layer_sparsities(masks).items()}
+    ramp_end = round(config.ramp_end_epoch * steps_per_epoch)
+    after = [f for step, f in refresh_flips if step > ramp_end]
+    summary["flip_rate"] = {
+      "mean": float(np.mean([f for _, f in refresh_flips])) if refresh_flips else None,
+      "mean_after_ramp": float(np.mean(after)) if after else None,
+      "last": refresh_flips[-1][1] if refresh_flips else None,
+      "refreshes": len(refresh_flips),
+    }
+  return summary
+
+
+def _format_eval(result: dict[str, float]) -> str:
+  text = (
+    f"epoch {result['epoch']:.2f} (step {result['step']}): sparse top-1 {result['top1']:.4f} "
+    f"top-5 {result['top5']:.4f} loss {result['loss']:.4f}"
+  )
+  if "dense_top1" in result:
+    text += f" | dense top-1 {result['dense_top1']:.4f}"
+  return text
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+  """The summary as a short text report with the per-layer sparsity table."""
+  final, best = summary["final"], summary["best"]
+  lines = [
+    f"== {summary['model']} / {summary['dataset']} / {summary['method']}, "
+    f"{summary['steps']} steps ==",
+    f"final sparse-path top-1 {final['top1']:.4f}  top-5 {final['top5']:.4f}"
+    + (f"  (dense path top-1 {final['dense_top1']:.4f})" if "dense_top1" in final else ""),
+    f"best  sparse-path top-1 {best['top1']:.4f}  top-5 {best['top5']:.4f} at epoch "
+    f"{best['epoch']:.2f} (picked on the eval split: report the final numbers)",
+    f"throughput {summary.get('images_per_second', float('nan')):.1f} images/s",
+  ]
+  if "sparsity" in summary:
+    flips = summary["flip_rate"]
+    fmt = lambda x: "n/a" if x is None else f"{x:.5f}"
+    lines += [
+      f"sparsity {summary['sparsity']:.4f} (target {summary['target_sparsity']}); mask flip rate "
+      f"mean {fmt(flips['mean'])}, after the ramp {fmt(flips['mean_after_ramp'])}, "
+      f"last {fmt(flips['last'])} over {flips['refreshes']} refreshes",
+      "layer sparsity:",
+    ]
+    width = max(len(k) for k in summary["layer_sparsity"])
+    lines += [f"  {k:<{width}}  {v:.4f}" for k, v in summary["layer_sparsity"].items()]
+  return "\n".join(lines)
+
+
+def _progress(total: int, enabled: bool):
+  from tqdm.auto import tqdm
+
+  return tqdm(total=total, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
