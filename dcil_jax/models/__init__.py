@@ -1,9 +1,22 @@
 """Plain Flax linen models: nothing DCIL-specific inside (the library lifts them from outside)."""
 
 from dcil_jax.models.resnet_cifar import ResNetCifar, resnet20, resnet32, resnet56
+from dcil_jax.models.resnet_imagenet import ResNet, resnet18, resnet50, resnet_tiny
 from dcil_jax.models.small_cnn import SmallCNN
+from dcil_jax.models.vgg import VGG, vgg16
+from dcil_jax.models.wrn import WideResNet, wrn28_2
 
-MODELS = {"resnet20": resnet20, "resnet32": resnet32, "resnet56": resnet56, "small_cnn": SmallCNN}
+MODELS = {
+  "resnet20": resnet20,
+  "resnet32": resnet32,
+  "resnet56": resnet56,
+  "wrn28_2": wrn28_2,
+  "vgg16": vgg16,
+  "resnet18": resnet18,
+  "resnet50": resnet50,
+  "resnet_tiny": resnet_tiny,
+  "small_cnn": SmallCNN,
+}
 
 
 def create_model(name: str, num_classes: int, **kwargs):
@@ -13,4 +26,20 @@ def create_model(name: str, num_classes: int, **kwargs):
   return MODELS[name](num_classes=num_classes, **kwargs)
 
 
-__all__ = ["MODELS", "ResNetCifar", "SmallCNN", "create_model", "resnet20", "resnet32", "resnet56"]
+__all__ = [
+  "MODELS",
+  "VGG",
+  "ResNet",
+  "ResNetCifar",
+  "SmallCNN",
+  "WideResNet",
+  "create_model",
+  "resnet18",
+  "resnet20",
+  "resnet32",
+  "resnet50",
+  "resnet56",
+  "resnet_tiny",
+  "vgg16",
+  "wrn28_2",
+]
