@@ -1,0 +1,196 @@
+"""The experiments: recipes and configs, and one real train + eval run of each entry point
+through the real TFDS code path under ``tfds.testing.mock_data``."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from experiments import recipes, train
+from experiments.configs import cifar, imagenet
+from experiments.metric_writers import read_jsonl
+
+ROOT = Path(__file__).parent.parent
+
+
+def resolved(config_module, arg=None, **overrides):
+  config = config_module.get_config(arg)
+  with config.unlocked():
+    for name, value in overrides.items():
+      config[name] = value
+  return train.resolve_config(config)
+
+
+def lr_at_epochs(config, epochs, steps_per_epoch=100):
+  schedule = train.learning_rate_schedule(config, steps_per_epoch)
+  return [float(schedule(round(e * steps_per_epoch))) for e in epochs]
+
+
+def test_cifar_resnet_recipe_is_the_official_one():
+  config = resolved(cifar)
+  assert config.model == "resnet32" and config.num_epochs == 300 and config.batch_size == 128
+  assert (config.weight_decay, config.ramp_end_epoch, config.kd_start_epoch) == (1e-4, 225, 70)
+  # 0.1 -> 0.2 over 5 epochs, x0.1 at 150 and 225.
+  lrs = lr_at_epochs(config, [0, 2.5, 5, 149.99, 150, 224.99, 225, 299])
+  np.testing.assert_allclose(lrs, [0.1, 0.15, 0.2, 0.2, 0.02, 0.02, 0.002, 0.002], rtol=1e-5)
+
+
+def test_model_picks_its_recipe_and_fields_override_it():
+  config = resolved(cifar, model="wrn28_2")
+  assert (config.num_epochs, config.weight_decay, config.ramp_end_epoch) == (195, 5e-4, 120)
+  lrs = lr_at_epochs(config, [0, 59.99, 60, 120, 160, 194])
+  np.testing.assert_allclose(lrs, [0.1, 0.1, 0.02, 0.004, 0.0008, 0.0008], rtol=1e-5)
+  config = resolved(cifar, model="wrn28_2", learning_rate=0.05, lr_boundaries=(100,))
+  assert config.learning_rate == 0.05 and config.lr_boundaries == (100,)
+  assert config.weight_decay == 5e-4  # the rest still from the recipe
+
+
+def test_imagenet_recipe_scales_lr_with_batch_and_decays_by_cosine():
+  config = resolved(imagenet)
+  assert (config.model, config.batch_size, config.num_epochs) == ("resnet50", 1024, 100)
+  assert (config.ramp_end_epoch, config.kd_start_epoch) == (75, 25)
+  lrs = lr_at_epochs(config, [0, 5, 52.5, 100])
+  np.testing.assert_allclose(lrs, [0.0, 0.4, 0.2, 0.0], atol=1e-6)  # 0.1 x 1024/256 = 0.4
+  half = resolved(imagenet, batch_size=512)
+  assert lr_at_epochs(half, [5])[0] == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
+    (dict(model="resnet1000"), "Unknown model"),
+    (dict(dataset="mnist"), "Unknown dataset"),
+    (dict(method="rigl"), "Unknown method"),
+    (dict(recipe="fast"), "Unknown recipe"),
+    (dict(sparsity=1.0), "sparsity must be in"),
+    (dict(ramp_end_epoch=400.0), "ramp_end_epoch"),
+    (dict(lr_boundaries=(225, 150)), "lr_boundaries"),
+    (dict(method="dpf", path_parallel=True), "path_parallel"),
+    (dict(dtype="int8"), "dtype"),
+  ],
+)
+def test_bad_configs_fail_at_start_with_a_clear_message(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    resolved(cifar, **overrides)
+
+
+def test_optimizer_has_masked_update_last_except_for_dense():
+  import jax
+  import jax.numpy as jnp
+
+  import dcil_jax
+
+  params = {"Conv_0": {"kernel": jnp.ones((3, 3, 2, 4))}}
+  for method in ("dcil", "dpf", "dense"):
+    config = resolved(cifar, method=method, sparsity=0.0 if method == "dense" else 0.9)
+    tx = train.make_optimizer(config, steps_per_epoch=10)
+    state = tx.init(params)
+    if method == "dense":
+      with pytest.raises(ValueError):
+        dcil_jax.get_masks(state)
+    else:
+      assert isinstance(state[-1], dcil_jax.MaskedUpdateState)
+      assert jax.tree.leaves(dcil_jax.get_masks(state))[0].dtype == jnp.bool_
+
+
+# A subprocess runs the real command line inside tfds.testing.mock_data.
+CLI = textwrap.dedent(
+  """
+  import runpy, sys
+  import tensorflow_datasets as tfds
+  module, argv = sys.argv[1], sys.argv[2:]
+  sys.argv = [module] + argv
+  with tfds.testing.mock_data(num_examples=24):
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+  """
+)
+
+
+def run_cli(module, workdir, *flags):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+    [sys.executable, "-c", CLI, module, f"--workdir={workdir}", *flags],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    cwd=ROOT,
+  )
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+  return result
+
+
+SMOKE = [
+  "--config.batch_size=8",
+  "--config.steps_per_epoch=2",
+  "--config.num_train_steps=4",
+  "--config.ramp_end_epoch=1",
+  "--config.kd_start_epoch=1",
+  "--config.warmup_epochs=0.5",
+  "--config.log_every_steps=1",
+  "--config.update_every=2",
+  "--config.progress=False",
+]
+
+
+def check_run(workdir, method, steps=4, evals=2):
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert summary["method"] == method and summary["steps"] == steps
+  for key in ("top1", "top5"):
+    assert 0.0 <= summary["final"][key] <= 1.0
+  assert summary["final"]["top5"] >= summary["final"]["top1"]
+  records = read_jsonl(workdir / "metrics.jsonl")
+  train_records = [r for r in records if r["split"] == "train"]
+  eval_records = [r for r in records if r["split"] == "eval"]
+  assert [r["step"] for r in train_records] == list(range(1, steps + 1))
+  assert [r["step"] for r in eval_records] == [2 * (i + 1) for i in range(evals)]
+  assert all(np.isfinite(r["loss"]) for r in train_records)
+  assert eval_records[-1]["examples"] == 24  # the whole mock eval split, each example once
+  assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  assert json.loads((workdir / "config.json").read_text())["method"] == method
+  return summary, eval_records
+
+
+def test_cifar_command_trains_and_evaluates_both_paths(tmp_path):
+  result = run_cli(
+    "experiments.cifar",
+    tmp_path,
+    "--config.model=resnet20",
+    "--config.method=dcil",
+    "--config.sparsity=0.9",
+    *SMOKE,
+  )
+  summary, evals = check_run(tmp_path, "dcil")
+  assert "dense_top1" in evals[-1]  # DCIL's dense path is monitored too
+  assert summary["sparsity"] == pytest.approx(0.9, abs=1e-3)  # ramp over after one epoch
+  assert len(summary["layer_sparsity"]) == 21  # the first conv, 18 in blocks, 2 shortcuts
+  assert summary["flip_rate"]["refreshes"] == 2
+  assert "layer sparsity" in result.stdout and "final sparse-path top-1" in result.stdout
+
+
+def test_imagenet_command_runs_on_cpu_with_a_tiny_model(tmp_path):
+  run_cli(
+    "experiments.imagenet",
+    tmp_path,
+    "--accelerator=cpu",
+    "--config.model=resnet_tiny",
+    "--config.image_size=32",
+    "--config.method=dpf",
+    "--config.sparsity=0.5",
+    *SMOKE,
+  )
+  summary, evals = check_run(tmp_path, "dpf")
+  assert "dense_top1" not in evals[-1]
+  config = json.loads((tmp_path / "config.json").read_text())
+  assert config["dtype"] == "float32" and config["lr_schedule"] == "cosine"
+
+
+def test_recipe_table_covers_every_registered_model():
+  from dcil_jax.models import MODELS
+
+  assert set(recipes.MODEL_RECIPES) == set(MODELS)
