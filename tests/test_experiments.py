@@ -194,3 +194,23 @@ def test_recipe_table_covers_every_registered_model():
   from dcil_jax.models import MODELS
 
   assert set(recipes.MODEL_RECIPES) == set(MODELS)
+
+
+def test_a_step_that_does_not_fit_fails_with_a_clear_message(monkeypatch):
+  from types import SimpleNamespace
+
+  import jax
+
+  device = SimpleNamespace(memory_stats=lambda: {"bytes_limit": 2**30}, device_kind="Fake GPU")
+  monkeypatch.setattr(jax, "local_devices", lambda: [device])
+  analysis = SimpleNamespace(
+    argument_size_in_bytes=2**29,
+    output_size_in_bytes=2**29,
+    alias_size_in_bytes=2**29,
+    temp_size_in_bytes=2**30,
+  )
+  compiled = SimpleNamespace(memory_analysis=lambda: analysis)
+  with pytest.raises(MemoryError, match=r"1\.5 GiB per device.*Fake GPU has 1\.0 GiB"):
+    train.check_memory(compiled, per_device_batch=256)
+  analysis.temp_size_in_bytes = 2**28
+  train.check_memory(compiled, per_device_batch=256)  # fits: no error
