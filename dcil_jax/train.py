@@ -106,21 +106,28 @@ class TrainState(struct.PyTreeNode):
       )
     if "params" not in variables:
       raise TypeError("`variables` must be a Flax variables dict with a 'params' collection.")
-    # The state owns copies of its buffers: donating it to train_step never deletes `variables`.
-    params, batch_stats = jax.tree.map(
-      jnp.copy, (variables["params"], variables.get("batch_stats"))
-    )
-    abstract_opt_state = jax.eval_shape(tx.init, params)  # which leaves are masked, for free
+    abstract_opt_state = jax.eval_shape(tx.init, variables["params"])  # which leaves are masked
     if method != "dense" and not _has_masks(abstract_opt_state):
       raise ValueError(
         f"method={method!r} needs masks: add dcil_jax.masked_update(...) at the end of the "
         "optax chain."
       )
-    if method == "dcil":
-      params, batch_stats = paths.to_dual_path(
-        params, get_masks(abstract_opt_state), batch_stats, share_non_prunable=share_non_prunable
-      )
-    opt_state = jax.jit(tx.init)(params)  # one compile instead of many small eager ops
+
+    def build(params, batch_stats):
+      if method == "dcil":
+        params, batch_stats = paths.to_dual_path(
+          params,
+          get_masks(abstract_opt_state),
+          batch_stats,
+          share_non_prunable=share_non_prunable,
+        )
+      return params, batch_stats, tx.init(params)
+
+    # One compile instead of many small eager ops; the outputs are new buffers, so donating the
+    # state to train_step never deletes `variables`.
+    params, batch_stats, opt_state = jax.jit(build)(
+      variables["params"], variables.get("batch_stats")
+    )
     state = cls(
       step=jnp.zeros([], jnp.int32),
       params=params,

@@ -135,6 +135,7 @@ SMOKE = [
   "--config.log_every_steps=1",
   "--config.update_every=2",
   "--config.progress=False",
+  "--config.worker_count=0",
 ]
 
 

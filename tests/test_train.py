@@ -169,3 +169,14 @@ def test_bad_batches_are_rejected_before_anything_is_donated(
     assert name and np.isfinite(np.asarray(jax.tree.leaves(state.params)[0])).all()
   state, _ = dcil_jax.train_step(state, tiny_batch)  # the state is still usable
   assert int(state.step) == 1
+
+
+@pytest.mark.parametrize("method", dcil_jax.METHODS)
+def test_donating_the_state_leaves_the_callers_variables_intact(
+  method, tiny_model, tiny_variables, tiny_batch
+):
+  variables = jax.tree.map(jnp.copy, tiny_variables)
+  state = dcil_jax.TrainState.create(tiny_model.apply, variables, make_tx(), method=method)
+  dcil_jax.train_step(state, tiny_batch)
+  assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(variables))
+  tree_allclose(variables, tiny_variables, rtol=0, atol=0)
