@@ -215,3 +215,13 @@ def test_a_step_that_does_not_fit_fails_with_a_clear_message(monkeypatch):
     train.check_memory(compiled, per_device_batch=256)
   analysis.temp_size_in_bytes = 2**28
   train.check_memory(compiled, per_device_batch=256)  # fits: no error
+
+
+@pytest.mark.parametrize("config_module", [cifar, imagenet])
+def test_local_configs_are_short_and_resolve(config_module):
+  full, local = resolved(config_module), resolved(config_module, "local")
+  local_steps = local.num_epochs * local.steps_per_epoch
+  assert local_steps <= 200 and local.batch_size <= 32
+  assert local.ramp_end_epoch <= local.num_epochs and local.model != full.model
+  with pytest.raises(ValueError, match="Unknown"):
+    config_module.get_config("huge")
