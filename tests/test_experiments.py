@@ -225,3 +225,9 @@ def test_local_configs_are_short_and_resolve(config_module):
   assert local.ramp_end_epoch <= local.num_epochs and local.model != full.model
   with pytest.raises(ValueError, match="Unknown"):
     config_module.get_config("huge")
+
+
+def test_default_worker_count_leaves_cores_for_the_step():
+  assert [train.default_worker_count(n) for n in (1, 2, 4, 8, 96, 240)] == [0, 0, 0, 4, 64, 64]
+  assert resolved(cifar).worker_count == train.default_worker_count()
+  assert resolved(cifar, worker_count=3).worker_count == 3

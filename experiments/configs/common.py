@@ -52,7 +52,9 @@ def base_config() -> ConfigDict:
   config.max_eval_steps = config_dict.placeholder(int)  # default: the whole eval split
   config.eval_every_epochs = 1
   config.log_every_steps = 100
-  config.worker_count = 0  # grain worker processes decoding and augmenting
+  # grain worker processes that decode and augment; None: all but 4 cores, at most 64 (0 below
+  # 5 cores: threads in the main process). About 380 ImageNet train images/s per core.
+  config.worker_count = config_dict.placeholder(int)
   config.prefetch = 2  # batches put on the devices ahead of the step
   config.progress = True  # tqdm progress bar (process 0 only)
   return config

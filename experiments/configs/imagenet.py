@@ -21,7 +21,6 @@ def get_config(arg: str | None = None) -> ConfigDict:
   config.dataset = "imagenet2012"
   config.model = "resnet50"
   config.image_size = 224
-  config.worker_count = 8
   config.log_every_steps = 100
   if arg == "local":
     config.model = "resnet18"
