@@ -585,13 +585,6 @@ def create_eval_iterator(
 # Host -> device
 
 
-def to_global_arrays(
-  batch: Mapping[str, np.ndarray], sharding: jax.sharding.NamedSharding
-) -> dict[str, jax.Array]:
-  """Assembles each process's local rows into global arrays sharded along the batch axis."""
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
-
-
 _END = object()
 
 
@@ -603,7 +596,7 @@ def prefetch(iterator: Iterable[T], size: int = 2) -> Iterator[T]:
   """Runs ``iterator`` in a background thread, ``size`` items ahead, so it overlaps the step.
 
   To overlap the host-to-device copy too, prefetch the copies:
-  ``prefetch(map(functools.partial(to_global_arrays, sharding=s), it))``.
+  ``prefetch(dcil_jax.shard_batch(b, mesh) for b in it)``.
   """
   items: queue.Queue = queue.Queue(maxsize=size)
   stop = threading.Event()

@@ -12,7 +12,6 @@ import functools
 import json
 import math
 import os
-import threading
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -96,6 +95,8 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     )
   if config.path_parallel and config.method != "dcil":
     problems.append("path_parallel runs DCIL's two paths on two devices; it needs method='dcil'")
+  if config.prefetch < 1:
+    problems.append(f"prefetch must be >= 1 batch, got {config.prefetch}")
   if config.worker_count < 0:
     problems.append(f"worker_count must be >= 0, got {config.worker_count}")
   if config.update_every <= 0 or config.eval_every_epochs <= 0 or config.log_every_steps <= 0:
@@ -211,31 +212,6 @@ def evaluate(
   return results
 
 
-def prefetch(iterator: Iterator[Any], size: int) -> Iterator[Any]:
-  """Runs ``iterator`` (host input + transfer to devices) ``size`` items ahead in a thread."""
-  if size <= 0:
-    yield from iterator
-    return
-  import queue
-
-  items: queue.Queue = queue.Queue(maxsize=size)
-  done = object()
-
-  def produce():
-    try:
-      for item in iterator:
-        items.put(item)
-    except BaseException as e:  # re-raised in the consumer
-      items.put(e)
-    items.put(done)
-
-  threading.Thread(target=produce, daemon=True).start()
-  while (item := items.get()) is not done:
-    if isinstance(item, BaseException):
-      raise item
-    yield item
-
-
 def _mean_metrics(history: list[dict[str, Any]]) -> dict[str, float]:
   """Averages a window of step metrics; the flip rate only over steps that refreshed masks."""
   stacked = {k: np.stack([np.asarray(h[k]) for h in history]) for k in history[0]}
@@ -275,7 +251,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state = create_train_state(config, mesh, steps_per_epoch)
   num_params = sum(x.size for x in jax.tree.leaves(dcil_jax.export_variables(state)["params"]))
   dtype = np.dtype(DTYPES[config.dtype])
-  train_batches = prefetch(
+  train_batches = input_pipeline.prefetch(
     (
       sharding.shard_batch(batch, mesh)
       for batch in input_pipeline.create_train_iterator(

@@ -16,6 +16,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+import dcil_jax
 from experiments import input_pipeline as ip
 
 CIFAR = ip.DATASETS["cifar10"]
@@ -348,16 +349,16 @@ def test_missing_data_says_how_to_prepare_it(tmp_path):
 # Host -> device
 
 
-def test_to_global_arrays_and_prefetch():
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+def test_prefetch_of_device_batches():
+  mesh = dcil_jax.make_mesh()
   batches = [
     {"image": np.full((2, 3, 3, 3), i, np.float32), "label": np.arange(2) + i} for i in range(5)
   ]
-  out = list(ip.prefetch(ip.to_global_arrays(b, sharding) for b in batches))
+  out = list(ip.prefetch(dcil_jax.shard_batch(b, mesh) for b in batches))
   assert len(out) == 5
   for i, b in enumerate(out):
-    assert isinstance(b["image"], jax.Array) and b["image"].sharding == sharding
+    assert isinstance(b["image"], jax.Array)
+    assert b["image"].sharding == dcil_jax.sharding.batch_sharding(mesh)
     np.testing.assert_array_equal(b["label"], np.arange(2) + i)
 
   def failing():
