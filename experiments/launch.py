@@ -51,14 +51,17 @@ def define_flags(config_file: str) -> None:
   flags.mark_flags_as_required(["workdir"])
 
 
-def wants_distributed(setting: str, accelerator: str | None) -> bool:
-  if setting != "auto":
-    return setting == "true"
-  if accelerator == "tpu":
-    return True
+def multi_process_env() -> bool:
+  """Whether the environment says this is one of several processes."""
   if os.environ.get("JAX_COORDINATOR_ADDRESS"):
     return True
   return any(int(os.environ.get(v) or 1) > 1 for v in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
+
+
+def wants_distributed(setting: str, accelerator: str | None) -> bool:
+  if setting != "auto":
+    return setting == "true"
+  return accelerator == "tpu" or multi_process_env()
 
 
 def select_platform(accelerator: str | None) -> None:
@@ -91,11 +94,19 @@ def initialize_distributed(setting: str, accelerator: str | None) -> None:
 
   if not wants_distributed(setting, accelerator):
     return
+  # TPU pods, SLURM and Open MPI are detected by JAX; elsewhere (e.g. plain GPU hosts) set
+  # JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID on every host.
+  explicit = {
+    "num_processes": os.environ.get("JAX_NUM_PROCESSES"),
+    "process_id": os.environ.get("JAX_PROCESS_ID"),
+  }
+  kwargs = {k: int(v) for k, v in explicit.items() if v}
   try:
-    jax.distributed.initialize()  # auto-detects TPU pods, SLURM, Open MPI, or JAX_COORDINATOR_*
+    jax.distributed.initialize(**kwargs)
   except (RuntimeError, ValueError) as e:
-    if setting == "true":
-      raise
+    if setting == "true" or multi_process_env():
+      raise  # several processes training alone would each write as process 0
+    # A single TPU VM outside a pod slice has nothing to connect to.
     logging.warning("Running as a single process: jax.distributed.initialize() failed: %s", e)
 
 
