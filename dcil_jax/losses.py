@@ -50,24 +50,21 @@ def distillation_kl(student: jax.Array, teacher: jax.Array, temperature: float) 
   return t**2 * jnp.mean(jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1))
 
 
-def dual_path_weights(params: Any, masks: Any) -> Any:
-  """Forward weights of both paths, stacked on axis 0.
+def path_weights(params: Any, masks: Any, path: int | jax.Array) -> Any:
+  """Forward weights of one path (``path`` may be traced: 0 = sparse, 1 = dense).
 
-  Prunable kernels become ``[W⊙M, sg(W⊙M) + W⊙(1−M)]``: the sparse path's gradient reaches only
-  kept weights, the dense path's only pruned ones, which is the refined gradient
-  ``M⊙g_sparse + (1−M)⊙g_dense`` with no custom VJP. ``PerPath`` leaves are unboxed; any other
-  shared leaf is used by both paths.
+  Prunable kernels become ``W⊙M`` on the sparse path and ``sg(W⊙M) + W⊙(1−M)`` on the dense
+  path: the sparse path's gradient reaches only kept weights, the dense path's only pruned ones,
+  which is the refined gradient ``M⊙g_sparse + (1−M)⊙g_dense`` with no custom VJP. Every other
+  leaf (this path's own copy, or a leaf both paths share) is used as it is.
   """
-  masks_lib.check_masks(masks, params)
 
   def leaf(m, p):
-    if paths.is_per_path(p):
-      return p.value
     if m is None:
-      return jnp.stack([p] * paths.NUM_PATHS)
+      return p
     sparse = jnp.where(m, p, jnp.zeros_like(p))
     dense = jax.lax.stop_gradient(sparse) + jnp.where(m, jnp.zeros_like(p), p)
-    return jnp.stack([sparse, dense])
+    return jnp.where(path == paths.SPARSE, sparse, dense)
 
   return jax.tree.map(leaf, masks, params, is_leaf=lambda x: x is None)
 
@@ -106,14 +103,24 @@ def dcil_loss(
     sparse, dense; ``kl[0]`` pulls the sparse path towards the dense one) and the new
     ``batch_stats`` (dual-path).
   """
+  masks_lib.check_masks(masks, params)
   x, y = batch["image"], batch["label"]
-  weights = dual_path_weights(params, masks)
+  own, shared = paths.split_per_path(params)
   stats = paths.unbox(batch_stats)  # None (no BatchNorm) is an empty pytree: mapped like any other
 
-  def forward(w, s, x):
-    return apply_train(apply_fn, w, s, x, rngs)
+  # Each path builds its own forward weights from the shared kernels and masks, so on a `path`
+  # mesh axis every device computes only its path's weights, with no resharding.
+  def forward(path, own, s, shared, masks, x):
+    weights = path_weights(paths.merge_per_path(own, shared), masks, path)
+    return apply_train(apply_fn, weights, s, x, rngs)
 
-  logits, new_stats = paths.map_paths(forward, (weights, stats), (x,), strategy=strategy, mesh=mesh)
+  logits, new_stats = paths.map_paths(
+    forward,
+    (jnp.arange(paths.NUM_PATHS), own, stats),
+    (shared, masks, x),
+    strategy=strategy,
+    mesh=mesh,
+  )
   z_s, z_d = logits[paths.SPARSE], logits[paths.DENSE]
   ce = jnp.stack([cross_entropy(z_s, y), cross_entropy(z_d, y)])
   kl = jnp.stack([distillation_kl(z_s, z_d, temperature), distillation_kl(z_d, z_s, temperature)])

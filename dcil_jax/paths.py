@@ -77,6 +77,19 @@ def box(tree: Any) -> Any:
   return jax.tree.map(PerPath, tree)
 
 
+def split_per_path(tree: Any) -> tuple[Any, Any]:
+  """``(own, shared)``: the stacked values of the :class:`PerPath` leaves (``None`` elsewhere),
+  and the shared leaves (``None`` where a leaf is per path)."""
+  own = jax.tree.map(lambda x: x.value if is_per_path(x) else None, tree, is_leaf=is_per_path)
+  shared = jax.tree.map(lambda x: None if is_per_path(x) else x, tree, is_leaf=is_per_path)
+  return own, shared
+
+
+def merge_per_path(own: Any, shared: Any) -> Any:
+  """Inverse of :func:`split_per_path` for one path: its own leaves where it has them."""
+  return jax.tree.map(lambda o, s: s if o is None else o, own, shared, is_leaf=lambda x: x is None)
+
+
 def path_mesh(devices: Any = None) -> Mesh:
   """A 1-D mesh with a ``path`` axis of size 2, for ``strategy="sharded"``."""
   devices = jax.devices() if devices is None else list(devices)
