@@ -632,3 +632,4 @@ def prefetch(iterator: Iterable[T], size: int = 2) -> Iterator[T]:
       yield item
   finally:
     stop.set()
+    thread.join(timeout=60)  # the producer stops after its current item

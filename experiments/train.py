@@ -251,20 +251,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state = create_train_state(config, mesh, steps_per_epoch)
   num_params = sum(x.size for x in jax.tree.leaves(dcil_jax.export_variables(state)["params"]))
   dtype = np.dtype(DTYPES[config.dtype])
+  train_iterator = input_pipeline.create_train_iterator(
+    config.dataset,
+    global_batch_size=config.batch_size,
+    seed=config.seed,
+    data_dir=config.data_dir,
+    image_size=config.image_size,
+    dtype=dtype,
+    worker_count=config.worker_count,
+  )
   train_batches = input_pipeline.prefetch(
-    (
-      sharding.shard_batch(batch, mesh)
-      for batch in input_pipeline.create_train_iterator(
-        config.dataset,
-        global_batch_size=config.batch_size,
-        seed=config.seed,
-        data_dir=config.data_dir,
-        image_size=config.image_size,
-        dtype=dtype,
-        worker_count=config.worker_count,
-      )
-    ),
-    config.prefetch,
+    (sharding.shard_batch(batch, mesh) for batch in train_iterator), config.prefetch
   )
 
   def eval_batches() -> Iterator[dict[str, jax.Array]]:
@@ -276,10 +273,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       dtype=dtype,
       worker_count=config.worker_count,
     )
-    for i, batch in enumerate(it):
-      if config.max_eval_steps is not None and i >= config.max_eval_steps:
-        break
-      yield sharding.shard_batch(batch, mesh)
+    try:
+      for i, batch in enumerate(it):
+        if config.max_eval_steps is not None and i >= config.max_eval_steps:
+          break
+        yield sharding.shard_batch(batch, mesh)
+    finally:
+      _close(it)
 
   if lead:
     print(
@@ -289,51 +289,57 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       f"mesh {dict(mesh.shape)}, strategy={state.strategy}, dtype={config.dtype}"
     )
 
-  lr_fn = learning_rate_schedule(config, steps_per_epoch)
-  evals, refresh_flips, window = [], [], []
-  progress = _progress(num_steps, enabled=lead and config.progress)
-  first = next(train_batches)
-  # Compile once up front: a step that cannot fit in device memory fails here, clearly.
-  step_fn = dcil_jax.train_step.lower(state, first).compile()
-  check_memory(step_fn, config.batch_size // ways)
-  timer_start, timed_images = None, 0
-  for step in range(1, num_steps + 1):
-    batch = first if step == 1 else next(train_batches)
-    state, metrics = step_fn(state, batch)
-    if step == 1:  # throughput from here on, without the compilation
-      jax.block_until_ready(metrics)
-      timer_start = time.perf_counter()
-    else:
-      timed_images += config.batch_size
-    window.append(metrics)
-    progress.update(1)
-    if step % config.log_every_steps == 0 or step == num_steps:
-      history = jax.device_get(window)
-      window = []
-      refresh_flips += [
-        (step - len(history) + 1 + i, float(h["flip_rate"]))
-        for i, h in enumerate(history)
-        if h.get("mask_refreshed", False)
-      ]
-      scalars = _mean_metrics(history)
-      scalars["learning_rate"] = float(lr_fn(step - 1))
-      if timed_images:
-        scalars["images_per_second"] = timed_images / (time.perf_counter() - timer_start)
-      writer.write(step, "train", scalars)
-      progress.set_postfix(
-        loss=f"{scalars['loss']:.3f}", acc=f"{scalars['accuracy_sparse']:.3f}", refresh=False
-      )
-      if not np.isfinite(scalars["loss"]):
-        raise FloatingPointError(f"The training loss is {scalars['loss']} at step {step}.")
-    if step % eval_every == 0 or step == num_steps:
-      result = evaluate(state, eval_batches()) | {"step": step, "epoch": step / steps_per_epoch}
-      evals.append(result)
-      writer.write(step, "eval", {k: v for k, v in result.items() if k != "step"})
-      if lead:
-        progress.write(_format_eval(result))
-  progress.close()
-  jax.block_until_ready(state)
-  train_seconds = time.perf_counter() - timer_start
+  try:
+    lr_fn = learning_rate_schedule(config, steps_per_epoch)
+    evals, refresh_flips, window = [], [], []
+    progress = _progress(num_steps, enabled=lead and config.progress)
+    first = next(train_batches)
+    # Compile once up front: a step that cannot fit in device memory fails here, clearly.
+    step_fn = dcil_jax.train_step.lower(state, first).compile()
+    check_memory(step_fn, config.batch_size // ways)
+    timer_start, timed_images = None, 0
+    for step in range(1, num_steps + 1):
+      batch = first if step == 1 else next(train_batches)
+      state, metrics = step_fn(state, batch)
+      if step == 1:  # throughput from here on, without the compilation
+        jax.block_until_ready(metrics)
+        timer_start = time.perf_counter()
+      else:
+        timed_images += config.batch_size
+      window.append(metrics)
+      progress.update(1)
+      if step % config.log_every_steps == 0 or step == num_steps:
+        history = jax.device_get(window)
+        window = []
+        refresh_flips += [
+          (step - len(history) + 1 + i, float(h["flip_rate"]))
+          for i, h in enumerate(history)
+          if h.get("mask_refreshed", False)
+        ]
+        scalars = _mean_metrics(history)
+        scalars["learning_rate"] = float(lr_fn(step - 1))
+        if timed_images:
+          scalars["images_per_second"] = timed_images / (time.perf_counter() - timer_start)
+        writer.write(step, "train", scalars)
+        progress.set_postfix(
+          loss=f"{scalars['loss']:.3f}", acc=f"{scalars['accuracy_sparse']:.3f}", refresh=False
+        )
+        if not np.isfinite(scalars["loss"]):
+          raise FloatingPointError(f"The training loss is {scalars['loss']} at step {step}.")
+      if step % eval_every == 0 or step == num_steps:
+        result = evaluate(state, eval_batches()) | {"step": step, "epoch": step / steps_per_epoch}
+        evals.append(result)
+        writer.write(step, "eval", {k: v for k, v in result.items() if k != "step"})
+        if lead:
+          progress.write(_format_eval(result))
+    progress.close()
+    jax.block_until_ready(state)
+    train_seconds = time.perf_counter() - timer_start
+  finally:
+    # Stop the input threads (and worker processes) before the interpreter exits: a thread
+    # killed inside JAX or grain at exit aborts the process.
+    train_batches.close()
+    _close(train_iterator)
 
   summary = _summary(config, state, evals, refresh_flips, num_params, steps_per_epoch)
   # Eval time is included; the first step (compilation) is not.
@@ -398,6 +404,13 @@ def _summary(config, state, evals, refresh_flips, num_params, steps_per_epoch) -
       "refreshes": len(refresh_flips),
     }
   return summary
+
+
+def _close(iterator: Any) -> None:
+  """Closes a grain iterator (its reader threads and worker processes), if it can be closed."""
+  close = getattr(iterator, "close", None)
+  if close is not None:
+    close()
 
 
 def _layer_name(keystr: str) -> str:
