@@ -32,8 +32,14 @@ from experiments.metric_writers import MetricWriter
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def resolve_config(
+  config: ml_collections.ConfigDict, data_parallelism: int = 1
+) -> ml_collections.ConfigDict:
   """A copy of ``config`` with the recipe's values filled in, checked for sense.
+
+  ``per_device_batch_size``, when set, gives ``batch_size`` = it × ``data_parallelism`` (the
+  devices the batch is split over); a recipe that scales its learning rate with the batch
+  (ImageNet) follows.
 
   Raises:
     ValueError: with what is wrong and how to fix it, for any setting that cannot work.
@@ -48,6 +54,13 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   dcil_jax.train.check_method(config.method)
   recipe = recipes.recipe_for(config.recipe, config.model)
   with config.unlocked():
+    if config.per_device_batch_size is not None:
+      if config.batch_size is not None:
+        raise ValueError(
+          f"Set batch_size ({config.batch_size}, global) or per_device_batch_size "
+          f"({config.per_device_batch_size}), not both."
+        )
+      config.batch_size = config.per_device_batch_size * data_parallelism
     for name in recipes.RECIPE_FIELDS:
       if config[name] is None:
         config[name] = recipe[name]
@@ -227,10 +240,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Writes ``config.json``, ``metrics.jsonl``, TensorBoard events and ``summary.json`` to
   ``workdir`` (from process 0 only).
   """
-  config = resolve_config(config)
   lead = jax.process_index() == 0
   mesh = sharding.make_mesh(path_parallel=config.path_parallel)
   ways, hosts = sharding.data_parallelism(mesh), jax.process_count()
+  config = resolve_config(config, data_parallelism=ways)
   if config.batch_size % ways or config.batch_size % hosts:
     raise ValueError(
       f"batch_size={config.batch_size} must split evenly over the {ways} data-parallel devices "
@@ -285,7 +298,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     print(
       f"{config.model} ({num_params:,} params) on {config.dataset}, method={config.method}, "
       f"sparsity={config.sparsity}, {num_steps} steps ({steps_per_epoch}/epoch), "
-      f"batch {config.batch_size} on {jax.device_count()} {jax.default_backend()} device(s), "
+      f"batch {config.batch_size} ({config.batch_size // ways} per device) on "
+      f"{jax.device_count()} {jax.default_backend()} device(s), "
       f"mesh {dict(mesh.shape)}, strategy={state.strategy}, dtype={config.dtype}"
     )
 

@@ -19,11 +19,7 @@ ROOT = Path(__file__).parent.parent
 
 
 def resolved(config_module, arg=None, **overrides):
-  config = config_module.get_config(arg)
-  with config.unlocked():
-    for name, value in overrides.items():
-      config[name] = value
-  return train.resolve_config(config)
+  return train.resolve_config(_with(config_module.get_config(arg), **overrides))
 
 
 def lr_at_epochs(config, epochs, steps_per_epoch=100):
@@ -282,3 +278,18 @@ def test_two_processes_train_like_one(tmp_path):
     for key in ("loss", "sparsity", "top1", "top5", "dense_top1", "examples"):
       if key in b:
         np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+def test_per_device_batch_sets_the_global_batch_and_the_scaled_lr():
+  config = train.resolve_config(_with(imagenet.get_config(), per_device_batch_size=128), 8)
+  assert config.batch_size == 1024
+  assert lr_at_epochs(config, [5])[0] == pytest.approx(0.4)
+  with pytest.raises(ValueError, match="not both"):
+    train.resolve_config(_with(cifar.get_config(), per_device_batch_size=16, batch_size=64), 2)
+
+
+def _with(config, **overrides):
+  with config.unlocked():
+    for name, value in overrides.items():
+      config[name] = value
+  return config

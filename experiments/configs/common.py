@@ -43,6 +43,8 @@ def base_config() -> ConfigDict:
   for name, kind in types.items():
     setattr(config, name, config_dict.placeholder(kind))
 
+  # Instead of batch_size: this many examples per data-parallel device (batch_size follows).
+  config.per_device_batch_size = config_dict.placeholder(int)
   config.dtype = config_dict.placeholder(str)  # compute dtype; default: by --accelerator
   config.path_parallel = False  # DCIL: a mesh axis of 2 devices, one path each
   config.strategy = config_dict.placeholder(str)  # path strategy: unrolled | vmap | sharded
