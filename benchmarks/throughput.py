@@ -123,18 +123,7 @@ def synthetic_batches(config: ml_collections.ConfigDict, mesh: Any) -> Iterator[
 
 def pipeline_batches(config: ml_collections.ConfigDict, mesh: Any) -> Iterator[dict]:
   """The training loop's input: train iterator -> ``shard_batch`` -> ``prefetch`` thread."""
-  iterator = input_pipeline.create_train_iterator(
-    config.dataset,
-    global_batch_size=config.batch_size,
-    seed=config.seed,
-    data_dir=config.data_dir,
-    image_size=config.image_size,
-    dtype=np.dtype(xtrain.DTYPES[config.dtype]),
-    worker_count=config.worker_count,
-  )
-  return input_pipeline.prefetch(
-    (sharding.shard_batch(batch, mesh) for batch in iterator), config.prefetch
-  )
+  return xtrain.create_train_input(config, mesh)[1]
 
 
 # --------------------------------------------------------------------------------------------

@@ -188,6 +188,26 @@ def create_train_state(
   )
 
 
+def create_train_input(
+  config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+) -> tuple[Any, Iterator[dict[str, jax.Array]]]:
+  """``(iterator, batches)``: the grain train iterator (close it when done; its position is
+  what a checkpoint saves) and its batches on the mesh, prefetched by a thread."""
+  iterator = input_pipeline.create_train_iterator(
+    config.dataset,
+    global_batch_size=config.batch_size,
+    seed=config.seed,
+    data_dir=config.data_dir,
+    image_size=config.image_size,
+    dtype=np.dtype(DTYPES[config.dtype]),
+    worker_count=config.worker_count,
+  )
+  batches = input_pipeline.prefetch(
+    (sharding.shard_batch(batch, mesh) for batch in iterator), config.prefetch
+  )
+  return iterator, batches
+
+
 @functools.partial(jax.jit, static_argnames="path")
 def eval_counts(state: dcil_jax.TrainState, batch: dict[str, jax.Array], path: str = "sparse"):
   """Summed loss and top-1/top-5 hits of one exported path over the unpadded examples."""
@@ -264,18 +284,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state = create_train_state(config, mesh, steps_per_epoch)
   num_params = sum(x.size for x in jax.tree.leaves(dcil_jax.export_variables(state)["params"]))
   dtype = np.dtype(DTYPES[config.dtype])
-  train_iterator = input_pipeline.create_train_iterator(
-    config.dataset,
-    global_batch_size=config.batch_size,
-    seed=config.seed,
-    data_dir=config.data_dir,
-    image_size=config.image_size,
-    dtype=dtype,
-    worker_count=config.worker_count,
-  )
-  train_batches = input_pipeline.prefetch(
-    (sharding.shard_batch(batch, mesh) for batch in train_iterator), config.prefetch
-  )
+  train_iterator, train_batches = create_train_input(config, mesh)
 
   def eval_batches() -> Iterator[dict[str, jax.Array]]:
     it = input_pipeline.create_eval_iterator(
