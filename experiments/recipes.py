@@ -26,8 +26,8 @@ RECIPE_FIELDS = (
 )
 
 RECIPES: dict[str, dict[str, Any]] = {
-  # ResNet-20/32/56 (and VGG-16, which the official scripts train the same way): SGD Nesterov
-  # 0.9, lr 0.2 after a linear warm-up from 0.1 over 5 epochs, x0.1 at 150 and 225 of 300.
+  # ResNet-20/32/56: SGD Nesterov 0.9, lr 0.2 after a linear warm-up from 0.1 over 5 epochs,
+  # x0.1 at 150 and 225 of 300. The official code has no VGG; VGG-16 is trained the same way.
   "cifar_resnet": dict(
     num_epochs=300,
     batch_size=128,
