@@ -20,8 +20,9 @@ ACCELERATOR_DEFAULTS = {
   "gpu": {"dtype": "bfloat16"},
   "cpu": {"dtype": "float32"},
 }
-# jax_platforms values for each accelerator.
-PLATFORMS = {"tpu": "tpu", "gpu": "cuda,rocm", "cpu": "cpu"}
+# jax_platforms values. None for gpu: naming "cuda,rocm" (or the "gpu" alias) fails on any
+# machine that lacks one of them, so the GPU is found by JAX's own search and then checked.
+PLATFORMS = {"tpu": "tpu", "gpu": None, "cpu": "cpu"}
 
 
 def define_flags(config_file: str) -> None:
@@ -68,7 +69,7 @@ def select_platform(accelerator: str | None) -> None:
   """Points JAX at ``accelerator`` (before any backend starts)."""
   import jax
 
-  if accelerator is not None:
+  if accelerator is not None and PLATFORMS[accelerator]:
     jax.config.update("jax_platforms", PLATFORMS[accelerator])
 
 
@@ -85,7 +86,14 @@ def started_platform(accelerator: str | None) -> str:
       "matching JAX build (jax[tpu] on a TPU VM, jax[cuda12] for NVIDIA GPUs), or pick another "
       "--accelerator."
     ) from e
-  return "gpu" if backend in ("cuda", "rocm", "gpu") else backend
+  platform = "gpu" if backend in ("cuda", "rocm", "gpu") else backend
+  if accelerator is not None and platform != accelerator:
+    raise RuntimeError(
+      f"--accelerator={accelerator} but JAX found no {accelerator} (it runs on {platform}). "
+      "Install the matching JAX build (jax[cuda12] for NVIDIA GPUs, jax[tpu] on a TPU VM), or "
+      "pick another --accelerator."
+    )
+  return platform
 
 
 def initialize_distributed(setting: str, accelerator: str | None) -> None:

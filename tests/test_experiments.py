@@ -293,3 +293,15 @@ def _with(config, **overrides):
     for name, value in overrides.items():
       config[name] = value
   return config
+
+
+def test_an_accelerator_that_is_not_there_is_named_in_the_error():
+  import jax
+
+  from experiments import launch
+
+  if jax.default_backend() != "cpu":
+    pytest.skip("needs a machine without an accelerator, as CI")
+  with pytest.raises(RuntimeError, match="--accelerator=gpu but JAX found no gpu"):
+    launch.started_platform("gpu")
+  assert launch.started_platform("cpu") == "cpu"
