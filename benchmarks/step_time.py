@@ -151,16 +151,44 @@ def quantiles(times: list[float]) -> dict[str, float]:
   return {"median_s": float(med), "q25_s": float(q25), "q75_s": float(q75), "iqr_s": q75 - q25}
 
 
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2}
+DTYPE_BYTES |= {"f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?\S+ = (.*?)\b([a-z][a-z0-9-]*)\(")
+_ARRAY = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
+
+
+def collective_stats(text: str) -> dict[str, dict[str, float]]:
+  """Collectives of an optimized HLO module: count and result megabytes per kind.
+
+  Collectives with tuple results (``(f32[..], f32[..]) all-reduce(...)``, what XLA's
+  combiners make) are counted too.
+  """
+  counts: Counter = Counter()
+  megabytes: Counter = Counter()
+  for line in text.splitlines():
+    match = _INSTRUCTION.match(line)
+    if not match:
+      continue
+    kind = match.group(2).removesuffix("-start")
+    if kind not in COLLECTIVES:
+      continue
+    counts[kind] += 1
+    for dtype, dims in _ARRAY.findall(match.group(1)):
+      size = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
+      megabytes[kind] += size * DTYPE_BYTES.get(dtype, 4) / MB
+  return {"counts": dict(counts), "megabytes": dict(megabytes)}
+
+
 def hlo_stats(text: str) -> dict[str, Any]:
   """Convolutions (and how many are grouped) and collectives in an optimized HLO module."""
   convs = re.findall(r"= \S+ convolution\(.*", text)
   grouped = [c for c in convs if "feature_group_count=" in c or "batch_group_count=" in c]
-  collectives = Counter(re.findall(r"= \S+ (" + "|".join(COLLECTIVES) + r")(?:-start)?\(", text))
+  collectives = collective_stats(text)["counts"]
   partitions = re.search(r"num_partitions=(\d+)", text)
   return {
     "convolutions": len(convs),
     "grouped_convolutions": len(grouped),
-    "collectives": dict(collectives),
+    "collectives": collectives,
     "num_partitions": int(partitions.group(1)) if partitions else 1,
   }
 

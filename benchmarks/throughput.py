@@ -36,12 +36,10 @@ import gc
 import itertools
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -150,34 +148,6 @@ class Item:
     return (time.perf_counter() - start) / steps, wait / steps
 
 
-DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2}
-DTYPE_BYTES |= {"f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?\S+ = (.*?)\b([a-z][a-z0-9-]*)\(")
-_ARRAY = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
-
-
-def collective_stats(text: str) -> dict[str, dict[str, float]]:
-  """Collectives of an optimized HLO module: count and result megabytes per kind.
-
-  Unlike ``benchmarks.step_time.hlo_stats`` this also counts collectives with tuple results
-  (``(f32[..], f32[..]) all-reduce(...)``, what XLA's combiners make), which that regex misses.
-  """
-  counts: Counter = Counter()
-  megabytes: Counter = Counter()
-  for line in text.splitlines():
-    match = _INSTRUCTION.match(line)
-    if not match:
-      continue
-    kind = match.group(2).removesuffix("-start")
-    if kind not in st.COLLECTIVES:
-      continue
-    counts[kind] += 1
-    for dtype, dims in _ARRAY.findall(match.group(1)):
-      size = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
-      megabytes[kind] += size * DTYPE_BYTES.get(dtype, 4) / MB
-  return {"counts": dict(counts), "megabytes": dict(megabytes)}
-
-
 def prepare(
   label: str,
   config: ml_collections.ConfigDict,
@@ -214,7 +184,7 @@ def prepare(
   } | extra
   text = compiled.as_text()
   record["hlo"] = st.hlo_stats(text)
-  record["collectives"] = collective_stats(text)
+  record["collectives"] = st.collective_stats(text)
   item = Item(state, compiled, itertools.chain([first], batches), record)
   warmup = [item.run(1)[0] for _ in range(args.warmup)]
   warmup += [item.run(args.steps_per_round)[0]]  # the estimate, at the timed stride
