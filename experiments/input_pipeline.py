@@ -71,14 +71,27 @@ class DatasetInfo(NamedTuple):
   std: tuple[float, float, float]
   needs_manual_download: bool = False
   jpeg_bytes: bool = False  # read undecoded JPEG bytes and decode in the pipeline
-  preprocessing: str = "cifar"  # "cifar": pad-crop + flip; "imagenet": random-resized crop + flip
+  # "cifar": pad-crop + flip; "imagenet": random-resized crop + flip; "none": as stored
+  preprocessing: str = "cifar"
+  channels: int = 3
 
+
+# scikit-learn's 8x8 digits, the real images that ship offline (``pip install scikit-learn``):
+# a fixed stratified 80/20 split, pixels 0..16 scaled to uint8, no augmentation (a flipped digit
+# is another digit). Mean and std are those of the train split (tests/test_input_pipeline.py).
+DIGITS_MEAN = (0.30543,)
+DIGITS_STD = (0.37596,)
+DIGITS_SPLIT_SEED = 0
+DIGITS_TEST_FRACTION = 0.2
 
 DATASETS: dict[str, DatasetInfo] = {
   "cifar10": DatasetInfo(10, 32, "train", "test", CIFAR_MEAN, CIFAR_STD),
   "cifar100": DatasetInfo(100, 32, "train", "test", CIFAR_MEAN, CIFAR_STD),
   "imagenet2012": DatasetInfo(
     1000, 224, "train", "validation", IMAGENET_MEAN, IMAGENET_STD, True, True, "imagenet"
+  ),
+  "digits": DatasetInfo(
+    10, 8, "train", "test", DIGITS_MEAN, DIGITS_STD, preprocessing="none", channels=1
   ),
 }
 
@@ -145,6 +158,8 @@ def data_source(dataset: str, split: str, data_dir: str | None = None) -> Sequen
       message says what to download and the command that prepares the files.
   """
   info = get_info(dataset)
+  if dataset == "digits":
+    return digits_source(split)
   decoders = {"image": tfds.decode.SkipDecoding()} if info.jpeg_bytes else None
   try:
     source = tfds.data_source(
@@ -176,6 +191,30 @@ def data_source(dataset: str, split: str, data_dir: str | None = None) -> Sequen
       logging.info("%s: SkipDecoding needs TensorFlow on generated records; decoding in TFDS.", e)
       source = tfds.data_source(dataset, split=split, data_dir=data_dir, download=False)
   return source
+
+
+@functools.lru_cache(maxsize=2)
+def digits_source(split: str) -> list[Record]:
+  """scikit-learn's digits as TFDS-style records: ``image`` uint8 [8, 8, 1] and ``label``.
+
+  The same fixed stratified split for every run and seed (``DIGITS_SPLIT_SEED``).
+  """
+  if split not in ("train", "test"):
+    raise ValueError(f"digits has splits 'train' and 'test', got {split!r}.")
+  from sklearn.datasets import load_digits
+  from sklearn.model_selection import train_test_split
+
+  digits = load_digits()
+  images = np.round(digits.images * (255 / 16)).astype(np.uint8)[..., None]
+  train_x, test_x, train_y, test_y = train_test_split(
+    images,
+    digits.target,
+    test_size=DIGITS_TEST_FRACTION,
+    random_state=DIGITS_SPLIT_SEED,
+    stratify=digits.target,
+  )
+  x, y = (train_x, train_y) if split == "train" else (test_x, test_y)
+  return [{"image": image, "label": np.int64(label)} for image, label in zip(x, y)]
 
 
 def num_examples(dataset: str, split: str, data_dir: str | None = None) -> int:
@@ -339,9 +378,11 @@ def preprocess(
   image_size: int,
   dtype: Any = np.float32,
 ) -> dict[str, np.ndarray]:
-  """One TFDS record to ``{"image": [H, W, 3] dtype, "label": int32}``."""
+  """One TFDS record to ``{"image": [H, W, C] dtype, "label": int32}``."""
   image = record["image"]
-  if info.preprocessing == "cifar":  # augment at the native size
+  if info.preprocessing == "none":
+    image = np.asarray(image)
+  elif info.preprocessing == "cifar":  # augment at the native size
     image = np.asarray(image)
     if train:
       image = cifar_train_augment(image, rng)
@@ -482,7 +523,8 @@ class _EvalElement:
   def __call__(self, j: int, _: Any) -> dict[str, np.ndarray]:
     i = self.layout.position(j, self.steps)
     if i >= self.layout.num_records:
-      image = np.zeros((self.image_size, self.image_size, 3), self.dtype)
+      shape = (self.image_size, self.image_size, self.info.channels)
+      image = np.zeros(shape, self.dtype)
       return {"image": image, "label": np.int32(0), "mask": np.bool_(False)}
     out = preprocess(
       self.source[i], self.info, train=False, rng=None, image_size=self.image_size, dtype=self.dtype
@@ -509,8 +551,11 @@ def _to_iterator(ds: grain.MapDataset, worker_count: int) -> grain.DatasetIterat
 def _resolve(dataset: str, image_size: int | None) -> tuple[DatasetInfo, int]:
   info = get_info(dataset)
   image_size = info.image_size if image_size is None else image_size
-  if info.preprocessing == "cifar" and image_size != info.image_size:
-    raise ValueError(f"{dataset} images are 32x32; image_size={image_size} is not supported.")
+  if info.preprocessing != "imagenet" and image_size != info.image_size:
+    size = info.image_size
+    raise ValueError(
+      f"{dataset} images are {size}x{size}; image_size={image_size} is not supported."
+    )
   return info, image_size
 
 

@@ -24,7 +24,7 @@ import optax
 from etils import epath
 
 import dcil_jax
-from dcil_jax import sharding
+from dcil_jax import sharding, stability
 from dcil_jax.models import MODELS, create_model
 from experiments import input_pipeline, recipes
 from experiments.metric_writers import MetricWriter
@@ -173,7 +173,8 @@ def create_train_state(
   info = input_pipeline.DATASETS[config.dataset]
   model = create_model(config.model, info.num_classes, dtype=DTYPES[config.dtype])
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  dummy = jnp.zeros((1, config.image_size, config.image_size, 3), DTYPES[config.dtype])
+  shape = (1, config.image_size, config.image_size, info.channels)
+  dummy = jnp.zeros(shape, DTYPES[config.dtype])
   variables = jax.jit(functools.partial(model.init, train=False))(init_rng, dummy)
   return dcil_jax.TrainState.create(
     model.apply,
@@ -245,6 +246,41 @@ def evaluate(
   return results
 
 
+@jax.jit
+def track_refresh(
+  tracker: stability.RevivalTracker, state: dcil_jax.TrainState, refreshed: jax.Array
+) -> tuple[stability.RevivalTracker, dict[str, Any]]:
+  """Mask churn of the refresh the last step made (``state.trained_masks`` -> ``state.masks``)
+  if it made one (``refreshed``, the step's ``mask_refreshed`` metric).
+
+  Runs on the devices, without a host sync; the loop fetches the results when it logs.
+  """
+
+  def measure(tracker):
+    old, new = state.trained_masks, state.masks
+    tracker = tracker.update(old, new)
+    return tracker, {
+      "flip_rate": dcil_jax.flip_rate(old, new),
+      "revived": stability.fraction(stability.revived(old, new)),
+      "ever_revived": tracker.ever_revived_fraction,
+      "layer_flip_rate": stability.layer_flip_rates(old, new),
+    }
+
+  skip = lambda tracker: (
+    tracker,
+    jax.tree.map(jnp.zeros_like, jax.eval_shape(measure, tracker)[1]),
+  )
+  tracker, result = jax.lax.cond(refreshed, measure, skip, tracker)
+  return tracker, result | {"refreshed": refreshed}
+
+
+def _refresh_scalars(result: dict[str, Any]) -> dict[str, float]:
+  """A :func:`track_refresh` result as flat scalars (``flip_rate/<layer>`` per layer)."""
+  out = {k: float(v) for k, v in result.items() if k != "layer_flip_rate"}
+  out |= {f"flip_rate/{_layer_name(k)}": float(v) for k, v in result["layer_flip_rate"].items()}
+  return out
+
+
 def _mean_metrics(history: list[dict[str, Any]]) -> dict[str, float]:
   """Averages a window of step metrics; the flip rate only over steps that refreshed masks."""
   stacked = {k: np.stack([np.asarray(h[k]) for h in history]) for k in history[0]}
@@ -254,11 +290,19 @@ def _mean_metrics(history: list[dict[str, Any]]) -> dict[str, float]:
   return out
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, *, progress: Any = None
+) -> dict[str, Any]:
   """Trains ``config`` and evaluates every ``eval_every_epochs``; returns the summary.
 
-  Writes ``config.json``, ``metrics.jsonl``, TensorBoard events and ``summary.json`` to
+  Writes ``config.json``, ``metrics.jsonl`` (``train`` records every ``log_every_steps``,
+  ``eval`` records, and for DCIL/DPF a ``refresh`` record per mask refresh with the flip rate
+  overall and per layer and the revived fractions), TensorBoard events and ``summary.json`` to
   ``workdir`` (from process 0 only).
+
+  Args:
+    progress: a tqdm bar to advance by one per step (a sweep's bar over many runs); the run
+      then prints nothing itself. Default: its own bar (``config.progress``) and printed evals.
   """
   lead = jax.process_index() == 0
   mesh = sharding.make_mesh(path_parallel=config.path_parallel)
@@ -303,7 +347,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     finally:
       _close(it)
 
-  if lead:
+  verbose = lead and progress is None
+  if verbose:
     print(
       f"{config.model} ({num_params:,} params) on {config.dataset}, method={config.method}, "
       f"sparsity={config.sparsity}, {num_steps} steps ({steps_per_epoch}/epoch), "
@@ -314,8 +359,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   try:
     lr_fn = learning_rate_schedule(config, steps_per_epoch)
-    evals, refresh_flips, window = [], [], []
-    progress = _progress(num_steps, enabled=lead and config.progress)
+    evals, refreshes, window, refresh_window = [], [], [], []
+    tracker = None if state.method == "dense" else stability.RevivalTracker.create(state.masks)
+    own_progress = progress is None
+    if own_progress:
+      progress = _progress(num_steps, enabled=lead and config.progress)
     first = next(train_batches)
     # Compile once up front: a step that cannot fit in device memory fails here, clearly.
     step_fn = dcil_jax.train_step.lower(state, first).compile()
@@ -330,15 +378,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       else:
         timed_images += config.batch_size
       window.append(metrics)
+      if tracker is not None:
+        tracker, result = track_refresh(tracker, state, metrics["mask_refreshed"])
+        refresh_window.append((step, result))
       progress.update(1)
       if step % config.log_every_steps == 0 or step == num_steps:
         history = jax.device_get(window)
         window = []
-        refresh_flips += [
-          (step - len(history) + 1 + i, float(h["flip_rate"]))
-          for i, h in enumerate(history)
-          if h.get("mask_refreshed", False)
-        ]
+        for refresh_step, result in jax.device_get(refresh_window):
+          if not result.pop("refreshed"):
+            continue
+          record = _refresh_scalars(result)
+          refreshes.append({"step": refresh_step, **record})
+          writer.write(refresh_step, "refresh", record)
+        refresh_window = []
         scalars = _mean_metrics(history)
         scalars["learning_rate"] = float(lr_fn(step - 1))
         if timed_images:
@@ -351,11 +404,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           raise FloatingPointError(f"The training loss is {scalars['loss']} at step {step}.")
       if step % eval_every == 0 or step == num_steps:
         result = evaluate(state, eval_batches()) | {"step": step, "epoch": step / steps_per_epoch}
+        if tracker is not None:
+          result["ever_revived"] = float(tracker.ever_revived_fraction)
+          result["sparsity"] = float(dcil_jax.sparsity(state.trained_masks))
         evals.append(result)
         writer.write(step, "eval", {k: v for k, v in result.items() if k != "step"})
-        if lead:
+        if verbose:
           progress.write(_format_eval(result))
-    progress.close()
+    if own_progress:
+      progress.close()
     jax.block_until_ready(state)
     train_seconds = time.perf_counter() - timer_start
   finally:
@@ -364,11 +421,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_batches.close()
     _close(train_iterator)
 
-  summary = _summary(config, state, evals, refresh_flips, num_params, steps_per_epoch)
+  summary = _summary(config, state, evals, refreshes, num_params, steps_per_epoch)
   # Eval time is included; the first step (compilation) is not.
   summary |= {"train_seconds": train_seconds, "images_per_second": timed_images / train_seconds}
   if lead:
     (workpath / "summary.json").write_text(json.dumps(summary, indent=2))
+  if verbose:
     print(format_summary(summary))
   writer.close()
   return summary
@@ -399,8 +457,9 @@ def check_memory(compiled: Any, per_device_batch: int) -> None:
     )
 
 
-def _summary(config, state, evals, refresh_flips, num_params, steps_per_epoch) -> dict[str, Any]:
-  """Best and final sparse-path accuracy, per-layer sparsity and mask flip rates."""
+def _summary(config, state, evals, refreshes, num_params, steps_per_epoch) -> dict[str, Any]:
+  """Best and final sparse-path accuracy, its variability over the last quarter of the evals,
+  per-layer sparsity, mask flip rates and revived weights."""
   final = evals[-1]
   best = max(evals, key=lambda r: r["top1"])
   summary: dict[str, Any] = {
@@ -414,18 +473,27 @@ def _summary(config, state, evals, refresh_flips, num_params, steps_per_epoch) -
     # Picked on the evaluation split, like the official logs: report the final numbers.
     "best": {k: best[k] for k in ("top1", "top5", "step", "epoch")},
   }
+  if len(evals) >= 2:
+    summary["top1_variability"] = stability.accuracy_variability([r["top1"] for r in evals])
   if state.method != "dense":
     masks = jax.device_get(state.trained_masks)
     summary["sparsity"] = float(dcil_jax.sparsity(masks))
     summary["layer_sparsity"] = {k: float(v) for k, v in dcil_jax.layer_sparsities(masks).items()}
     ramp_end = round(config.ramp_end_epoch * steps_per_epoch)
-    after = [f for step, f in refresh_flips if step > ramp_end]
+    flips = [r["flip_rate"] for r in refreshes]
+    after = [r for r in refreshes if r["step"] > ramp_end]
     summary["flip_rate"] = {
-      "mean": float(np.mean([f for _, f in refresh_flips])) if refresh_flips else None,
-      "mean_after_ramp": float(np.mean(after)) if after else None,
-      "last": refresh_flips[-1][1] if refresh_flips else None,
-      "refreshes": len(refresh_flips),
+      "mean": float(np.mean(flips)) if flips else None,
+      "mean_after_ramp": float(np.mean([r["flip_rate"] for r in after])) if after else None,
+      "last": flips[-1] if flips else None,
+      "refreshes": len(refreshes),
     }
+    if after:
+      layers = [k for k in after[0] if k.startswith("flip_rate/")]
+      summary["layer_flip_rate_after_ramp"] = {
+        k.removeprefix("flip_rate/"): float(np.mean([r[k] for r in after])) for k in layers
+      }
+    summary["ever_revived"] = refreshes[-1]["ever_revived"] if refreshes else 0.0
   return summary
 
 

@@ -1,12 +1,13 @@
 """Plain Flax linen models: nothing DCIL-specific inside (the library lifts them from outside)."""
 
-from dcil_jax.models.resnet_cifar import ResNetCifar, resnet20, resnet32, resnet56
+from dcil_jax.models.resnet_cifar import ResNetCifar, resnet8, resnet20, resnet32, resnet56
 from dcil_jax.models.resnet_imagenet import ResNet, resnet18, resnet50, resnet_tiny
 from dcil_jax.models.small_cnn import SmallCNN
 from dcil_jax.models.vgg import VGG, vgg16
 from dcil_jax.models.wrn import WideResNet, wrn28_2
 
 MODELS = {
+  "resnet8": resnet8,
   "resnet20": resnet20,
   "resnet32": resnet32,
   "resnet56": resnet56,
@@ -34,6 +35,7 @@ __all__ = [
   "SmallCNN",
   "WideResNet",
   "create_model",
+  "resnet8",
   "resnet18",
   "resnet20",
   "resnet32",

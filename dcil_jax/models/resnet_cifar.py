@@ -82,6 +82,7 @@ class ResNetCifar(nn.Module):
     return nn.Dense(self.num_classes, dtype=jnp.float32)(x.astype(jnp.float32))
 
 
+resnet8 = functools.partial(ResNetCifar, stage_sizes=(1, 1, 1))  # small data (8x8 digits)
 resnet20 = functools.partial(ResNetCifar, stage_sizes=(3, 3, 3))
 resnet32 = functools.partial(ResNetCifar, stage_sizes=(5, 5, 5))
 resnet56 = functools.partial(ResNetCifar, stage_sizes=(9, 9, 9), block_cls=Bottleneck)
