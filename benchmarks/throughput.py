@@ -121,7 +121,7 @@ def synthetic_batches(config: ml_collections.ConfigDict, mesh: Any) -> Iterator[
 
 def pipeline_batches(config: ml_collections.ConfigDict, mesh: Any) -> Iterator[dict]:
   """The training loop's input: train iterator -> ``shard_batch`` -> ``prefetch`` thread."""
-  return xtrain.create_train_input(config, mesh)[1]
+  return (batch for batch, _ in xtrain.create_train_input(config, mesh)[1])
 
 
 # --------------------------------------------------------------------------------------------

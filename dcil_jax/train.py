@@ -201,10 +201,16 @@ def check_batch(batch: Any, mesh: Mesh | None = None) -> None:
 def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, Any]]:
   """One optimizer step of ``state.method``; ``state`` is donated.
 
+  A step whose loss, gradients or new parameters are not all finite (NaN/Inf) changes nothing
+  but ``step`` and ``rng``: parameters, BatchNorm statistics and the optimizer state (masks and
+  schedules included) stay those of the last good step, so a bad batch or a loss spike never
+  poisons the state. The check runs inside the step (no host sync); ``metrics["finite"]`` says
+  whether the step was applied, for the training loop to skip on or stop at.
+
   Returns:
     ``(new_state, metrics)``: the loss and each term, per-path accuracy, the actual sparsity of
-    the masks used in this step, and whether the masks were refreshed for the next step (with
-    the flip rate of that refresh).
+    the masks used in this step, whether the masks were refreshed for the next step (with
+    the flip rate of that refresh), and ``finite``.
   """
   check_batch(batch, state.mesh)
   if state.mesh is not None:
@@ -216,16 +222,19 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainSta
     lambda p: loss_and_aux(state, p, batch, rngs), has_aux=True
   )(state.params)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(params)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   new_state = state.replace(
     step=state.step + 1,
-    params=optax.apply_updates(state.params, updates),
-    batch_stats=aux["batch_stats"],
-    opt_state=opt_state,
+    params=keep(params, state.params),
+    batch_stats=keep(aux["batch_stats"], state.batch_stats),
+    opt_state=keep(opt_state, state.opt_state),
     rng=rng,
   )
   if state.mesh is not None:  # replicated (or one path per device), whatever XLA would pick
     new_state = sharding.constrain_state(new_state, state.mesh)
-  metrics = {"loss": loss}
+  metrics = {"loss": loss, "finite": finite}
   if state.method == "dcil":
     metrics |= {
       "ce_sparse": aux["ce"][paths.SPARSE],
@@ -238,14 +247,19 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainSta
   else:
     metrics |= {"ce_sparse": aux["ce"], "accuracy_sparse": aux["accuracy"]}
   if masks is not None:
-    before, after = find_masked_state(state.opt_state), find_masked_state(opt_state)
+    before, after = find_masked_state(state.opt_state), find_masked_state(new_state.opt_state)
     metrics |= {
       "sparsity": masks_lib.sparsity(masks),
       "target_sparsity": before.target_sparsity,
-      "mask_refreshed": after.last_refresh == after.count,
+      "mask_refreshed": finite & (after.last_refresh == after.count),
       "flip_rate": after.flip_rate,
     }
   return new_state, metrics
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])) if leaves else jnp.bool_(True)
 
 
 def export_variables(state: TrainState, path: str = "sparse") -> dict[str, Any]:

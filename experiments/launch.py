@@ -3,11 +3,18 @@
 Flags follow Flax's examples: ``--workdir``, ``--config`` (an ``ml_collections`` config file,
 overridable as ``--config.x=...``), plus ``--accelerator`` (platform and its defaults) and
 ``--distributed`` (``jax.distributed.initialize()`` for TPU pod slices and multi-host GPU).
+
+Exit codes: 0 finished; 2 bad input (config, accelerator, data, workdir, or a checkpoint of
+another experiment: one message says what to change); 3 a NaN/Inf step with
+``--config.on_nonfinite=stop``; 75 stopped by SIGTERM/SIGINT after writing a checkpoint (run the
+same command to continue); 128 + signal number for a second signal (exit at once); 1 anything
+else (a bug: please report it with the traceback).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 
 from absl import app, flags, logging
@@ -23,6 +30,14 @@ ACCELERATOR_DEFAULTS = {
 # jax_platforms values. None for gpu: naming "cuda,rocm" (or the "gpu" alias) fails on any
 # machine that lacks one of them, so the GPU is found by JAX's own search and then checked.
 PLATFORMS = {"tpu": "tpu", "gpu": None, "cpu": "cpu"}
+EXIT_BAD_INPUT = 2
+EXIT_NONFINITE = 3
+
+
+def _fail(code: int, error: BaseException) -> None:
+  """One clear message, no traceback, a documented exit code."""
+  print(f"error: {error}", file=sys.stderr)
+  sys.exit(code)
 
 
 def define_flags(config_file: str) -> None:
@@ -123,19 +138,37 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   import jax
 
-  from experiments import train
+  from experiments import checkpoints, input_pipeline, preemption, train
 
   f = flags.FLAGS
   select_platform(f.accelerator)
   initialize_distributed(f.distributed, f.accelerator)  # before anything touches the devices
-  platform = started_platform(f.accelerator)
+  try:
+    platform = started_platform(f.accelerator)
+  except RuntimeError as e:
+    _fail(EXIT_BAD_INPUT, e)
   config = f.config
   with config.unlocked():
     for name, value in ACCELERATOR_DEFAULTS.get(platform, {}).items():
       if config[name] is None:
         config[name] = value
   logging.info("process %d of %d on %s", jax.process_index(), jax.process_count(), platform)
-  train.train_and_evaluate(config, f.workdir)
+  bad_input = (
+    train.BadConfigError,
+    train.WorkdirError,
+    checkpoints.CheckpointMismatchError,
+    input_pipeline.DataNotPreparedError,
+    MemoryError,
+  )
+  try:
+    train.train_and_evaluate(config, f.workdir)
+  except preemption.Preempted as e:
+    logging.warning("%s", e)
+    sys.exit(preemption.PREEMPTED_EXIT_CODE)
+  except bad_input as e:
+    _fail(EXIT_BAD_INPUT, e)
+  except FloatingPointError as e:
+    _fail(EXIT_NONFINITE, e)
 
 
 def run(config_file: str) -> None:

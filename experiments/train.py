@@ -12,24 +12,36 @@ import functools
 import json
 import math
 import os
+import signal
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 from etils import epath
 
 import dcil_jax
 from dcil_jax import sharding, stability
 from dcil_jax.models import MODELS, create_model
-from experiments import input_pipeline, recipes
-from experiments.metric_writers import MetricWriter
+from experiments import checkpoints, input_pipeline, preemption, recipes
+from experiments.metric_writers import MetricWriter, read_jsonl
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+METRICS_FILE = "metrics.jsonl"
+NONFINITE_MODES = ("stop", "skip")
+
+
+class BadConfigError(ValueError):
+  """A config setting that cannot work; the message says what to change."""
+
+
+class WorkdirError(OSError):
+  """The workdir cannot be created or written."""
 
 
 def resolve_config(
@@ -44,6 +56,15 @@ def resolve_config(
   Raises:
     ValueError: with what is wrong and how to fix it, for any setting that cannot work.
   """
+  try:
+    return _resolve_config(config, data_parallelism)
+  except BadConfigError:
+    raise
+  except ValueError as e:  # from the library's and the recipes' own checks
+    raise BadConfigError(str(e)) from e
+
+
+def _resolve_config(config: ml_collections.ConfigDict, data_parallelism: int):
   config = ml_collections.ConfigDict(config.to_dict())  # plain copy, no shared references
   if config.dataset not in input_pipeline.DATASETS:
     raise ValueError(
@@ -114,8 +135,14 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     problems.append(f"worker_count must be >= 0, got {config.worker_count}")
   if config.update_every <= 0 or config.eval_every_epochs <= 0 or config.log_every_steps <= 0:
     problems.append("update_every, eval_every_epochs and log_every_steps must be positive")
+  if config.on_nonfinite not in NONFINITE_MODES:
+    problems.append(f"on_nonfinite must be one of {NONFINITE_MODES}, got {config.on_nonfinite!r}")
+  if config.max_consecutive_nonfinite < 1 or config.keep_checkpoints < 1:
+    problems.append("max_consecutive_nonfinite and keep_checkpoints must be >= 1")
+  if config.checkpoint_every_steps is not None and config.checkpoint_every_steps < 1:
+    problems.append(f"checkpoint_every_steps must be >= 1, got {config.checkpoint_every_steps}")
   if problems:
-    raise ValueError("Bad config:\n  - " + "\n  - ".join(problems))
+    raise BadConfigError("Bad config:\n  - " + "\n  - ".join(problems))
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int):
@@ -190,10 +217,15 @@ def create_train_state(
 
 
 def create_train_input(
-  config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
-) -> tuple[Any, Iterator[dict[str, jax.Array]]]:
-  """``(iterator, batches)``: the grain train iterator (close it when done; its position is
-  what a checkpoint saves) and its batches on the mesh, prefetched by a thread."""
+  config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, position: Any = None
+) -> tuple[Any, Iterator[tuple[dict[str, jax.Array], Any]]]:
+  """``(iterator, batches)``: the grain train iterator (close it when done) and
+  ``(batch on the mesh, position after it)`` pairs, prefetched by a thread.
+
+  ``position`` (from an earlier pair) starts the iterator at the batch after that one: a
+  checkpoint saves the position of the last batch trained on, not the iterator's own, which
+  is ahead by the prefetched batches.
+  """
   iterator = input_pipeline.create_train_iterator(
     config.dataset,
     global_batch_size=config.batch_size,
@@ -203,8 +235,11 @@ def create_train_input(
     dtype=np.dtype(DTYPES[config.dtype]),
     worker_count=config.worker_count,
   )
+  if position is not None:
+    iterator.set_state(position)
   batches = input_pipeline.prefetch(
-    (sharding.shard_batch(batch, mesh) for batch in iterator), config.prefetch
+    ((sharding.shard_batch(batch, mesh), iterator.get_state()) for batch in iterator),
+    config.prefetch,
   )
   return iterator, batches
 
@@ -282,18 +317,86 @@ def _refresh_scalars(result: dict[str, Any]) -> dict[str, float]:
 
 
 def _mean_metrics(history: list[dict[str, Any]]) -> dict[str, float]:
-  """Averages a window of step metrics; the flip rate only over steps that refreshed masks."""
+  """Averages a window of step metrics over its applied (finite) steps; the flip rate only over
+  steps that refreshed masks. In float64, so host values restored from a checkpoint's JSON give
+  the same numbers as the live float32 ones."""
   stacked = {k: np.stack([np.asarray(h[k]) for h in history]) for k in history[0]}
-  out = {k: float(v.mean()) for k, v in stacked.items() if k not in ("flip_rate", "mask_refreshed")}
-  if "mask_refreshed" in stacked and stacked["mask_refreshed"].any():
-    out["flip_rate"] = float(stacked["flip_rate"][stacked["mask_refreshed"]].mean())
+  finite = stacked.pop("finite").astype(bool)
+  refreshed = stacked.pop("mask_refreshed", np.zeros_like(finite)).astype(bool) & finite
+  flips = stacked.pop("flip_rate", None)
+  out = {
+    k: float(v[finite].astype(np.float64).mean()) if finite.any() else float("nan")
+    for k, v in stacked.items()
+  }
+  if refreshed.any():
+    out["flip_rate"] = float(flips[refreshed].astype(np.float64).mean())
+  out["nonfinite_steps"] = float((~finite).sum())
   return out
+
+
+class RunHistory(NamedTuple):
+  """What a resumed run knows of the steps before its checkpoint (from ``metrics.jsonl``)."""
+
+  evals: list[dict[str, Any]]
+  refreshes: list[dict[str, Any]]
+
+
+def _rewind_metrics(workpath: epath.Path, step: int, write: bool) -> RunHistory:
+  """Drops the records after ``step`` from ``metrics.jsonl`` (a resumed run writes them again)
+  and returns the eval and refresh records up to it."""
+  path = workpath / METRICS_FILE
+  records = read_jsonl(str(path)) if path.exists() else []
+  kept = [r for r in records if r["step"] <= step]
+  if write and len(kept) != len(records):
+    tmp = workpath / (METRICS_FILE + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.replace(path)  # atomic: a crash here leaves the old file or the new one
+  strip = lambda r: {k: v for k, v in r.items() if k != "split"}
+  return RunHistory(
+    [strip(r) for r in kept if r["split"] == "eval"],
+    [strip(r) for r in kept if r["split"] == "refresh"],
+  )
+
+
+def prepare_workdir(workdir: str, lead: bool) -> epath.Path:
+  """Creates ``workdir`` and checks that it can be written, before any work is done."""
+  workpath = epath.Path(workdir)
+  if not lead:
+    return workpath
+  try:
+    workpath.mkdir(parents=True, exist_ok=True)
+    probe = workpath / ".write_test"
+    probe.write_text("ok")
+    probe.unlink()
+  except OSError as e:
+    raise WorkdirError(
+      f"Cannot write to --workdir={workdir}: {e}. Pick a writable directory."
+    ) from e
+  return workpath
+
+
+def _checkpoint_tree(state: dcil_jax.TrainState, tracker: Any) -> dict[str, Any]:
+  """The arrays a checkpoint holds (the static parts of the state come from the config)."""
+  tree = {
+    "step": state.step,
+    "params": state.params,
+    "batch_stats": state.batch_stats,
+    "opt_state": state.opt_state,
+    "rng": state.rng,
+  }
+  return tree if tracker is None else tree | {"tracker": tracker}
 
 
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str, *, progress: Any = None
 ) -> dict[str, Any]:
   """Trains ``config`` and evaluates every ``eval_every_epochs``; returns the summary.
+
+  A ``workdir`` that holds checkpoints of the same experiment is continued from the newest
+  readable one, and the continued run computes exactly what an uninterrupted one would (same
+  data order, parameters and metrics). Checkpoints go to ``workdir/checkpoints`` at every
+  evaluation, every ``checkpoint_every_steps``, at the end, and on SIGTERM/SIGINT (then
+  :class:`experiments.preemption.Preempted` is raised).
 
   Writes ``config.json``, ``metrics.jsonl`` (``train`` records every ``log_every_steps``,
   ``eval`` records, and for DCIL/DPF a ``refresh`` record per mask refresh with the flip rate
@@ -303,13 +406,20 @@ def train_and_evaluate(
   Args:
     progress: a tqdm bar to advance by one per step (a sweep's bar over many runs); the run
       then prints nothing itself. Default: its own bar (``config.progress``) and printed evals.
+
+  Raises:
+    ValueError: a bad config (:class:`BadConfigError`), or a workdir or checkpoint of another
+      experiment (:class:`experiments.checkpoints.CheckpointMismatchError`).
+    WorkdirError: the workdir cannot be written.
+    FloatingPointError: a non-finite loss or gradient with ``on_nonfinite="stop"``.
+    Preempted: SIGTERM or SIGINT; a checkpoint was written.
   """
   lead = jax.process_index() == 0
   mesh = sharding.make_mesh(path_parallel=config.path_parallel)
   ways, hosts = sharding.data_parallelism(mesh), jax.process_count()
   config = resolve_config(config, data_parallelism=ways)
   if config.batch_size % ways or config.batch_size % hosts:
-    raise ValueError(
+    raise BadConfigError(
       f"batch_size={config.batch_size} must split evenly over the {ways} data-parallel devices "
       f"and {hosts} processes; try a multiple of {math.lcm(ways, hosts)}."
     )
@@ -318,17 +428,42 @@ def train_and_evaluate(
   )
   num_steps = config.num_train_steps or round(config.num_epochs * steps_per_epoch)
   eval_every = max(1, round(config.eval_every_epochs * steps_per_epoch))
+  checkpoint_every = config.checkpoint_every_steps or num_steps + 1
 
-  workpath = epath.Path(workdir)
-  if lead:
-    workpath.mkdir(parents=True, exist_ok=True)
-    (workpath / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
-  writer = MetricWriter(workdir, enabled=lead)
-
+  workpath = prepare_workdir(workdir, lead)
   state = create_train_state(config, mesh, steps_per_epoch)
+  tracker = None if state.method == "dense" else stability.RevivalTracker.create(state.masks)
+  checkpointer = checkpoints.RunCheckpointer(
+    workpath / checkpoints.CHECKPOINT_DIR,
+    keep=config.keep_checkpoints,
+    async_save=config.async_checkpointing,
+  )
+  try:
+    restored = checkpointer.restore_latest(_checkpoint_tree(state, tracker))
+    config_path = workpath / "config.json"
+    if restored is not None:
+      checkpoints.check_config(
+        restored.meta["config"], config.to_dict(), force=config.force_resume, what=workdir
+      )
+    elif config_path.exists():  # a run that wrote no checkpoint yet, or another experiment
+      saved = json.loads(config_path.read_text())
+      checkpoints.check_config(saved, config.to_dict(), force=config.force_resume, what=workdir)
+  except BaseException:
+    checkpointer.close()
+    raise
+  start_step, data_position, pending = 0, None, []
+  if restored is not None:
+    tree = restored.state
+    state = state.replace(**{k: v for k, v in tree.items() if k != "tracker"})
+    tracker = tree.get("tracker")
+    start_step, data_position = restored.step, restored.meta["data"]
+    pending = restored.meta["pending_train"]
+  history = _rewind_metrics(workpath, start_step, write=lead)
+  if lead and restored is None:
+    config_path.write_text(json.dumps(config.to_dict(), indent=2, default=str))
+  writer = MetricWriter(workdir, enabled=lead)
   num_params = sum(x.size for x in jax.tree.leaves(dcil_jax.export_variables(state)["params"]))
   dtype = np.dtype(DTYPES[config.dtype])
-  train_iterator, train_batches = create_train_input(config, mesh)
 
   def eval_batches() -> Iterator[dict[str, jax.Array]]:
     it = input_pipeline.create_eval_iterator(
@@ -349,87 +484,177 @@ def train_and_evaluate(
 
   verbose = lead and progress is None
   if verbose:
+    resumed = f", resumed at step {start_step}" if start_step else ""
     print(
       f"{config.model} ({num_params:,} params) on {config.dataset}, method={config.method}, "
-      f"sparsity={config.sparsity}, {num_steps} steps ({steps_per_epoch}/epoch), "
+      f"sparsity={config.sparsity}, {num_steps} steps ({steps_per_epoch}/epoch){resumed}, "
       f"batch {config.batch_size} ({config.batch_size // ways} per device) on "
       f"{jax.device_count()} {jax.default_backend()} device(s), "
       f"mesh {dict(mesh.shape)}, strategy={state.strategy}, dtype={config.dtype}"
     )
 
-  try:
-    lr_fn = learning_rate_schedule(config, steps_per_epoch)
-    evals, refreshes, window, refresh_window = [], [], [], []
-    tracker = None if state.method == "dense" else stability.RevivalTracker.create(state.masks)
-    own_progress = progress is None
-    if own_progress:
-      progress = _progress(num_steps, enabled=lead and config.progress)
-    first = next(train_batches)
-    # Compile once up front: a step that cannot fit in device memory fails here, clearly.
-    step_fn = dcil_jax.train_step.lower(state, first).compile()
-    check_memory(step_fn, config.batch_size // ways)
-    timer_start, timed_images = None, 0
-    for step in range(1, num_steps + 1):
-      batch = first if step == 1 else next(train_batches)
-      state, metrics = step_fn(state, batch)
-      if step == 1:  # throughput from here on, without the compilation
-        jax.block_until_ready(metrics)
-        timer_start = time.perf_counter()
-      else:
-        timed_images += config.batch_size
-      window.append(metrics)
-      if tracker is not None:
-        tracker, result = track_refresh(tracker, state, metrics["mask_refreshed"])
-        refresh_window.append((step, result))
-      progress.update(1)
-      if step % config.log_every_steps == 0 or step == num_steps:
-        history = jax.device_get(window)
-        window = []
-        for refresh_step, result in jax.device_get(refresh_window):
-          if not result.pop("refreshed"):
-            continue
-          record = _refresh_scalars(result)
-          refreshes.append({"step": refresh_step, **record})
-          writer.write(refresh_step, "refresh", record)
-        refresh_window = []
-        scalars = _mean_metrics(history)
-        scalars["learning_rate"] = float(lr_fn(step - 1))
-        if timed_images:
-          scalars["images_per_second"] = timed_images / (time.perf_counter() - timer_start)
-        writer.write(step, "train", scalars)
-        progress.set_postfix(
-          loss=f"{scalars['loss']:.3f}", acc=f"{scalars['accuracy_sparse']:.3f}", refresh=False
-        )
-        if not np.isfinite(scalars["loss"]):
-          raise FloatingPointError(f"The training loss is {scalars['loss']} at step {step}.")
-      if step % eval_every == 0 or step == num_steps:
-        result = evaluate(state, eval_batches()) | {"step": step, "epoch": step / steps_per_epoch}
-        if tracker is not None:
-          result["ever_revived"] = float(tracker.ever_revived_fraction)
-          result["sparsity"] = float(dcil_jax.sparsity(state.trained_masks))
-        evals.append(result)
-        writer.write(step, "eval", {k: v for k, v in result.items() if k != "step"})
-        if verbose:
-          progress.write(_format_eval(result))
-    if own_progress:
-      progress.close()
-    jax.block_until_ready(state)
-    train_seconds = time.perf_counter() - timer_start
-  finally:
-    # Stop the input threads (and worker processes) before the interpreter exits: a thread
-    # killed inside JAX or grain at exit aborts the process.
-    train_batches.close()
-    _close(train_iterator)
+  lr_fn = learning_rate_schedule(config, steps_per_epoch)
+  evals, refreshes = history.evals, history.refreshes
+  # Train metrics of steps not yet logged (host values; a checkpoint carries them over).
+  window: list[Any] = list(pending)
+  checked = len(window)  # window[:checked] was checked for NaN/Inf already
+  refresh_window: list[tuple[int, Any]] = []
+  faults = NonfiniteMonitor(config.on_nonfinite, config.max_consecutive_nonfinite)
+  train_iterator, train_batches = None, None
+  timer_start, timed_images, step_fn = None, 0, None
 
-  summary = _summary(config, state, evals, refreshes, num_params, steps_per_epoch)
+  def flush(step: int) -> None:
+    """Writes the refresh records so far and checks the steps so far for NaN/Inf."""
+    nonlocal window, refresh_window, checked
+    for refresh_step, result in jax.device_get(refresh_window):
+      if not result.pop("refreshed"):
+        continue
+      record = _refresh_scalars(result)
+      refreshes.append({"step": refresh_step, **record})
+      writer.write(refresh_step, "refresh", record)
+    refresh_window = []
+    window = jax.device_get(window)
+    faults.check(window[checked:], first_step=step - len(window) + 1 + checked)
+    checked = len(window)
+
+  def log_train(step: int) -> None:
+    nonlocal window, checked
+    scalars = _mean_metrics(window)
+    window, checked = [], 0
+    scalars["learning_rate"] = float(lr_fn(step - 1))
+    if timed_images:
+      scalars["images_per_second"] = timed_images / (time.perf_counter() - timer_start)
+    writer.write(step, "train", scalars)
+    progress.set_postfix(
+      loss=f"{scalars['loss']:.3f}", acc=f"{scalars['accuracy_sparse']:.3f}", refresh=False
+    )
+
+  own_progress = progress is None
+  if own_progress:
+    progress = _progress(num_steps, enabled=lead and config.progress)
+  progress.update(start_step)
+  with preemption.PreemptionGuard() as guard:
+    try:
+      if start_step < num_steps:
+        train_iterator, train_batches = create_train_input(config, mesh, data_position)
+      for step in range(start_step + 1, num_steps + 1):
+        batch, data_position = next(train_batches)
+        if step_fn is None:
+          # Compile once up front: a step that cannot fit in device memory fails here, clearly.
+          step_fn = dcil_jax.train_step.lower(state, batch).compile()
+          check_memory(step_fn, config.batch_size // ways)
+        state, metrics = step_fn(state, batch)
+        if timer_start is None:  # throughput from here on, without the compilation
+          jax.block_until_ready(metrics)
+          timer_start = time.perf_counter()
+        else:
+          timed_images += config.batch_size
+        window.append(metrics)
+        if tracker is not None:
+          tracker, result = track_refresh(tracker, state, metrics["mask_refreshed"])
+          refresh_window.append((step, result))
+        progress.update(1)
+        if step % config.log_every_steps == 0 or step == num_steps:
+          flush(step)
+          log_train(step)
+        evaluated = step % eval_every == 0 or step == num_steps
+        if evaluated:
+          result = evaluate(state, eval_batches()) | {"step": step, "epoch": step / steps_per_epoch}
+          if tracker is not None:
+            result["ever_revived"] = float(tracker.ever_revived_fraction)
+            result["sparsity"] = float(dcil_jax.sparsity(state.trained_masks))
+          evals.append(result)
+          writer.write(step, "eval", {k: v for k, v in result.items() if k != "step"})
+          if verbose:
+            progress.write(_format_eval(result))
+        stop = _agree(guard.requested)
+        if evaluated or stop or step % checkpoint_every == 0:
+          flush(step)  # every record up to `step` is written before its checkpoint exists
+          checkpointer.save(
+            step,
+            _checkpoint_tree(state, tracker),
+            {
+              "data": data_position,
+              "pending_train": checkpoints.to_jsonable(window),
+              "config": config.to_dict(),
+            },
+            metrics={"top1": evals[-1]["top1"]} if evaluated else None,
+          )
+        if stop:
+          checkpointer.wait()
+          raise preemption.Preempted(step, guard.signum or signal.SIGTERM)
+      checkpointer.wait()
+      jax.block_until_ready(state)
+      train_seconds = time.perf_counter() - timer_start if timer_start else 0.0
+    finally:
+      if own_progress:
+        progress.close()
+      # Stop the input threads (and worker processes) before the interpreter exits: a thread
+      # killed inside JAX or grain at exit aborts the process.
+      if train_batches is not None:
+        train_batches.close()
+        _close(train_iterator)
+      checkpointer.close()
+
+  summary = _summary(config, state, tracker, evals, refreshes, num_params, steps_per_epoch)
+  summary["nonfinite_steps"] = faults.total
   # Eval time is included; the first step (compilation) is not.
-  summary |= {"train_seconds": train_seconds, "images_per_second": timed_images / train_seconds}
+  summary |= {
+    "train_seconds": train_seconds,
+    "images_per_second": timed_images / train_seconds if train_seconds else None,
+  }
   if lead:
     (workpath / "summary.json").write_text(json.dumps(summary, indent=2))
   if verbose:
     print(format_summary(summary))
   writer.close()
   return summary
+
+
+def _agree(flag: bool) -> bool:
+  """``flag`` on any process (so every host stops at the same step); local on one process."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+
+  return bool(np.any(multihost_utils.process_allgather(np.bool_(flag))))
+
+
+class NonfiniteMonitor:
+  """Acts on the ``finite`` metric of each step (the step itself already skipped the update).
+
+  ``"stop"``: raise at the first non-finite step; ``"skip"``: go on, but stop after
+  ``max_consecutive`` non-finite steps in a row (the run is not recovering).
+  """
+
+  def __init__(self, mode: str, max_consecutive: int):
+    self.mode, self.max_consecutive = mode, max_consecutive
+    self.total, self.consecutive = 0, 0
+
+  def check(self, window: list[dict[str, Any]], first_step: int) -> None:
+    for i, metrics in enumerate(window):
+      step = first_step + i
+      if bool(metrics["finite"]):
+        self.consecutive = 0
+        continue
+      self.total += 1
+      self.consecutive += 1
+      loss = float(metrics["loss"])
+      if self.mode == "stop":
+        raise FloatingPointError(
+          f"Step {step}: the loss ({loss}) or a gradient or parameter is NaN/Inf. The step was "
+          "not applied and the run stops; the checkpoints in the workdir hold only good steps. "
+          "Lower the learning rate, check the data, or set --config.on_nonfinite=skip."
+        )
+      logging.warning(
+        "Step %d: non-finite loss (%s) or gradients; the step was skipped.", step, loss
+      )
+      if self.consecutive >= self.max_consecutive:
+        raise FloatingPointError(
+          f"Steps {step - self.consecutive + 1}..{step}: {self.consecutive} non-finite steps "
+          "in a row (all skipped); the run is not recovering and stops. The checkpoints in the "
+          "workdir hold only good steps."
+        )
 
 
 def check_memory(compiled: Any, per_device_batch: int) -> None:
@@ -457,7 +682,9 @@ def check_memory(compiled: Any, per_device_batch: int) -> None:
     )
 
 
-def _summary(config, state, evals, refreshes, num_params, steps_per_epoch) -> dict[str, Any]:
+def _summary(
+  config, state, tracker, evals, refreshes, num_params, steps_per_epoch
+) -> dict[str, Any]:
   """Best and final sparse-path accuracy, its variability over the last quarter of the evals,
   per-layer sparsity, mask flip rates and revived weights."""
   final = evals[-1]
@@ -493,7 +720,7 @@ def _summary(config, state, evals, refreshes, num_params, steps_per_epoch) -> di
       summary["layer_flip_rate_after_ramp"] = {
         k.removeprefix("flip_rate/"): float(np.mean([r[k] for r in after])) for k in layers
       }
-    summary["ever_revived"] = refreshes[-1]["ever_revived"] if refreshes else 0.0
+    summary["ever_revived"] = float(tracker.ever_revived_fraction)
   return summary
 
 

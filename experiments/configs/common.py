@@ -59,4 +59,16 @@ def base_config() -> ConfigDict:
   config.worker_count = config_dict.placeholder(int)
   config.prefetch = 2  # batches put on the devices ahead of the step
   config.progress = True  # tqdm progress bar (process 0 only)
+
+  # Checkpoints (WORKDIR/checkpoints): at every eval, at the end, on SIGTERM/SIGINT, and every
+  # checkpoint_every_steps if set. The newest keep_checkpoints are kept, plus the best by
+  # sparse-path eval top-1. A workdir with checkpoints is continued by the same command.
+  config.checkpoint_every_steps = config_dict.placeholder(int)
+  config.keep_checkpoints = 2
+  config.async_checkpointing = True  # write while training goes on
+  config.force_resume = False  # continue a workdir whose checkpoint has a different config
+  # A NaN/Inf loss, gradient or parameter: the step is never applied; then "stop" the run (and
+  # name the step) or "skip" it and go on, up to max_consecutive_nonfinite steps in a row.
+  config.on_nonfinite = "stop"
+  config.max_consecutive_nonfinite = 100
   return config

@@ -1,0 +1,897 @@
+"""Turns finished sweeps into ``REPORT.md`` and figures, to commit next to the results.
+
+  python -m experiments.report results/digits_small_cnn --out=results/digits_small_cnn/report
+  python -m experiments.report runs/c10_resnet20 runs/c100_resnet56 --out=report \
+      --notes=report/notes.md
+
+Each ``SWEEP_DIR`` is one model/dataset grid written by ``experiments.sweep``; it becomes one
+section: which runs are there, final sparse-path test top-1 per method and sparsity (the
+headline; best-epoch accuracy is picked on the test set, so it is only shown as secondary),
+DCIL vs DPF with a Welch t-test and a stated rule for the verdict, stability measures (mask
+flip rate, revived weights, accuracy jumps) and figures. Unfinished runs (no ``summary.json``)
+are listed as missing, so a report of a sweep in progress works. ``--notes`` is hand-written
+markdown appended under "Discussion", so the analysis survives regenerating the report. The
+output depends only on the inputs (no timestamps), so it can be committed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import shlex
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from absl import app, flags
+
+from dcil_jax import stability
+from experiments.metric_writers import read_jsonl
+
+REPORT = "REPORT.md"
+FIGURES = "figures"
+METHOD_ORDER = ("dense", "dpf", "dcil")
+LABELS = {"dense": "Dense", "dpf": "DPF", "dcil": "DCIL"}
+COLORS = {"dense": "0.35", "dpf": "tab:orange", "dcil": "tab:blue"}
+# DCIL vs DPF is "clear" when both hold; stated in the report.
+P_THRESHOLD = 0.05
+# Layer-sparsity bars are drawn at the highest sparsity and at this one (if in the grid).
+LAYER_SPARSITY_ALSO = 0.9
+NA = "n/a"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunData:
+  """One finished run: its grid cell and what it wrote."""
+
+  name: str
+  method: str
+  sparsity: float
+  seed: int
+  summary: dict[str, Any]
+  config: dict[str, Any]
+  records: list[dict[str, Any]]
+
+  def evals(self) -> list[dict[str, Any]]:
+    return [r for r in self.records if r.get("split") == "eval"]
+
+  def steps_per_epoch(self) -> float | None:
+    """From the eval records (step / epoch), else the config, else steps / num_epochs."""
+    for r in self.evals():
+      if _num(r.get("epoch")) and r["step"]:
+        return r["step"] / _num(r["epoch"])
+    if self.config.get("steps_per_epoch"):
+      return float(self.config["steps_per_epoch"])
+    if self.config.get("num_epochs") and self.summary.get("steps"):
+      return self.summary["steps"] / float(self.config["num_epochs"])
+    return None
+
+
+@dataclasses.dataclass
+class Sweep:
+  """A sweep directory: its finished runs and the names of the grid's unfinished ones."""
+
+  path: str
+  slug: str  # prefix of its figure files
+  base_config: dict[str, Any]
+  runs: list[RunData]
+  started: list[str]  # run directory exists, no summary.json
+  not_started: list[str]
+  methods: list[str]  # in METHOD_ORDER
+  sparsities: list[float]  # of the pruning methods, ascending
+
+  def cell(self, method: str, sparsity: float = 0.0) -> list[RunData]:
+    """Finished runs of one method (and sparsity, ignored for dense), by seed."""
+    return [
+      r
+      for r in self.runs
+      if r.method == method and (method == "dense" or _same(r.sparsity, sparsity))
+    ]
+
+  def first(self, key: str, default: Any = None) -> Any:
+    """A value from the first summary that has it, else the resolved or base config."""
+    for r in self.runs:
+      if r.summary.get(key) is not None:
+        return r.summary[key]
+    for r in self.runs:
+      if r.config.get(key) is not None:
+        return r.config[key]
+    value = self.base_config.get(key)
+    return default if value is None else value
+
+
+def _same(a: float, b: float) -> bool:
+  return abs(a - b) < 1e-9
+
+
+def _num(value: Any) -> float | None:
+  """A JSON number (or "nan"/"inf", as metric_writers writes non-finite values) as a float."""
+  if value is None:
+    return None
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    return None
+
+
+def _nan(value: Any) -> float:
+  """:func:`_num`, with NaN for a missing value (for arrays)."""
+  x = _num(value)
+  return np.nan if x is None else x
+
+
+def _read_json(path: str) -> dict[str, Any]:
+  with open(path) as f:
+    return json.load(f)
+
+
+def _records(path: str) -> list[dict[str, Any]]:
+  """metrics.jsonl without duplicates: a resumed run may write a step twice; the last wins."""
+  if not os.path.exists(path):
+    return []
+  latest: dict[tuple[str, int], dict[str, Any]] = {}
+  for r in read_jsonl(path):
+    latest[(r.get("split", ""), int(r.get("step", 0)))] = r
+  return sorted(latest.values(), key=lambda r: (r["step"], r.get("split", "")))
+
+
+def _grid(path: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+  """The base config and runs of ``sweep.json``; without one, the run directories found."""
+  sweep_file = os.path.join(path, "sweep.json")
+  if os.path.exists(sweep_file):
+    grid = _read_json(sweep_file)
+    return grid.get("config", {}), list(grid.get("runs", []))
+  runs = []
+  for name in sorted(os.listdir(path)):
+    config_file = os.path.join(path, name, "config.json")
+    if name.endswith(".interrupted") or not os.path.exists(config_file):
+      continue
+    config = _read_json(config_file)
+    sparsity = 0.0 if config["method"] == "dense" else float(config["sparsity"])
+    runs.append(
+      {"method": config["method"], "sparsity": sparsity, "seed": config["seed"], "name": name}
+    )
+  return {}, runs
+
+
+def load_sweep(path: str, slug: str) -> Sweep:
+  """Reads a sweep directory; runs without ``summary.json`` are only named as missing."""
+  base_config, grid = _grid(path)
+  runs, started, not_started = [], [], []
+  for entry in grid:
+    rundir = os.path.join(path, entry["name"])
+    summary_file = os.path.join(rundir, "summary.json")
+    if not os.path.exists(summary_file):
+      (started if os.path.isdir(rundir) else not_started).append(entry["name"])
+      continue
+    config_file = os.path.join(rundir, "config.json")
+    runs.append(
+      RunData(
+        name=entry["name"],
+        method=entry["method"],
+        sparsity=float(entry["sparsity"]),
+        seed=int(entry["seed"]),
+        summary=_read_json(summary_file),
+        config=_read_json(config_file) if os.path.exists(config_file) else {},
+        records=_records(os.path.join(rundir, "metrics.jsonl")),
+      )
+    )
+  runs.sort(key=lambda r: (r.method, r.sparsity, r.seed))
+  methods = {e["method"] for e in grid}
+  sparsities = sorted({round(float(e["sparsity"]), 9) for e in grid if e["method"] != "dense"})
+  return Sweep(
+    path=path,
+    slug=slug,
+    base_config=base_config,
+    runs=runs,
+    started=started,
+    not_started=not_started,
+    methods=[m for m in METHOD_ORDER if m in methods] + sorted(methods - set(METHOD_ORDER)),
+    sparsities=sparsities,
+  )
+
+
+# Formatting: accuracies in % (differences and spreads in percentage points) with 2 decimals,
+# rates in scientific notation, fractions of weights with 4 decimals.
+
+
+def _pct(x: float | None) -> str:
+  return NA if x is None else f"{100 * x:.2f}"
+
+
+def _sci(x: float | None) -> str:
+  return NA if x is None else f"{x:.2e}"
+
+
+def _frac(x: float | None) -> str:
+  return NA if x is None else f"{x:.4f}"
+
+
+def _p(p: float | None) -> str:
+  if p is None:
+    return NA
+  return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+def _g(x: Any) -> str:
+  """A config number as short text (``45.0`` -> ``45``)."""
+  value = _num(x)
+  return NA if value is None else f"{value:g}"
+
+
+def _sp(s: float) -> str:
+  return f"{s:g}"
+
+
+def _label(method: str) -> str:
+  return LABELS.get(method, method)
+
+
+def _spread(values: Sequence[float | None]) -> dict[str, float] | None:
+  """:func:`stability.seed_spread` of the values that exist, or None."""
+  kept = [v for v in values if v is not None]
+  return stability.seed_spread(kept) if kept else None
+
+
+def _cell(spread: dict[str, float] | None) -> str:
+  """``mean ± sd (n=k)`` in %; no sd for one seed (it is undefined, not 0)."""
+  if spread is None:
+    return "—"
+  if spread["n"] < 2:
+    return f"{_pct(spread['mean'])} (n=1)"
+  return f"{_pct(spread['mean'])} ± {_pct(spread['sd'])} (n={spread['n']})"
+
+
+def _get(summary: dict[str, Any], *keys: str) -> float | None:
+  value: Any = summary
+  for key in keys:
+    if not isinstance(value, dict):
+      return None
+    value = value.get(key)
+  return _num(value)
+
+
+def _final_top1(r: RunData) -> float | None:
+  return _get(r.summary, "final", "top1")
+
+
+def _best_top1(r: RunData) -> float | None:
+  return _get(r.summary, "best", "top1")
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+  kept = [v for v in values if v is not None]
+  return float(np.mean(kept)) if kept else None
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+  lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+  return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _accuracy_table(sweep: Sweep, value: Callable[[RunData], float | None]) -> list[str]:
+  """Methods x (dense, sparsities), mean ± sd over seeds in %."""
+  header = ["Method", "dense (s = 0)"] + [f"s = {_sp(s)}" for s in sweep.sparsities]
+  rows = []
+  for method in sweep.methods:
+    if method == "dense":
+      cells = [_cell(_spread([value(r) for r in sweep.cell("dense")]))]
+      cells += ["—"] * len(sweep.sparsities)
+    else:
+      cells = ["—"] + [
+        _cell(_spread([value(r) for r in sweep.cell(method, s)])) for s in sweep.sparsities
+      ]
+    rows.append([_label(method)] + cells)
+  return _table(header, rows)
+
+
+def compare(dcil: Sequence[float], dpf: Sequence[float]) -> dict[str, Any]:
+  """DCIL vs DPF final accuracies (fractions): difference of means in percentage points, the
+  larger seed sd, the Welch t-test p-value (None with fewer than 2 seeds a side) and the
+  verdict."""
+  a, b = stability.seed_spread(dcil), stability.seed_spread(dpf)
+  diff = 100 * (a["mean"] - b["mean"])
+  larger_sd = 100 * max(a["sd"], b["sd"]) if min(a["n"], b["n"]) >= 2 else None
+  p = None
+  if a["n"] >= 2 and b["n"] >= 2:
+    from scipy import stats
+
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+      warnings.simplefilter("ignore", RuntimeWarning)
+      p = float(stats.ttest_ind(dcil, dpf, equal_var=False).pvalue)
+    p = p if math.isfinite(p) else None
+  if p is not None and larger_sd is not None and abs(diff) > larger_sd and p < P_THRESHOLD:
+    verdict = "DCIL higher" if diff > 0 else "DPF higher"
+  elif larger_sd is None:
+    verdict = "no clear difference (fewer than 2 seeds a side)"
+  else:
+    verdict = "no clear difference"
+  return {"diff": diff, "larger_sd": larger_sd, "p": p, "verdict": verdict, "dcil": a, "dpf": b}
+
+
+def _comparison_section(sweep: Sweep) -> list[str]:
+  lines = [
+    "### DCIL vs DPF",
+    "",
+    "Final sparse-path test top-1. Difference = DCIL mean − DPF mean in percentage points (pp);"
+    " p = Welch's t-test (unequal variances) over seeds, n/a with fewer than 2 seeds a side."
+    f" **Rule:** a difference is clear when |difference| > the larger of the two seed sds"
+    f' **and** p < {P_THRESHOLD}; otherwise the verdict is "no clear difference".',
+    "",
+  ]
+  rows = []
+  for s in sweep.sparsities:
+    dcil = [v for v in map(_final_top1, sweep.cell("dcil", s)) if v is not None]
+    dpf = [v for v in map(_final_top1, sweep.cell("dpf", s)) if v is not None]
+    if not dcil or not dpf:
+      rows.append([_sp(s), _cell(_spread(dpf)), _cell(_spread(dcil)), "—", "—", NA, NA])
+      continue
+    c = compare(dcil, dpf)
+    rows.append(
+      [
+        _sp(s),
+        _cell(c["dpf"]),
+        _cell(c["dcil"]),
+        f"{c['diff']:+.2f}",
+        NA if c["larger_sd"] is None else f"{c['larger_sd']:.2f}",
+        _p(c["p"]),
+        c["verdict"],
+      ]
+    )
+  header = ["Sparsity", "DPF (%)", "DCIL (%)", "Difference (pp)", "Larger sd (pp)", "p"]
+  return lines + _table(header + ["Verdict"], rows)
+
+
+def _stability_values(runs: Sequence[RunData]) -> dict[str, Any]:
+  """Seed means of the stability measures of one cell (None where no run has them)."""
+  flip = _mean([_get(r.summary, "flip_rate", "mean_after_ramp") for r in runs])
+  return {
+    "flip": flip,
+    "revived": _mean([_get(r.summary, "ever_revived") for r in runs]),
+    "step_std": _mean([_get(r.summary, "top1_variability", "step_std") for r in runs]),
+    "min": _mean([_get(r.summary, "top1_variability", "min") for r in runs]),
+    "seed_sd": (_spread([_final_top1(r) for r in runs]) or {}).get("sd") if len(runs) > 1 else None,
+    "sparsity": _mean([_get(r.summary, "sparsity") for r in runs]),
+    "n": len(runs),
+  }
+
+
+def _compared(name: str, dcil: float, dpf: float, fmt: Callable[[float | None], str]) -> str:
+  word = "lower" if dcil < dpf else "higher" if dcil > dpf else "equal"
+  return f"{name} {word} ({fmt(dcil)} vs {fmt(dpf)})"
+
+
+def _stability_verdict(dcil: dict[str, Any], dpf: dict[str, Any]) -> str:
+  """yes: DCIL's seed means of flip rate after the ramp and step sd are both lower than DPF's."""
+  if None in (dcil["flip"], dpf["flip"], dcil["step_std"], dpf["step_std"]):
+    return "n/a (a measure is missing)"
+  lower_flip = dcil["flip"] < dpf["flip"]
+  lower_jumps = dcil["step_std"] < dpf["step_std"]
+  word = (
+    "**yes**"
+    if lower_flip and lower_jumps
+    else "**mixed**"
+    if lower_flip or lower_jumps
+    else "**no**"
+  )
+  facts = [
+    _compared("flip rate after ramp", dcil["flip"], dpf["flip"], _sci),
+    _compared("step sd", dcil["step_std"], dpf["step_std"], lambda x: f"{_pct(x)} pp"),
+  ]
+  return f"{word}: DCIL vs DPF " + ", ".join(facts)
+
+
+def _stability_section(sweep: Sweep) -> list[str]:
+  lines = [
+    "### Stability",
+    "",
+    "Seed means. *Flip rate after ramp*: fraction of mask bits changed per refresh once the"
+    " sparsity ramp has ended. *Ever revived*: fraction of prunable weights pruned at one"
+    " refresh and kept at the next at least once. *Step sd*: standard deviation of the"
+    " evaluation-to-evaluation change of test top-1 over the last quarter of the evaluations"
+    " (pp); *window min*: the lowest test top-1 there (%). *Seed sd*: standard deviation of final"
+    " top-1 over seeds (pp).",
+    "",
+  ]
+  header = [
+    "Sparsity",
+    "Method",
+    "n",
+    "Achieved sparsity",
+    "Flip rate after ramp",
+    "Ever revived",
+    "Step sd (pp)",
+    "Window min (%)",
+    "Seed sd (pp)",
+  ]
+  cells = [("dense", 0.0)] if "dense" in sweep.methods else []
+  cells += [(m, s) for s in sweep.sparsities for m in sweep.methods if m != "dense"]
+  rows = []
+  for method, s in cells:
+    runs = sweep.cell(method, s)
+    if not runs:
+      continue
+    v = _stability_values(runs)
+    rows.append(
+      [
+        "0" if method == "dense" else _sp(s),
+        _label(method),
+        str(v["n"]),
+        _frac(v["sparsity"]),
+        _sci(v["flip"]),
+        _frac(v["revived"]),
+        _pct(v["step_std"]),
+        _pct(v["min"]),
+        _pct(v["seed_sd"]),
+      ]
+    )
+  lines += _table(header, rows) if rows else ["No finished runs."]
+  lines += [
+    "",
+    "Is DCIL more stable than DPF (lower flip rate after the ramp **and** lower step sd; seed"
+    " means compared, no significance test)?",
+    "",
+  ]
+  for s in sweep.sparsities:
+    dcil, dpf = sweep.cell("dcil", s), sweep.cell("dpf", s)
+    if not dcil or not dpf:
+      lines.append(f"- s = {_sp(s)}: n/a (no finished DCIL or DPF run)")
+      continue
+    lines.append(
+      f"- s = {_sp(s)}: {_stability_verdict(_stability_values(dcil), _stability_values(dpf))}"
+    )
+  return lines
+
+
+# Figures.
+
+
+def _figure(width: float, height: float, rows: int = 1, cols: int = 1, **kwargs: Any):
+  """A figure on the Agg canvas (no pyplot: no global state, no display needed)."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  fig = Figure(figsize=(width, height), layout="constrained")
+  FigureCanvasAgg(fig)
+  axes = fig.subplots(rows, cols, squeeze=False, **kwargs)
+  return fig, axes
+
+
+def _save(fig: Any, path: str) -> None:
+  # No software version in the PNG: the same inputs give the same file.
+  fig.savefig(path, dpi=110, metadata={"Software": None})
+
+
+def _percent_axis(ax: Any, axis: str = "y") -> None:
+  from matplotlib.ticker import FuncFormatter
+
+  fmt = FuncFormatter(lambda v, _: f"{v:g}%")
+  (ax.yaxis if axis == "y" else ax.xaxis).set_major_formatter(fmt)
+
+
+def _mean_curve(
+  series: Sequence[dict[float, float]],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Seed curves ``{x: y}`` aligned on x: (x, mean, sd over the seeds that have each x)."""
+  xs = sorted(set().union(*series)) if series else []
+  grid = np.full((len(series), len(xs)), np.nan)
+  index = {x: i for i, x in enumerate(xs)}
+  for row, curve in enumerate(series):
+    for x, y in curve.items():
+      grid[row, index[x]] = y
+  count = np.sum(~np.isnan(grid), axis=0)
+  with warnings.catch_warnings(), np.errstate(all="ignore"):
+    warnings.simplefilter("ignore", RuntimeWarning)
+    mean = np.nanmean(grid, axis=0)
+    sd = np.where(count > 1, np.nanstd(grid, axis=0, ddof=1), 0.0)
+  return np.asarray(xs, dtype=np.float64), mean, sd
+
+
+def _series(run: RunData, split: str, key: str) -> dict[float, float]:
+  """``{epoch: value}`` of one run's records of ``split``."""
+  per_epoch = run.steps_per_epoch()
+  if not per_epoch:
+    return {}
+  out = {}
+  for r in run.records:
+    value = _num(r.get(key))
+    if r.get("split") == split and value is not None:
+      out[round(r["step"] / per_epoch, 6)] = value
+  return out
+
+
+def _grid_shape(n: int, max_cols: int = 3) -> tuple[int, int]:
+  cols = min(n, max_cols)
+  return math.ceil(n / cols), cols
+
+
+def _schedule_lines(ax: Any, sweep: Sweep) -> None:
+  """Dashed vertical lines at the end of the sparsity ramp and the start of DCIL's KD."""
+  ramp = _num(sweep.first("ramp_end_epoch"))
+  kd_start = _num(sweep.first("kd_start_epoch"))
+  if ramp is not None:
+    ax.axvline(ramp, color="0.2", ls="--", lw=1, label=f"ramp end (epoch {ramp:g})")
+  if kd_start is not None and "dcil" in sweep.methods:
+    ax.axvline(kd_start, color="tab:green", ls="--", lw=1, label=f"KD start (epoch {kd_start:g})")
+
+
+def _title(sweep: Sweep) -> str:
+  return f"{sweep.first('model', '?')} / {sweep.first('dataset', '?')}"
+
+
+def _accuracy_figure(sweep: Sweep, path: str) -> bool:
+  fig, axes = _figure(6.4, 4.2)
+  ax = axes[0, 0]
+  positions = np.arange(len(sweep.sparsities))
+  drawn = False
+  dense = (
+    _spread([_final_top1(r) for r in sweep.cell("dense")]) if "dense" in sweep.methods else None
+  )
+  if dense is not None:
+    mean, sd = 100 * dense["mean"], 100 * dense["sd"]
+    ax.axhline(mean, color=COLORS["dense"], lw=1.5, label=f"Dense ({mean:.2f}%, n={dense['n']})")
+    if sd > 0:
+      ax.axhspan(mean - sd, mean + sd, color=COLORS["dense"], alpha=0.15, lw=0)
+    drawn = True
+  pruning = [m for m in sweep.methods if m != "dense"]
+  for k, method in enumerate(pruning):
+    offset = (k - (len(pruning) - 1) / 2) * 0.08
+    xs, means, sds = [], [], []
+    for i, s in enumerate(sweep.sparsities):
+      spread = _spread([_final_top1(r) for r in sweep.cell(method, s)])
+      if spread is not None:
+        xs.append(i + offset)
+        means.append(100 * spread["mean"])
+        sds.append(100 * spread["sd"])
+    if xs:
+      ax.errorbar(
+        xs,
+        means,
+        yerr=sds,
+        marker="o",
+        capsize=4,
+        color=COLORS.get(method),
+        label=_label(method),
+      )
+      drawn = True
+  if not drawn:
+    return False
+  ax.set_xticks(positions, [_sp(s) for s in sweep.sparsities])
+  ax.set_xlim(-0.5, len(sweep.sparsities) - 0.5)
+  ax.set_xlabel("target sparsity (fraction of weights pruned)")
+  ax.set_ylabel("final test top-1 (sparse path)")
+  _percent_axis(ax)
+  ax.set_title(f"{_title(sweep)}: final top-1 vs sparsity (mean ± sd over seeds)", fontsize=10)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  _save(fig, path)
+  return True
+
+
+def _pruning_figure(
+  sweep: Sweep,
+  path: str,
+  split: str,
+  key: str,
+  *,
+  percent: bool,
+  log: bool,
+  ylabel: str,
+  title: str,
+) -> bool:
+  """One subplot per sparsity: DPF and DCIL (and dense for accuracy) mean curves with ±sd."""
+  methods = [m for m in ("dpf", "dcil") if m in sweep.methods]
+  if not sweep.sparsities or not any(sweep.cell(m, s) for m in methods for s in sweep.sparsities):
+    return False
+  rows, cols = _grid_shape(len(sweep.sparsities))
+  fig, axes = _figure(4.4 * cols, 3.4 * rows, rows, cols, sharey=log)
+  scale = 100.0 if percent else 1.0
+  epochs = max([_num(r.config.get("num_epochs")) or 0.0 for r in sweep.runs] + [0.0])
+  positive = []
+  for i, s in enumerate(sweep.sparsities):
+    ax = axes.flat[i]
+    shown = [("dense", sweep.cell("dense"))] if percent and "dense" in sweep.methods else []
+    shown += [(m, sweep.cell(m, s)) for m in methods]
+    tail = []
+    for method, runs in shown:
+      x, mean, sd = _mean_curve([c for c in (_series(r, split, key) for r in runs) if c])
+      if not x.size:
+        continue
+      mean, sd = scale * mean, scale * sd
+      if log:
+        mean = np.where(mean > 0, mean, np.nan)
+        positive += list(mean[np.isfinite(mean)])
+      style = {"lw": 1.0, "ls": ":"} if method == "dense" else {"lw": 1.5}
+      ax.plot(x, mean, color=COLORS[method], label=f"{_label(method)} (n={len(runs)})", **style)
+      if method != "dense":
+        ax.fill_between(x, mean - sd, mean + sd, color=COLORS[method], alpha=0.2, lw=0)
+      tail += list(mean[x >= 0.1 * x.max()])
+    if not any(sweep.cell(m, s) for m in methods):
+      ax.text(0.5, 0.5, "no finished DPF/DCIL runs yet", ha="center", transform=ax.transAxes)
+    _schedule_lines(ax, sweep)
+    if epochs:
+      ax.set_xlim(0, epochs)
+    ax.set_title(f"sparsity {_sp(s)}", fontsize=10)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if log:
+      ax.set_yscale("log")
+    if percent:
+      _percent_axis(ax)
+      finite = [v for v in tail if math.isfinite(v)]
+      if finite:  # the first epochs would squash the part that matters
+        ax.set_ylim(max(0.0, min(finite) - 2.0), min(100.0, max(finite) + 1.0))
+    ax.legend(fontsize=7)
+  if log and positive:  # clip ±sd bands that reach zero
+    axes.flat[0].set_ylim(bottom=min(positive) / 3)
+  for ax in axes.flat[len(sweep.sparsities) :]:
+    ax.set_visible(False)
+  fig.suptitle(f"{_title(sweep)}: {title}", fontsize=11)
+  _save(fig, path)
+  return True
+
+
+def _short_layer(key: str) -> str:
+  """``"['BasicBlock_0']['Conv_1']['kernel']"`` -> ``"BasicBlock_0/Conv_1"``."""
+  parts = [p.strip("'\"") for p in key.strip("[]").split("][")]
+  if len(parts) > 1 and parts[-1] == "kernel":
+    parts = parts[:-1]
+  return "/".join(parts)
+
+
+def _layer_sparsities(sweep: Sweep) -> list[float]:
+  chosen = {sweep.sparsities[-1]} if sweep.sparsities else set()
+  chosen |= {s for s in sweep.sparsities if _same(s, LAYER_SPARSITY_ALSO)}
+  return sorted(chosen, reverse=True)
+
+
+def _layer_figure(sweep: Sweep, path: str) -> bool:
+  methods = [m for m in ("dpf", "dcil") if m in sweep.methods]
+  panels = [s for s in _layer_sparsities(sweep) if any(sweep.cell(m, s) for m in methods)]
+  if not panels:
+    return False
+  layers: list[str] = []
+  for s in panels:
+    for m in methods:
+      for r in sweep.cell(m, s):
+        layers += [k for k in r.summary.get("layer_sparsity", {}) if k not in layers]
+  if not layers:
+    return False
+  width = max(6.0, 0.45 * len(layers) * len(methods) + 1.5)
+  fig, axes = _figure(width, 3.6 * len(panels), len(panels), 1)
+  positions = np.arange(len(layers))
+  bar = 0.8 / len(methods)
+  for ax, s in zip(axes[:, 0], panels):
+    for k, method in enumerate(methods):
+      runs = sweep.cell(method, s)
+      if not runs:
+        continue
+      values = np.array(
+        [[_nan(r.summary.get("layer_sparsity", {}).get(key)) for key in layers] for r in runs]
+      )
+      with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(values, axis=0)
+        sd = np.nanstd(values, axis=0, ddof=1) if len(runs) > 1 else np.zeros(len(layers))
+      ax.bar(
+        positions + (k - (len(methods) - 1) / 2) * bar,
+        100 * mean,
+        bar,
+        yerr=100 * np.nan_to_num(sd),
+        capsize=2,
+        color=COLORS[method],
+        label=f"{_label(method)} (seed mean, n={len(runs)})",
+      )
+    ax.axhline(100 * s, color="0.2", ls="--", lw=1, label=f"target {_sp(s)} (overall)")
+    ax.set_xticks(positions, [_short_layer(key) for key in layers], rotation=45, ha="right")
+    ax.set_ylabel("layer sparsity at the end")
+    ax.set_ylim(0, 125)  # room for the legend above the bars
+    ax.set_yticks(np.arange(0, 101, 20))
+    _percent_axis(ax)
+    ax.set_title(f"target sparsity {_sp(s)}", fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7, loc="upper left", ncol=len(methods) + 1)
+  fig.suptitle(f"{_title(sweep)}: per-layer sparsity at the end of training", fontsize=11)
+  _save(fig, path)
+  return True
+
+
+def _figures(sweep: Sweep, fig_dir: str) -> list[tuple[str, str, str]]:
+  """Writes the sweep's figures; returns (alt text, caption, path relative to the report)."""
+  os.makedirs(fig_dir, exist_ok=True)
+  made = []
+
+  def add(suffix: str, caption: str, draw: Callable[[str], bool]) -> None:
+    name = f"{sweep.slug}_{suffix}.png"
+    if draw(os.path.join(fig_dir, name)):
+      made.append((suffix.replace("_", " "), caption, f"{FIGURES}/{name}"))
+
+  add(
+    "accuracy_vs_sparsity",
+    "Final test top-1 vs sparsity (mean ± sd over seeds; dense as a line with its ±sd band)",
+    lambda p: _accuracy_figure(sweep, p),
+  )
+  add(
+    "training_curves",
+    "Test top-1 during training, DCIL vs DPF (mean ± sd over seeds; dense dotted)",
+    lambda p: _pruning_figure(
+      sweep,
+      p,
+      "eval",
+      "top1",
+      percent=True,
+      log=False,
+      ylabel="test top-1 (sparse path)",
+      title="test top-1 during training (mean ± sd over seeds)",
+    ),
+  )
+  add(
+    "flip_rate",
+    "Mask flip rate at each refresh, DCIL vs DPF (mean ± sd over seeds, log scale)",
+    lambda p: _pruning_figure(
+      sweep,
+      p,
+      "refresh",
+      "flip_rate",
+      percent=False,
+      log=True,
+      ylabel="mask flip rate per refresh",
+      title="mask flip rate per refresh (mean ± sd over seeds)",
+    ),
+  )
+  add(
+    "layer_sparsity",
+    "Per-layer sparsity at the end of training, DCIL vs DPF",
+    lambda p: _layer_figure(sweep, p),
+  )
+  return made
+
+
+def _header(sweep: Sweep) -> list[str]:
+  epochs = sorted({_num(r.config.get("num_epochs")) for r in sweep.runs} - {None})
+  steps = sorted({int(r.summary["steps"]) for r in sweep.runs if "steps" in r.summary})
+  per_epoch = sorted({round(p, 3) for p in (r.steps_per_epoch() for r in sweep.runs) if p})
+  seeds = sorted({r.seed for r in sweep.runs})
+  total = len(sweep.runs) + len(sweep.started) + len(sweep.not_started)
+  params = sweep.first("num_params")
+  join = lambda xs: ", ".join(f"{x:g}" if isinstance(x, float) else str(x) for x in xs) or NA
+  lines = [
+    f"## {_title(sweep)} (`{sweep.slug}`)",
+    "",
+    f"- Sweep directory: `{sweep.path}`",
+    f"- Model: {sweep.first('model', NA)}; dataset: {sweep.first('dataset', NA)}; parameters: "
+    + (f"{int(params):,}" if params is not None else NA),
+    f"- Training: {join(epochs)} epochs, {join(steps)} steps ({join(per_epoch)} per epoch); "
+    f"sparsity ramp ends at epoch {_g(sweep.first('ramp_end_epoch'))}, DCIL's KD starts at"
+    f" epoch {_g(sweep.first('kd_start_epoch'))}, masks refreshed every"
+    f" {_g(sweep.first('update_every'))} steps",
+    f"- Methods: {', '.join(_label(m) for m in sweep.methods) or NA}; sparsities: "
+    f"{join(sweep.sparsities)}",
+    f"- Seeds found: {join(seeds)}",
+    f"- Finished runs: {len(sweep.runs)} of {total}",
+  ]
+  if sweep.started or sweep.not_started:
+    missing = []
+    if sweep.started:
+      missing.append("started, not finished: " + ", ".join(f"`{n}`" for n in sweep.started))
+    if sweep.not_started:
+      missing.append("not started: " + ", ".join(f"`{n}`" for n in sweep.not_started))
+    lines.append("- Missing runs (no summary.json; left out below): " + "; ".join(missing))
+  else:
+    lines.append("- Missing runs: none")
+  return lines
+
+
+def _section(sweep: Sweep, fig_dir: str) -> list[str]:
+  lines = _header(sweep) + [""]
+  if not sweep.runs:
+    return lines + ["No finished runs yet.", ""]
+  lines += [
+    "### Final test top-1 (sparse path, %)",
+    "",
+    "Mean ± sample sd over seeds (n seeds) at the end of training: the headline numbers.",
+    "",
+  ]
+  lines += _accuracy_table(sweep, _final_top1) + [""]
+  lines += [
+    "Secondary: best test top-1 over the evaluations (%). The epoch is **chosen on the test set**,"
+    " so these are optimistic; do not use them as the result.",
+    "",
+  ]
+  lines += _accuracy_table(sweep, _best_top1) + [""]
+  if "dcil" in sweep.methods and "dpf" in sweep.methods:
+    lines += _comparison_section(sweep) + [""]
+  lines += _stability_section(sweep) + [""]
+  figures = _figures(sweep, fig_dir)
+  if figures:
+    lines += ["### Figures", ""]
+    for alt, caption, rel in figures:
+      lines += [f"![{alt}]({rel})", "", f"*{caption}.*", ""]
+  return lines
+
+
+def _slugs(paths: Sequence[str]) -> list[str]:
+  """File-name-safe, distinct names of the sweep directories (for figure file names)."""
+  slugs = []
+  for path in paths:
+    base = os.path.basename(os.path.normpath(os.path.abspath(path))) or "sweep"
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", base)
+    candidate, k = slug, 2
+    while candidate in slugs:
+      candidate, k = f"{slug}_{k}", k + 1
+    slugs.append(candidate)
+  return slugs
+
+
+def command(sweep_dirs: Sequence[str], out_dir: str, notes: str | None = None) -> str:
+  """The command line that regenerates the report."""
+  args = ["python", "-m", "experiments.report", *sweep_dirs, f"--out={out_dir}"]
+  if notes is not None:
+    args.append(f"--notes={notes}")
+  return shlex.join(args)
+
+
+def build_report(sweep_dirs: list[str], out_dir: str, notes: str | None = None) -> str:
+  """Writes ``OUT_DIR/REPORT.md`` and ``OUT_DIR/figures/*.png``; returns the report's path."""
+  if not sweep_dirs:
+    raise ValueError("Need at least one sweep directory.")
+  for path in sweep_dirs:
+    if not os.path.isdir(path):
+      raise ValueError(f"Not a directory: {path}")
+  notes_text = None
+  if notes is not None:
+    with open(notes) as f:
+      notes_text = f.read()
+  fig_dir = os.path.join(out_dir, FIGURES)
+  os.makedirs(fig_dir, exist_ok=True)
+  sweeps = [load_sweep(p, s) for p, s in zip(sweep_dirs, _slugs(sweep_dirs))]
+  lines = [
+    "# DCIL vs DPF vs dense training: results",
+    "",
+    "Generated from the runs' `summary.json`, `metrics.jsonl` and `config.json`. Accuracies are"
+    " test top-1 of the sparse path (the pruned model) in %; differences and spreads in"
+    " percentage points (pp); ± is the sample standard deviation over seeds.",
+    "",
+    "How to reproduce (regenerate this report):",
+    "",
+    "```sh",
+    command(sweep_dirs, out_dir, notes),
+    "```",
+    "",
+  ]
+  for sweep in sweeps:
+    lines += _section(sweep, fig_dir)
+  if notes_text is not None:
+    lines += ["## Discussion", "", notes_text.rstrip("\n"), ""]
+  path = os.path.join(out_dir, REPORT)
+  with open(path, "w") as f:
+    f.write("\n".join(lines).rstrip("\n") + "\n")
+  return path
+
+
+def define_flags() -> None:
+  flags.DEFINE_string("out", None, "Output directory: REPORT.md and figures/.")
+  flags.DEFINE_string("notes", None, "Markdown file included verbatim under 'Discussion'.")
+  flags.mark_flags_as_required(["out"])
+
+
+def main(argv: Sequence[str]) -> None:
+  sweep_dirs = list(argv[1:])
+  if not sweep_dirs:
+    raise app.UsageError("Usage: python -m experiments.report SWEEP_DIR [...] --out=OUT_DIR")
+  f = flags.FLAGS
+  try:
+    path = build_report(sweep_dirs, f.out, f.notes)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  print(f"Wrote {path}")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

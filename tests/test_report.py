@@ -1,0 +1,222 @@
+"""The sweep report on a hand-made sweep directory (no model is run)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import pytest
+from scipy import stats
+
+from experiments import report
+
+SPARSITIES = (0.5, 0.9)
+SEEDS = (0, 1, 2)
+# Final sparse-path top-1 per (method, sparsity), by seed. At 0.9 DCIL is clearly higher; at 0.5
+# the means are equal. dpf_s0.5_seed2 is left unfinished (its value is never read).
+FINAL = {
+  ("dense", 0.0): [0.99, 0.985, 0.995],
+  ("dpf", 0.5): [0.95, 0.96, None],
+  ("dcil", 0.5): [0.95, 0.96, 0.955],
+  ("dpf", 0.9): [0.90, 0.905, 0.895],
+  ("dcil", 0.9): [0.975, 0.97, 0.98],
+}
+FLIP_AFTER_RAMP = {"dpf": 5e-3, "dcil": 1e-3}
+STEP_STD = {"dense": 0.002, "dpf": 0.004, "dcil": 0.001}
+STEPS_PER_EPOCH, EPOCHS = 10, 4
+NOTES = "DCIL wins at **0.9**; see the curves.\n\n- hand-written point\n"
+
+
+def _name(method: str, sparsity: float, seed: int) -> str:
+  return f"dense_seed{seed}" if method == "dense" else f"{method}_s{sparsity:g}_seed{seed}"
+
+
+def _write_run(root: Path, method: str, sparsity: float, seed: int, top1: float | None) -> None:
+  rundir = root / _name(method, sparsity, seed)
+  rundir.mkdir()
+  config = {
+    "model": "small_cnn",
+    "dataset": "digits",
+    "method": method,
+    "sparsity": sparsity,
+    "seed": seed,
+    "num_epochs": EPOCHS,
+    "ramp_end_epoch": 2.0,
+    "kd_start_epoch": 1.0,
+    "update_every": 5,
+    "steps_per_epoch": None,
+  }
+  (rundir / "config.json").write_text(json.dumps(config))
+  if top1 is None:  # started, never finished
+    return
+  records: list[dict[str, Any]] = []
+  for epoch, acc in enumerate([top1 - 0.1, top1 - 0.05, top1 - 0.01, top1], start=1):
+    step = epoch * STEPS_PER_EPOCH
+    records.append({"step": step, "split": "train", "loss": 0.5, "accuracy_sparse": acc})
+    records.append({"step": step, "split": "eval", "top1": acc, "top5": 1.0, "epoch": epoch})
+    if method != "dense":
+      flip = 0.1 if epoch <= 2 else FLIP_AFTER_RAMP[method]
+      records.append({"step": step - 5, "split": "refresh", "flip_rate": flip, "revived": 0.0})
+  (rundir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  steps = EPOCHS * STEPS_PER_EPOCH
+  summary: dict[str, Any] = {
+    "model": "small_cnn",
+    "dataset": "digits",
+    "method": method,
+    "target_sparsity": sparsity,
+    "num_params": 1234,
+    "steps": steps,
+    "final": {"top1": top1, "top5": 1.0, "loss": 0.1, "step": steps, "epoch": EPOCHS},
+    "best": {"top1": top1 + 0.005, "top5": 1.0, "step": 30, "epoch": 3},
+    "top1_variability": {"step_std": STEP_STD[method], "std": 0.01, "min": top1, "evals": 2},
+  }
+  if method != "dense":
+    summary |= {
+      "sparsity": sparsity,
+      "layer_sparsity": {"['Conv_0']['kernel']": sparsity - 0.2, "['Conv_1']['kernel']": sparsity},
+      "flip_rate": {"mean": 0.05, "mean_after_ramp": FLIP_AFTER_RAMP[method], "refreshes": 4},
+      "layer_flip_rate_after_ramp": {"Conv_0/kernel": 0.01, "Conv_1/kernel": 0.001},
+      "ever_revived": 0.02 if method == "dpf" else 0.01,
+    }
+  (rundir / "summary.json").write_text(json.dumps(summary))
+
+
+def _fake_sweep(root: Path) -> Path:
+  sweep = root / "fake_sweep"
+  sweep.mkdir()
+  runs = []
+  for (method, sparsity), values in FINAL.items():
+    for seed, top1 in zip(SEEDS, values):
+      _write_run(sweep, method, sparsity, seed, top1)
+      runs.append(
+        {
+          "method": method,
+          "sparsity": sparsity,
+          "seed": seed,
+          "name": _name(method, sparsity, seed),
+        }
+      )
+  grid = {"config": {"model": "small_cnn", "dataset": "digits", "num_epochs": None}, "runs": runs}
+  (sweep / "sweep.json").write_text(json.dumps(grid))
+  return sweep
+
+
+def _section(text: str, start: str, end: str) -> str:
+  return text[text.index(start) : text.index(end, text.index(start))]
+
+
+def _row(text: str, first_cell: str) -> str:
+  (line,) = [x for x in text.splitlines() if x.startswith(f"| {first_cell} |")]
+  return line
+
+
+def _mean_sd(values: list[float | None]) -> str:
+  kept = [v for v in values if v is not None]
+  return f"{100 * statistics.mean(kept):.2f} ± {100 * statistics.stdev(kept):.2f} (n={len(kept)})"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+  root = tmp_path_factory.mktemp("report")
+  sweep = _fake_sweep(root)
+  notes = root / "notes.md"
+  notes.write_text(NOTES)
+  out = root / "out"
+  path = report.build_report([str(sweep)], str(out), notes=str(notes))
+  return Path(path), sweep, out, notes
+
+
+def test_main_table_has_seed_mean_and_sd(built):
+  path, *_ = built
+  assert path.name == "REPORT.md" and path.exists()
+  text = path.read_text()
+  table = _section(text, "### Final test top-1", "Secondary")
+  assert "| Method | dense (s = 0) | s = 0.5 | s = 0.9 |" in table
+  dcil = _row(table, "DCIL")
+  assert "97.50 ± 0.50 (n=3)" in dcil  # written by hand above
+  assert _mean_sd(FINAL[("dcil", 0.9)]) in dcil and _mean_sd(FINAL[("dcil", 0.5)]) in dcil
+  dpf = _row(table, "DPF")
+  assert _mean_sd(FINAL[("dpf", 0.5)]) in dpf and "(n=2)" in dpf  # the unfinished seed is out
+  assert _mean_sd(FINAL[("dpf", 0.9)]) in dpf
+  assert _mean_sd(FINAL[("dense", 0.0)]) in _row(table, "Dense")
+  best = _section(text, "Secondary", "### DCIL vs DPF")
+  assert "chosen on the test set" in best
+  assert _mean_sd([v + 0.005 for v in FINAL[("dcil", 0.9)]]) in _row(best, "DCIL")
+
+
+def test_header_lists_missing_run_and_seeds(built):
+  path, sweep, *_ = built
+  text = path.read_text()
+  (missing,) = [x for x in text.splitlines() if x.startswith("- Missing runs")]
+  assert "dpf_s0.5_seed2" in missing and "dcil_s0.5_seed2" not in missing
+  assert "- Seeds found: 0, 1, 2" in text
+  assert "Finished runs: 14 of 15" in text
+  assert "parameters: 1,234" in text and "4 epochs, 40 steps (10 per epoch)" in text
+  assert f"`{sweep}`" in text
+
+
+def test_dcil_vs_dpf_verdicts(built):
+  path, *_ = built
+  section = _section(path.read_text(), "### DCIL vs DPF", "### Stability")
+  assert "p < 0.05" in section  # the rule is stated
+  high = _row(section, "0.9")
+  assert "DCIL higher" in high and "+7.50" in high
+  assert stats.ttest_ind(FINAL[("dcil", 0.9)], FINAL[("dpf", 0.9)], equal_var=False).pvalue < 0.05
+  equal = _row(section, "0.5")
+  assert "no clear difference" in equal and "DCIL higher" not in equal and "+0.00" in equal
+  p = stats.ttest_ind([0.95, 0.96, 0.955], [0.95, 0.96], equal_var=False).pvalue
+  assert f"| {p:.3f} |" in equal
+
+
+def test_stability_table_and_verdict(built):
+  path, *_ = built
+  section = _section(path.read_text(), "### Stability", "### Figures")
+  dcil = [x for x in section.splitlines() if x.startswith("| 0.9 | DCIL |")][0]
+  assert "1.00e-03" in dcil and "| 0.10 |" in dcil and "| 0.0100 |" in dcil
+  dpf = [x for x in section.splitlines() if x.startswith("| 0.9 | DPF |")][0]
+  assert "5.00e-03" in dpf and "| 0.40 |" in dpf
+  assert "- s = 0.9: **yes**" in section and "- s = 0.5: **yes**" in section
+
+
+def test_figures_are_pngs_linked_from_the_report(built):
+  path, _, out, _ = built
+  text = path.read_text()
+  kinds = ("accuracy_vs_sparsity", "training_curves", "flip_rate", "layer_sparsity")
+  for kind in kinds:
+    png = out / "figures" / f"fake_sweep_{kind}.png"
+    data = png.read_bytes()
+    assert len(data) > 1000 and data.startswith(b"\x89PNG\r\n\x1a\n"), png
+    assert f"(figures/{png.name})" in text
+
+
+def test_notes_command_and_determinism(built):
+  path, sweep, out, notes = built
+  text = path.read_text()
+  assert text.rstrip().endswith(NOTES.rstrip())
+  assert text.index("## Discussion") < text.index(NOTES.splitlines()[0])
+  assert f"python -m experiments.report {sweep} --out={out} --notes={notes}" in text
+  figure = (out / "figures" / "fake_sweep_flip_rate.png").read_bytes()
+  report.build_report([str(sweep)], str(out), notes=str(notes))
+  assert path.read_text() == text
+  assert (out / "figures" / "fake_sweep_flip_rate.png").read_bytes() == figure
+
+
+def test_unfinished_sweep_does_not_fail(tmp_path):
+  sweep = tmp_path / "empty"
+  sweep.mkdir()
+  runs = [{"method": "dcil", "sparsity": 0.9, "seed": 0, "name": "dcil_s0.9_seed0"}]
+  (sweep / "sweep.json").write_text(json.dumps({"config": {}, "runs": runs}))
+  text = Path(report.build_report([str(sweep)], str(tmp_path / "out"))).read_text()
+  assert "not started: `dcil_s0.9_seed0`" in text and "No finished runs yet." in text
+  assert "## Discussion" not in text
+
+
+def test_compare_verdicts():
+  assert report.compare([0.80, 0.81, 0.79], [0.90, 0.91, 0.89])["verdict"] == "DPF higher"
+  one_seed = report.compare([0.95], [0.80])
+  assert one_seed["p"] is None and one_seed["verdict"].startswith("no clear difference")
+  # Large p-value: a big difference is not clear when the seeds spread as much.
+  noisy = report.compare([0.90, 0.70, 0.95], [0.80, 0.60, 0.85])
+  assert noisy["p"] > 0.05 and noisy["verdict"] == "no clear difference"
