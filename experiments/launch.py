@@ -141,6 +141,8 @@ def main(argv: Sequence[str]) -> None:
   from experiments import checkpoints, input_pipeline, preemption, train
 
   f = flags.FLAGS
+  if not f["verbosity"].present:  # orbax and JAX log every save at INFO: keep the console calm
+    logging.set_verbosity(logging.WARNING)
   select_platform(f.accelerator)
   initialize_distributed(f.distributed, f.accelerator)  # before anything touches the devices
   try:

@@ -8,17 +8,19 @@
 Each run trains the base ``--config`` with ``method``, ``sparsity`` and ``seed`` set, through the
 same loop as ``experiments.cifar`` (:func:`experiments.train.train_and_evaluate`), into
 ``WORKDIR/<run name>/``. ``dense`` runs once per seed (it has no sparsity). A run whose
-``summary.json`` exists is finished and skipped, so the same command continues an interrupted
-sweep; ``--shard=k/n`` runs every n-th run only, for n separate processes or machines sharing
-one WORKDIR. ``WORKDIR/sweep.json`` lists the grid; ``python -m experiments.report WORKDIR``
-turns the finished runs into ``REPORT.md`` and figures.
+``summary.json`` exists is finished and skipped, and an interrupted run continues from its
+newest checkpoint, so the same command continues an interrupted sweep exactly (on SIGTERM it
+checkpoints and exits with code 75, like the single-run commands). ``--shard=k/n`` runs
+every n-th run only, for n separate processes or machines sharing one WORKDIR.
+``WORKDIR/sweep.json`` lists the grid; ``python -m experiments.report WORKDIR`` turns the
+finished runs into ``REPORT.md`` and figures.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -113,8 +115,8 @@ def run_sweep(
 ) -> list[dict[str, Any]]:
   """Trains every unfinished run of this shard in turn; returns the summaries of those it ran.
 
-  A run directory without ``summary.json`` is an interrupted run: it is started again from
-  scratch (its old files are moved to ``<name>.interrupted``).
+  A run directory without ``summary.json`` is an interrupted run: it continues from its newest
+  checkpoint (:func:`experiments.train.train_and_evaluate`).
   """
   from tqdm.auto import tqdm
 
@@ -145,10 +147,6 @@ def run_sweep(
       if run in done:
         continue
       rundir = os.path.join(workdir, run.name)
-      if os.path.exists(rundir):
-        stale = rundir + ".interrupted"
-        shutil.rmtree(stale, ignore_errors=True)
-        os.rename(rundir, stale)
       start = time.perf_counter()
       summary = train.train_and_evaluate(run_config(base, run), rundir, progress=bar)
       summaries.append(summary)
@@ -195,7 +193,13 @@ def main(argv: Sequence[str]) -> None:
     shard = parse_shard(f.shard)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  run_sweep(f.config, f.workdir, runs, shard=shard, progress=f.progress)
+  from experiments import preemption
+
+  try:
+    run_sweep(f.config, f.workdir, runs, shard=shard, progress=f.progress)
+  except preemption.Preempted as e:
+    print(f"{e} The same sweep command continues it.", file=sys.stderr)
+    sys.exit(preemption.PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

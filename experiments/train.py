@@ -756,7 +756,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     + (f"  (dense path top-1 {final['dense_top1']:.4f})" if "dense_top1" in final else ""),
     f"best  sparse-path top-1 {best['top1']:.4f}  top-5 {best['top5']:.4f} at epoch "
     f"{best['epoch']:.2f} (picked on the eval split: report the final numbers)",
-    f"throughput {summary.get('images_per_second', float('nan')):.1f} images/s",
+    f"throughput {summary.get('images_per_second') or float('nan'):.1f} images/s",
   ]
   if "sparsity" in summary:
     flips = summary["flip_rate"]
