@@ -154,7 +154,8 @@ def main(argv: Sequence[str]) -> None:
     for name, value in ACCELERATOR_DEFAULTS.get(platform, {}).items():
       if config[name] is None:
         config[name] = value
-  logging.info("process %d of %d on %s", jax.process_index(), jax.process_count(), platform)
+  if jax.process_count() > 1:
+    print(f"process {jax.process_index()} of {jax.process_count()} on {platform}", file=sys.stderr)
   bad_input = (
     train.BadConfigError,
     train.WorkdirError,

@@ -279,6 +279,28 @@ def test_two_processes_train_like_one(tmp_path):
       if key in b:
         np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=key)
 
+  # Both processes restore the final checkpoint (saved by both) and write the same summary.
+  summary = (workdir / "summary.json").read_text()
+  rerun_coordinator = f"127.0.0.1:{free_port()}"
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", CLI, "experiments.cifar", f"--workdir={workdir}", *flags],
+      env=dict(env, JAX_PROCESS_ID=str(process_id), JAX_COORDINATOR_ADDRESS=rerun_coordinator),
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for process_id in range(2)
+  ]
+  outputs = [p.communicate(timeout=600) for p in procs]
+  for p, (out, err) in zip(procs, outputs):
+    assert p.returncode == 0, out[-2000:] + err[-4000:]
+  assert "resumed at step" in outputs[0][0]
+  timing = ("train_seconds", "images_per_second")
+  strip = lambda text: {k: v for k, v in json.loads(text).items() if k not in timing}
+  assert strip((workdir / "summary.json").read_text()) == strip(summary)
+
 
 def test_per_device_batch_sets_the_global_batch_and_the_scaled_lr():
   config = train.resolve_config(_with(imagenet.get_config(), per_device_batch_size=128), 8)
