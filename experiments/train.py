@@ -567,7 +567,10 @@ def train_and_evaluate(
           writer.write(step, "eval", {k: v for k, v in result.items() if k != "step"})
           if verbose:
             progress.write(_format_eval(result))
-        stop = _agree(guard.requested)
+        # One process: checked after every step. Several: they agree when they log (a host sync
+        # they make anyway), so all stop at the same step.
+        multi = jax.process_count() > 1
+        stop = _agree(guard.requested) if not multi or step % config.log_every_steps == 0 else False
         if evaluated or stop or step % checkpoint_every == 0:
           flush(step)  # every record up to `step` is written before its checkpoint exists
           checkpointer.save(
