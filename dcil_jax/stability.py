@@ -9,6 +9,7 @@ DPF's straight-through estimate. These functions measure that from what a run re
   and which weights were *ever* revived over a run.
 - :func:`accuracy_variability`: how much test accuracy moves from one evaluation to the next
   over the last part of training (a stable run has converged; an unstable one keeps jumping).
+- :func:`largest_drop`: the deepest one-evaluation dip over the whole run (after warm-up).
 - :func:`seed_spread`: mean and sample standard deviation over seeds.
 
 Mask functions are pure ``jax.numpy`` (they work under ``jit`` on the masks pytree, ``None`` at
@@ -106,6 +107,22 @@ def accuracy_variability(
     "min": float(window.min()),
     "evals": int(window.size),
   }
+
+
+def largest_drop(accuracies: Sequence[float], skip_fraction: float = 0.1) -> float:
+  """The largest fall of accuracy from one evaluation to the next (0 if it never falls),
+  after the first ``skip_fraction`` of the evaluations (the first epochs' noise).
+
+  Catches the dips of an unstable run during the sparsity ramp, which a window at the end of
+  training (:func:`accuracy_variability`) misses once the run has settled.
+  """
+  acc = np.asarray(accuracies, dtype=np.float64)
+  if acc.ndim != 1 or acc.size < 2:
+    raise ValueError(f"Need a 1-D curve of at least 2 accuracies, got shape {acc.shape}.")
+  if not 0 <= skip_fraction < 1:
+    raise ValueError(f"skip_fraction must be in [0, 1), got {skip_fraction}.")
+  tail = acc[min(round(skip_fraction * acc.size), acc.size - 2) :]
+  return float(max(0.0, np.max(tail[:-1] - tail[1:])))
 
 
 def seed_spread(values: Sequence[float]) -> dict[str, float]:

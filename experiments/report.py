@@ -354,10 +354,16 @@ def _stability_values(runs: Sequence[RunData]) -> dict[str, Any]:
     "revived": _mean([_get(r.summary, "ever_revived") for r in runs]),
     "step_std": _mean([_get(r.summary, "top1_variability", "step_std") for r in runs]),
     "min": _mean([_get(r.summary, "top1_variability", "min") for r in runs]),
+    "drop": _mean([_largest_drop(r) for r in runs]),
     "seed_sd": (_spread([_final_top1(r) for r in runs]) or {}).get("sd") if len(runs) > 1 else None,
     "sparsity": _mean([_get(r.summary, "sparsity") for r in runs]),
     "n": len(runs),
   }
+
+
+def _largest_drop(run: RunData) -> float | None:
+  curve = [r["top1"] for r in run.evals() if _num(r.get("top1")) is not None]
+  return stability.largest_drop(curve) if len(curve) >= 2 else None
 
 
 def _compared(name: str, dcil: float, dpf: float, fmt: Callable[[float | None], str]) -> str:
@@ -366,21 +372,18 @@ def _compared(name: str, dcil: float, dpf: float, fmt: Callable[[float | None], 
 
 
 def _stability_verdict(dcil: dict[str, Any], dpf: dict[str, Any]) -> str:
-  """yes: DCIL's seed means of flip rate after the ramp and step sd are both lower than DPF's."""
-  if None in (dcil["flip"], dpf["flip"], dcil["step_std"], dpf["step_std"]):
+  """yes: DCIL's seed means of flip rate after the ramp, step sd and largest drop are all lower
+  than DPF's; no: none is; mixed otherwise."""
+  keys = ("flip", "step_std", "drop")
+  if any(d[k] is None for d in (dcil, dpf) for k in keys):
     return "n/a (a measure is missing)"
-  lower_flip = dcil["flip"] < dpf["flip"]
-  lower_jumps = dcil["step_std"] < dpf["step_std"]
-  word = (
-    "**yes**"
-    if lower_flip and lower_jumps
-    else "**mixed**"
-    if lower_flip or lower_jumps
-    else "**no**"
-  )
+  lower = sum(dcil[k] < dpf[k] for k in keys)
+  word = "**yes**" if lower == len(keys) else "**no**" if lower == 0 else "**mixed**"
+  pp = lambda x: f"{_pct(x)} pp"
   facts = [
     _compared("flip rate after ramp", dcil["flip"], dpf["flip"], _sci),
-    _compared("step sd", dcil["step_std"], dpf["step_std"], lambda x: f"{_pct(x)} pp"),
+    _compared("step sd", dcil["step_std"], dpf["step_std"], pp),
+    _compared("largest drop", dcil["drop"], dpf["drop"], pp),
   ]
   return f"{word}: DCIL vs DPF " + ", ".join(facts)
 
@@ -393,8 +396,10 @@ def _stability_section(sweep: Sweep) -> list[str]:
     " sparsity ramp has ended. *Ever revived*: fraction of prunable weights pruned at one"
     " refresh and kept at the next at least once. *Step sd*: standard deviation of the"
     " evaluation-to-evaluation change of test top-1 over the last quarter of the evaluations"
-    " (pp); *window min*: the lowest test top-1 there (%). *Seed sd*: standard deviation of final"
-    " top-1 over seeds (pp).",
+    " (pp); *window min*: the lowest test top-1 there (%). *Largest drop*: the deepest fall of"
+    " test top-1 from one evaluation to the next over the whole run after its first 10 % (pp):"
+    " the dips during the sparsity ramp that the end window misses. *Seed sd*: standard"
+    " deviation of final top-1 over seeds (pp).",
     "",
   ]
   header = [
@@ -406,6 +411,7 @@ def _stability_section(sweep: Sweep) -> list[str]:
     "Ever revived",
     "Step sd (pp)",
     "Window min (%)",
+    "Largest drop (pp)",
     "Seed sd (pp)",
   ]
   cells = [("dense", 0.0)] if "dense" in sweep.methods else []
@@ -426,14 +432,15 @@ def _stability_section(sweep: Sweep) -> list[str]:
         _frac(v["revived"]),
         _pct(v["step_std"]),
         _pct(v["min"]),
+        _pct(v["drop"]),
         _pct(v["seed_sd"]),
       ]
     )
   lines += _table(header, rows) if rows else ["No finished runs."]
   lines += [
     "",
-    "Is DCIL more stable than DPF (lower flip rate after the ramp **and** lower step sd; seed"
-    " means compared, no significance test)?",
+    "Is DCIL more stable than DPF (lower flip rate after the ramp, lower step sd **and** lower"
+    " largest drop; seed means compared, no significance test)?",
     "",
   ]
   for s in sweep.sparsities:

@@ -70,6 +70,13 @@ def test_accuracy_variability_is_about_jumps_not_trends():
     stability.accuracy_variability([0.9])
 
 
+def test_largest_drop_finds_the_deepest_dip_after_warm_up():
+  curve = [0.1, 0.9, 0.95, 0.6, 0.9, 0.85, 0.95, 0.9, 0.95, 0.95]
+  assert stability.largest_drop(curve) == pytest.approx(0.35)
+  assert stability.largest_drop([0.1, 0.2, 0.5, 0.9]) == 0.0  # never falls
+  assert stability.largest_drop([0.9, 0.1, 0.2, 0.3], skip_fraction=0.5) == 0.0  # dip skipped
+
+
 def test_seed_spread_is_the_sample_sd():
   spread = stability.seed_spread([0.90, 0.92, 0.94])
   assert spread["mean"] == pytest.approx(0.92) and spread["sd"] == pytest.approx(0.02)
