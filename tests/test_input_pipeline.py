@@ -322,8 +322,28 @@ def test_batch_not_divisible_by_process_count():
 
 
 def test_unknown_dataset():
-  with pytest.raises(ValueError, match="cifar10, cifar100, imagenet2012"):
+  with pytest.raises(ValueError, match="cifar10, cifar100, digits, imagenet2012"):
     ip.create_train_iterator("mnist", global_batch_size=8, seed=0)
+
+
+def test_digits_is_a_fixed_stratified_split_with_its_own_statistics():
+  train, test = ip.digits_source("train"), ip.digits_source("test")
+  assert (len(train), len(test)) == (1437, 360)
+  assert train[0]["image"].shape == (8, 8, 1) and train[0]["image"].dtype == np.uint8
+  labels = np.array([r["label"] for r in test])
+  assert np.bincount(labels).min() >= 35  # stratified: every digit ~36 times in the test split
+  pixels = np.stack([r["image"] for r in train]) / 255.0
+  info = ip.DATASETS["digits"]
+  np.testing.assert_allclose((pixels.mean(), pixels.std()), info.mean + info.std, atol=1e-4)
+  it = ip.create_eval_iterator("digits", global_batch_size=128)
+  batches = list(it)
+  assert len(batches) == 3 and batches[-1]["image"].shape == (128, 8, 8, 1)
+  assert sum(int(b["mask"].sum()) for b in batches) == 360
+  image = batches[0]["image"][0]
+  expected = (test[0]["image"] / 255.0 - info.mean[0]) / info.std[0]
+  np.testing.assert_allclose(image, expected, atol=1e-5)  # no augmentation, normalised
+  with pytest.raises(ValueError, match="'train' and 'test'"):
+    ip.digits_source("validation")
 
 
 def test_missing_data_says_how_to_prepare_it(tmp_path):
