@@ -153,3 +153,15 @@ def test_checkpoint_of_a_sharded_state_restores_values_and_shardings(
   for got, want in zip(jax.tree.leaves(restored.state), expected, strict=True):
     assert got.sharding == want.sharding  # PerPath leaves on `path`, the rest replicated
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_a_global_batch_that_does_not_split_over_the_devices_stops_the_run_at_start(tmp_path):
+  from experiments import train
+  from experiments.configs import digits
+
+  config = digits.get_config("local")
+  with config.unlocked():
+    config.batch_size = 12
+  with pytest.raises(train.BadConfigError, match="split evenly over the 8 data-parallel devices"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
