@@ -188,6 +188,10 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
+  if not f["verbosity"].present:  # orbax logs every checkpoint at INFO
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)
   try:
     runs = make_grid(f.methods, _floats(f.sparsities), _ints(f.seeds))
     shard = parse_shard(f.shard)
