@@ -500,6 +500,8 @@ def train_and_evaluate(
   checked = len(window)  # window[:checked] was checked for NaN/Inf already
   refresh_window: list[tuple[int, Any]] = []
   faults = NonfiniteMonitor(config.on_nonfinite, config.max_consecutive_nonfinite)
+  if restored is not None:
+    faults.total, faults.consecutive = restored.meta.get("nonfinite", (0, 0))
   train_iterator, train_batches = None, None
   timer_start, timed_images, step_fn = None, 0, None
 
@@ -579,6 +581,7 @@ def train_and_evaluate(
             {
               "data": data_position,
               "pending_train": checkpoints.to_jsonable(window),
+              "nonfinite": (faults.total, faults.consecutive),
               "config": config.to_dict(),
             },
             metrics={"top1": evals[-1]["top1"]} if evaluated else None,
