@@ -432,7 +432,9 @@ def train_and_evaluate(
 
   workpath = prepare_workdir(workdir, lead)
   state = create_train_state(config, mesh, steps_per_epoch)
-  tracker = None if state.method == "dense" else stability.RevivalTracker.create(state.masks)
+  tracker = None
+  if state.method != "dense":  # on the mesh like the state (a checkpoint restores it there)
+    tracker = sharding.place_state(stability.RevivalTracker.create(state.masks), mesh)
   checkpointer = checkpoints.RunCheckpointer(
     workpath / checkpoints.CHECKPOINT_DIR,
     keep=config.keep_checkpoints,

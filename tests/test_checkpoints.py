@@ -60,11 +60,16 @@ def wait_for_checkpoint(workdir, process, after: int = 0, timeout: float = 120) 
 
 
 def final_state(workdir) -> list[np.ndarray]:
-  """The leaves of the last checkpoint's state (read without a target: plain arrays)."""
-  restored = ocp.StandardCheckpointer().restore(
-    Path(workdir) / "checkpoints" / str(STEPS) / "state"
+  """The leaves of the last checkpoint's state, read onto this process's first device whatever
+  devices wrote it."""
+  path = Path(workdir) / "checkpoints" / str(STEPS) / "state"
+  checkpointer = ocp.StandardCheckpointer()
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(
+    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+    checkpointer.metadata(path).item_metadata,
   )
-  return [np.asarray(x) for x in jax.tree.leaves(restored)]
+  return [np.asarray(x) for x in jax.tree.leaves(checkpointer.restore(path, target))]
 
 
 def outcome(workdir):
@@ -367,3 +372,53 @@ def test_missing_imagenet_and_an_unknown_accelerator_get_clear_messages(tmp_path
   assert (
     out.returncode != 0 and "--accelerator=ipu: value should be one of <tpu|gpu|cpu>" in out.stderr
   )
+
+
+def test_two_processes_stop_together_on_sigterm_to_one_and_resume_exactly(tmp_path):
+  """SIGTERM reaches only process 1 of 2: both agree to stop after the same step, checkpoint
+  (each its shards) and exit 75; the same command on both continues, and the result equals
+  an uninterrupted two-process run bit for bit."""
+  import socket
+
+  def port() -> int:
+    with socket.socket() as s:
+      s.bind(("127.0.0.1", 0))
+      return s.getsockname()[1]
+
+  def start(workdir):
+    coordinator = f"127.0.0.1:{port()}"
+    cmd = [sys.executable, "-m", "experiments.digits", f"--workdir={workdir}", *FLAGS]
+    return [
+      subprocess.Popen(
+        [*cmd, "--config.log_every_steps=1"],  # the hosts agree on stopping when they log
+        cwd=ROOT,
+        env=dict(
+          os.environ,
+          JAX_PLATFORMS="cpu",
+          JAX_COORDINATOR_ADDRESS=coordinator,
+          JAX_NUM_PROCESSES="2",
+          JAX_PROCESS_ID=str(process_id),
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+      )
+      for process_id in range(2)
+    ]
+
+  def finish(procs, expected):
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [expected] * 2, "\n".join(o[-3000:] for o in outs)
+    return outs
+
+  reference, workdir = tmp_path / "reference", tmp_path / "run"
+  finish(start(reference), 0)
+  procs = start(workdir)
+  wait_for_checkpoint(workdir, procs[0], after=2, timeout=300)
+  procs[1].send_signal(signal.SIGTERM)
+  outs = finish(procs, preemption.PREEMPTED_EXIT_CODE)
+  stopped = checkpoint_steps(workdir)[-1]
+  assert all(f"after step {stopped}" in o for o in outs)
+  outs = finish(start(workdir), 0)
+  assert f"resumed at step {stopped}" in outs[0]
+  assert_same_run(workdir, reference)
