@@ -1,6 +1,10 @@
 """Shared tiny model and data: small shapes keep compiles to a few seconds on 2 CPU cores."""
 
 import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -40,3 +44,28 @@ def tree_allclose(a, b, rtol=1e-5, atol=1e-6):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     assert jnp.shape(x) == jnp.shape(y)
     assert jnp.allclose(x, y, rtol=rtol, atol=atol), float(jnp.max(jnp.abs(x - y)))
+
+
+def start_processes(argv, *, count: int = 2, merge_output: bool = False) -> list[subprocess.Popen]:
+  """``python argv...`` as ``count`` local JAX processes (``jax.distributed`` on CPU with gloo
+  collectives, a fresh coordinator port), run from the repository root."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    coordinator = f"127.0.0.1:{s.getsockname()[1]}"
+  return [
+    subprocess.Popen(
+      [sys.executable, *argv],
+      cwd=Path(__file__).parent.parent,
+      env=dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        JAX_COORDINATOR_ADDRESS=coordinator,
+        JAX_NUM_PROCESSES=str(count),
+        JAX_PROCESS_ID=str(process_id),
+      ),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT if merge_output else subprocess.PIPE,
+      text=True,
+    )
+    for process_id in range(count)
+  ]

@@ -16,6 +16,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from conftest import start_processes
 
 import dcil_jax
 from experiments import checkpoints, input_pipeline, preemption, train
@@ -378,33 +379,17 @@ def test_two_processes_stop_together_on_sigterm_to_one_and_resume_exactly(tmp_pa
   """SIGTERM reaches only process 1 of 2: both agree to stop after the same step, checkpoint
   (each its shards) and exit 75; the same command on both continues, and the result equals
   an uninterrupted two-process run bit for bit."""
-  import socket
-
-  def port() -> int:
-    with socket.socket() as s:
-      s.bind(("127.0.0.1", 0))
-      return s.getsockname()[1]
 
   def start(workdir):
-    coordinator = f"127.0.0.1:{port()}"
-    cmd = [sys.executable, "-m", "experiments.digits", f"--workdir={workdir}", *FLAGS]
-    return [
-      subprocess.Popen(
-        [*cmd, "--config.log_every_steps=1"],  # the hosts agree on stopping when they log
-        cwd=ROOT,
-        env=dict(
-          os.environ,
-          JAX_PLATFORMS="cpu",
-          JAX_COORDINATOR_ADDRESS=coordinator,
-          JAX_NUM_PROCESSES="2",
-          JAX_PROCESS_ID=str(process_id),
-        ),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-      )
-      for process_id in range(2)
+    # The hosts agree on stopping when they log: every step here.
+    argv = [
+      "-m",
+      "experiments.digits",
+      f"--workdir={workdir}",
+      *FLAGS,
+      "--config.log_every_steps=1",
     ]
+    return start_processes(argv, merge_output=True)
 
   def finish(procs, expected):
     outs = [p.communicate(timeout=300)[0] for p in procs]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import start_processes
 
 from experiments import recipes, train
 from experiments.configs import cifar, imagenet
@@ -229,14 +230,6 @@ def test_default_worker_count_leaves_cores_for_the_step():
   assert resolved(cifar, worker_count=3).worker_count == 3
 
 
-def free_port() -> int:
-  import socket
-
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_train_like_one(tmp_path):
   """Two local processes (jax.distributed on CPU, gloo collectives) run the real command: each
   reads its half of every global batch, and the run equals the one-process run."""
@@ -245,26 +238,8 @@ def test_two_processes_train_like_one(tmp_path):
   single = read_jsonl(tmp_path / "single" / "metrics.jsonl")
 
   workdir = tmp_path / "multi"
-  coordinator = f"127.0.0.1:{free_port()}"
-  procs = []
-  for process_id in range(2):
-    env = dict(
-      os.environ,
-      JAX_PLATFORMS="cpu",
-      JAX_COORDINATOR_ADDRESS=coordinator,
-      JAX_NUM_PROCESSES="2",
-      JAX_PROCESS_ID=str(process_id),
-    )
-    procs.append(
-      subprocess.Popen(
-        [sys.executable, "-c", CLI, "experiments.cifar", f"--workdir={workdir}", *flags],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-      )
-    )
+  argv = ["-c", CLI, "experiments.cifar", f"--workdir={workdir}", *flags]
+  procs = start_processes(argv)
   outputs = [p.communicate(timeout=600) for p in procs]
   for p, (out, err) in zip(procs, outputs):
     assert p.returncode == 0, out[-2000:] + err[-4000:]
@@ -281,18 +256,7 @@ def test_two_processes_train_like_one(tmp_path):
 
   # Both processes restore the final checkpoint (saved by both) and write the same summary.
   summary = (workdir / "summary.json").read_text()
-  rerun_coordinator = f"127.0.0.1:{free_port()}"
-  procs = [
-    subprocess.Popen(
-      [sys.executable, "-c", CLI, "experiments.cifar", f"--workdir={workdir}", *flags],
-      env=dict(env, JAX_PROCESS_ID=str(process_id), JAX_COORDINATOR_ADDRESS=rerun_coordinator),
-      cwd=ROOT,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-    )
-    for process_id in range(2)
-  ]
+  procs = start_processes(argv)
   outputs = [p.communicate(timeout=600) for p in procs]
   for p, (out, err) in zip(procs, outputs):
     assert p.returncode == 0, out[-2000:] + err[-4000:]
