@@ -1,28 +1,34 @@
 """dcil-jax: Dynamic Collective Intelligence Learning (DCIL) and DPF for JAX, Flax and optax."""
 
+from dcil_jax import rules
 from dcil_jax.losses import dcil_loss, dense_loss, distillation_kl, dpf_loss
 from dcil_jax.masks import (
   apply_masks,
   erk_sparsities,
   flip_rate,
-  is_conv_kernel,
   layer_sparsities,
   magnitude_masks,
   masks_like,
   sparsity,
 )
-from dcil_jax.paths import PerPath, map_paths, path_mesh, select_path, to_dual_path
+from dcil_jax.methods import DCIL, DPF, METHODS, Dense, get_method
+from dcil_jax.model import FlaxModel, as_model
+from dcil_jax.paths import is_lifted, map_paths, path_mesh, path_params
 from dcil_jax.schedules import constant_sparsity, cubic_sparsity
 from dcil_jax.sharding import make_mesh, shard_batch
-from dcil_jax.train import METHODS, TrainState, eval_step, export_variables, train_step
+from dcil_jax.train import TrainState, eval_step, export_variables, lift, train_step
 from dcil_jax.transform import MaskedUpdateState, get_masks, get_trained_masks, masked_update
 
 __all__ = [
+  "DCIL",
+  "DPF",
   "METHODS",
+  "Dense",
+  "FlaxModel",
   "MaskedUpdateState",
-  "PerPath",
   "TrainState",
   "apply_masks",
+  "as_model",
   "constant_sparsity",
   "cubic_sparsity",
   "dcil_loss",
@@ -34,18 +40,20 @@ __all__ = [
   "export_variables",
   "flip_rate",
   "get_masks",
+  "get_method",
   "get_trained_masks",
-  "is_conv_kernel",
+  "is_lifted",
   "layer_sparsities",
+  "lift",
   "magnitude_masks",
   "make_mesh",
   "map_paths",
   "masked_update",
   "masks_like",
   "path_mesh",
-  "select_path",
+  "path_params",
+  "rules",
   "shard_batch",
   "sparsity",
-  "to_dual_path",
   "train_step",
 ]

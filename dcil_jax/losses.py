@@ -1,12 +1,15 @@
-"""DCIL, DPF and dense losses: pure functions of (params, masks, batch) for one training loop.
+"""DCIL, DPF and dense losses: pure functions of (model, params, masks, batch, model state).
 
-All three take ``(apply_fn, params, masks, batch, batch_stats)`` and return ``(loss, aux)``.
-``apply_fn`` is a plain Flax ``model.apply`` whose ``__call__`` takes ``train: bool`` (as in
-Flax's examples); ``batch`` is ``{"image": x, "label": y}`` with integer labels.
+``model`` is anything :func:`dcil_jax.as_model` takes (a Linen module, its ``apply``, or a
+:class:`dcil_jax.FlaxModel`). ``batch`` is a dict with the model input under ``"image"`` and the
+targets under ``"label"``: integer class indices ``[B]`` or target distributions ``[B, C]``
+(one-hot, label smoothing, mixup), plus anything a custom ``task_loss`` reads. DCIL and DPF take
+lifted params and masks (:func:`dcil_jax.lift`); dense takes the plain ones.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -16,25 +19,28 @@ from jax.sharding import Mesh
 
 from dcil_jax import masks as masks_lib
 from dcil_jax import paths
+from dcil_jax.model import as_model
 
-ApplyFn = Any
-
-
-def apply_train(apply_fn: ApplyFn, params: Any, batch_stats: Any, x: jax.Array, rngs=None):
-  """``apply_fn`` in train mode; returns ``(logits, new_batch_stats)`` (``None`` without BN)."""
-  variables = {"params": params}
-  if batch_stats is None:
-    return apply_fn(variables, x, train=True, rngs=rngs), None
-  variables["batch_stats"] = batch_stats
-  logits, updates = apply_fn(variables, x, train=True, mutable=["batch_stats"], rngs=rngs)
-  return logits, updates["batch_stats"]
+TaskLoss = Callable[[jax.Array, dict[str, Any]], jax.Array]
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Mean softmax cross-entropy against class indices ``[B]`` or distributions ``[B, C]``."""
+  logits = logits.astype(jnp.float32)
+  if jnp.ndim(labels) == jnp.ndim(logits):
+    return optax.softmax_cross_entropy(logits, labels).mean()
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
+def batch_cross_entropy(logits: jax.Array, batch: dict[str, Any]) -> jax.Array:
+  """The default task loss: :func:`cross_entropy` against ``batch["label"]``."""
+  return cross_entropy(logits, batch["label"])
+
+
 def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Top-1 accuracy; for target distributions, against their most likely class."""
+  if jnp.ndim(labels) == jnp.ndim(logits):
+    labels = jnp.argmax(labels, -1)
   return jnp.mean(jnp.argmax(logits, -1) == labels)
 
 
@@ -45,122 +51,173 @@ def distillation_kl(student: jax.Array, teacher: jax.Array, temperature: float) 
   and gradients by < 1e-6 relative, so we use the exact log-probabilities instead.
   """
   t = temperature
-  log_q = jax.nn.log_softmax(jax.lax.stop_gradient(teacher) / t)
-  log_p = jax.nn.log_softmax(student / t)
+  log_q = jax.nn.log_softmax(jax.lax.stop_gradient(teacher).astype(jnp.float32) / t)
+  log_p = jax.nn.log_softmax(student.astype(jnp.float32) / t)
   return t**2 * jnp.mean(jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1))
 
 
-def path_weights(params: Any, masks: Any, path: int | jax.Array) -> Any:
-  """Forward weights of one path (``path`` may be traced: 0 = sparse, 1 = dense).
+def path_rngs(rngs: Any, path: int | jax.Array) -> Any:
+  """Each path's own keys (e.g. dropout), as two PyTorch forwards draw independent masks."""
+  if rngs is None:
+    return None
+  return {name: jax.random.fold_in(key, path) for name, key in rngs.items()}
 
-  Prunable kernels become ``W⊙M`` on the sparse path and ``sg(W⊙M) + W⊙(1−M)`` on the dense
-  path: the sparse path's gradient reaches only kept weights, the dense path's only pruned ones,
-  which is the refined gradient ``M⊙g_sparse + (1−M)⊙g_dense`` with no custom VJP. Every other
-  leaf (this path's own copy, or a leaf both paths share) is used as it is.
+
+def dcil_kernels(kernels: Any, masks: Any, path: int | jax.Array) -> Any:
+  """Forward kernels of one path (``path`` may be traced: 0 = sparse, 1 = dense).
+
+  ``W⊙M`` on the sparse path and ``sg(W⊙M) + W⊙(1−M)`` on the dense path: the sparse path's
+  gradient reaches only kept weights, the dense path's only pruned ones, which is the refined
+  gradient ``M⊙g_sparse + (1−M)⊙g_dense`` with no custom VJP.
   """
 
-  def leaf(m, p):
-    if m is None:
-      return p
-    sparse = jnp.where(m, p, jnp.zeros_like(p))
-    dense = jax.lax.stop_gradient(sparse) + jnp.where(m, jnp.zeros_like(p), p)
+  def leaf(w, m):
+    sparse = jnp.where(m, w, jnp.zeros_like(w))
+    dense = jax.lax.stop_gradient(sparse) + jnp.where(m, jnp.zeros_like(w), w)
     return jnp.where(path == paths.SPARSE, sparse, dense)
 
-  return jax.tree.map(leaf, masks, params, is_leaf=lambda x: x is None)
+  return jax.tree.map(leaf, kernels, masks)
+
+
+def dpf_kernels(kernels: Any, masks: Any) -> Any:
+  """DPF's forward kernels ``W + sg(W⊙M − W)``: ``W⊙M`` in value, and the pruned model's
+  gradient reaches every entry of ``W``, pruned ones included (the straight-through estimator)."""
+  return jax.tree.map(
+    lambda w, m: w + jax.lax.stop_gradient(jnp.where(m, w, jnp.zeros_like(w)) - w), kernels, masks
+  )
+
+
+def _variables(params: Any, model_state: Any) -> dict:
+  return {"params": params, **(model_state or {})}
+
+
+def _check_lifted(params: Any, masks: Any, name: str) -> Any:
+  if not paths.is_lifted(params):
+    raise ValueError(
+      f"{name} takes lifted params ({{'prunable': ..., 'sparse': ..., ...}}, see dcil_jax.lift); "
+      "got a plain params tree."
+    )
+  masks_lib.check_masks(masks, params)
+  return masks[paths.PRUNABLE]
 
 
 def dcil_loss(
-  apply_fn: ApplyFn,
+  model: Any,
   params: Any,
   masks: Any,
-  batch: dict[str, jax.Array],
-  batch_stats: Any = None,
+  batch: dict[str, Any],
+  model_state: Any = None,
   *,
   kd_weight: float | jax.Array = 0.0,
   temperature: float = 2.0,
   strategy: str = "unrolled",
   mesh: Mesh | None = None,
   rngs: Any = None,
+  task_loss: TaskLoss = batch_cross_entropy,
 ) -> tuple[jax.Array, dict[str, Any]]:
-  """The DCIL loss: ``CE_s + CE_d + kd_weight · (KL_T(z_s‖sg z_d) + KL_T(z_d‖sg z_s))``.
+  """The DCIL loss: ``L_s + L_d + kd_weight · (KL_T(z_s‖sg z_d) + KL_T(z_d‖sg z_s))``.
 
   One pure function whose two paths are a mapped axis (see :func:`dcil_jax.paths.map_paths`).
 
   Args:
-    apply_fn: the plain model's ``apply``.
-    params: dual-path params (:func:`dcil_jax.to_dual_path`).
+    model: the plain model (see :func:`dcil_jax.as_model`).
+    params: lifted params with ``"sparse"`` and ``"dense"`` parts (:func:`dcil_jax.lift`).
     masks: masks tree for ``params``.
-    batch: ``{"image": x, "label": y}``.
-    batch_stats: dual-path BN statistics, or ``None`` for a model without BatchNorm.
+    batch: ``{"image": x, "label": y, ...}``.
+    model_state: lifted model state ``{"sparse": collections, "dense": collections}`` (BatchNorm
+      statistics, ...), or ``None`` for a model without mutable collections.
     kd_weight: weight of the mutual distillation terms (official: 0 before epoch 70, then 1).
     temperature: distillation temperature ``T`` (official: 2).
     strategy: ``"unrolled"``, ``"vmap"`` or ``"sharded"`` — same values and gradients.
     mesh: mesh with a ``path`` axis, for ``strategy="sharded"``.
-    rngs: Flax rngs passed to ``apply_fn`` (e.g. for dropout).
+    rngs: Flax rngs (e.g. ``{"dropout": key}``); each path folds in its index.
+    task_loss: ``(logits, batch) -> scalar`` of each path (default: cross-entropy).
 
   Returns:
-    ``(loss, aux)``; ``aux`` has ``logits`` [2, B, C], ``ce``, ``kl``, ``accuracy`` (each [2]:
-    sparse, dense; ``kl[0]`` pulls the sparse path towards the dense one) and the new
-    ``batch_stats`` (dual-path).
+    ``(loss, aux)``; ``aux`` has ``logits`` (sparse, dense), ``ce`` (each path's task loss),
+    ``kl``, ``accuracy`` (each [2]: sparse, dense; ``kl[0]`` pulls the sparse path towards the
+    dense one) and the new lifted ``model_state``.
   """
-  masks_lib.check_masks(masks, params)
-  x, y = batch["image"], batch["label"]
-  own, shared = paths.split_per_path(params)
-  stats = paths.unbox(batch_stats)  # None (no BatchNorm) is an empty pytree: mapped like any other
+  model = as_model(model)
+  kernel_masks = _check_lifted(params, masks, "dcil_loss")
+  names = paths.PATH_NAMES
+  own = [params.get(name, {}) for name in names]
+  states = [None if model_state is None else model_state[name] for name in names]
 
   # Each path builds its own forward weights from the shared kernels and masks, so on a `path`
   # mesh axis every device computes only its path's weights, with no resharding.
-  def forward(path, own, s, shared, masks, x):
-    weights = path_weights(paths.merge_per_path(own, shared), masks, path)
-    return apply_train(apply_fn, weights, s, x, rngs)
+  def forward(i, own, state, shared, x, rngs):
+    kernels = dcil_kernels(shared[paths.PRUNABLE], kernel_masks, i)
+    weights = paths.merge(kernels, shared.get(paths.SHARED), own)
+    return model.apply_train(_variables(weights, state), x, path_rngs(rngs, i))
 
-  logits, new_stats = paths.map_paths(
+  shared = {k: v for k, v in params.items() if k in (paths.PRUNABLE, paths.SHARED)}
+  (z_s, state_s), (z_d, state_d) = paths.map_paths(
     forward,
-    (jnp.arange(paths.NUM_PATHS), own, stats),
-    (shared, masks, x),
+    [(own[0], states[0]), (own[1], states[1])],
+    (shared, batch["image"], rngs),
     strategy=strategy,
     mesh=mesh,
   )
-  z_s, z_d = logits[paths.SPARSE], logits[paths.DENSE]
-  ce = jnp.stack([cross_entropy(z_s, y), cross_entropy(z_d, y)])
+  task = jnp.stack([task_loss(z_s, batch), task_loss(z_d, batch)])
   kl = jnp.stack([distillation_kl(z_s, z_d, temperature), distillation_kl(z_d, z_s, temperature)])
-  loss = jnp.sum(ce) + kd_weight * jnp.sum(kl)
+  loss = jnp.sum(task) + kd_weight * jnp.sum(kl)
   aux = {
-    "logits": logits,
-    "ce": ce,
+    "logits": (z_s, z_d),
+    "ce": task,
     "kl": kl,
-    "accuracy": jnp.stack([accuracy(z_s, y), accuracy(z_d, y)]),
-    "batch_stats": None if new_stats is None else paths.box(new_stats),
+    "accuracy": jnp.stack([accuracy(z_s, batch["label"]), accuracy(z_d, batch["label"])]),
+    "model_state": None if model_state is None else dict(zip(names, (state_s, state_d))),
   }
   return loss, aux
 
 
-def _single_path_loss(apply_fn, weights, batch, batch_stats, rngs):
-  logits, new_stats = apply_train(apply_fn, weights, batch_stats, batch["image"], rngs)
-  ce = cross_entropy(logits, batch["label"])
+def _single_path_loss(model, weights, batch, model_state, rngs, task_loss):
+  logits, new_state = model.apply_train(_variables(weights, model_state), batch["image"], rngs)
+  loss = task_loss(logits, batch)
   aux = {
     "logits": logits,
-    "ce": ce,
+    "ce": loss,
     "accuracy": accuracy(logits, batch["label"]),
-    "batch_stats": new_stats,
+    "model_state": new_state,
   }
-  return ce, aux
+  return loss, aux
 
 
-def dpf_loss(apply_fn, params, masks, batch, batch_stats=None, *, rngs=None):
+def dpf_loss(
+  model: Any,
+  params: Any,
+  masks: Any,
+  batch: dict[str, Any],
+  model_state: Any = None,
+  *,
+  rngs: Any = None,
+  task_loss: TaskLoss = batch_cross_entropy,
+) -> tuple[jax.Array, dict[str, Any]]:
   """DPF (Lin et al. 2020): one pruned path with the straight-through estimator.
 
-  Forward weights ``W + sg(W⊙M − W)`` equal ``W⊙M`` in value, while the pruned model's gradient
-  is applied to every entry of ``W``, pruned ones included (the "coarse" gradient DCIL refines).
-  Same signature and ``aux`` keys as :func:`dcil_loss`, without the path axis.
+  Takes lifted params with a ``"sparse"`` part (``lift(..., path_names=("sparse",))``) and the
+  lifted model state ``{"sparse": ...}``; ``aux`` as :func:`dcil_loss`, without the path axis.
   """
-  weights = masks_lib.map_masked(
-    lambda p, m: p + jax.lax.stop_gradient(jnp.where(m, p, jnp.zeros_like(p)) - p), params, masks
-  )
-  return _single_path_loss(apply_fn, weights, batch, batch_stats, rngs)
+  model = as_model(model)
+  kernel_masks = _check_lifted(params, masks, "dpf_loss")
+  weights = paths.path_params(params, "sparse", dpf_kernels(params[paths.PRUNABLE], kernel_masks))
+  state = None if model_state is None else model_state["sparse"]
+  loss, aux = _single_path_loss(model, weights, batch, state, rngs, task_loss)
+  aux["model_state"] = None if model_state is None else {"sparse": aux["model_state"]}
+  return loss, aux
 
 
-def dense_loss(apply_fn, params, masks, batch, batch_stats=None, *, rngs=None):
-  """Plain cross-entropy of the unpruned model (``masks`` is ignored; may be ``None``)."""
+def dense_loss(
+  model: Any,
+  params: Any,
+  masks: Any,
+  batch: dict[str, Any],
+  model_state: Any = None,
+  *,
+  rngs: Any = None,
+  task_loss: TaskLoss = batch_cross_entropy,
+) -> tuple[jax.Array, dict[str, Any]]:
+  """The task loss of the plain, unpruned model (``masks`` is ignored; may be ``None``)."""
   del masks
-  return _single_path_loss(apply_fn, params, batch, batch_stats, rngs)
+  return _single_path_loss(as_model(model), params, batch, model_state, rngs, task_loss)

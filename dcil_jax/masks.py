@@ -17,67 +17,91 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-from dcil_jax.paths import is_per_path
+from dcil_jax import paths, rules
 
 Params = Any
 Masks = Any
 KeyPath = tuple[Any, ...]
-IsPrunable = Callable[[KeyPath, Any], bool]
+IsPrunable = rules.Rule
 Distribution = Literal["global", "layerwise", "erk"]
 DISTRIBUTIONS = ("global", "layerwise", "erk")
 
 
-def _key_name(key: Any) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
+class PrunableRuleNeeded(ValueError):
+  """Masks for a plain params tree were asked for without a rule that says what to prune."""
 
 
-def is_conv_kernel(path: KeyPath, leaf: Any) -> bool:
-  """Default prunable rule, as in the official code: every convolution kernel.
-
-  A Flax ``nn.Conv`` kernel is a leaf named ``kernel`` with ``ndim >= 3`` (``nn.Dense`` kernels
-  are 2-D), so the first conv and 1x1 shortcut convs are pruned while classifier heads,
-  BatchNorm and biases stay dense.
-  """
-  return bool(path) and _key_name(path[-1]) == "kernel" and getattr(leaf, "ndim", 0) >= 3
+def _is_masked_node(x: Any) -> bool:
+  return isinstance(x, optax.MaskedNode)
 
 
-def masks_like(params: Params, is_prunable: IsPrunable = is_conv_kernel) -> Masks:
-  """All-ones masks for the leaves selected by ``is_prunable`` and ``None`` elsewhere.
+def masks_like(params: Params, prunable: IsPrunable | None = None) -> Masks:
+  """All-ones masks for the prunable leaves and ``None`` elsewhere.
 
   Args:
-    params: a params tree (plain, or dual-path with ``PerPath`` leaves, which are never prunable).
-    is_prunable: ``(key_path, leaf) -> bool``.
+    params: a plain params tree, or a lifted one (:func:`dcil_jax.lift`), whose
+      ``"prunable"`` part is exactly what is pruned. ``optax.MaskedNode`` leaves (params hidden
+      by ``optax.masked`` / ``multi_transform``) stay ``MaskedNode``.
+    prunable: the rule (see :mod:`dcil_jax.rules`). Required for a plain tree; for a lifted
+      tree it is optional and, if given, must select exactly the ``"prunable"`` part (one
+      source of truth: a tree lifted with one rule is never pruned by another).
 
   Returns:
     A masks tree with the structure of ``params``.
 
   Raises:
-    ValueError: if the rule selects no leaf at all.
+    PrunableRuleNeeded: a plain tree and no rule.
+    ValueError: the rule selects nothing, or disagrees with the lifted layout.
   """
+  lifted = paths.is_lifted(params)
+  if prunable is None and not lifted:
+    raise PrunableRuleNeeded(
+      "Which parameters to prune is not known: pass prunable= to dcil_jax.masked_update, e.g. "
+      "dcil_jax.rules.conv_kernels(model, example_input) (the official rule: every "
+      "convolution kernel), dcil_jax.rules.dense_kernels(...), dcil_jax.rules.all_kernels or "
+      "your own (key_path, leaf) -> bool; or give TrainState.create an example_input so it can "
+      "find the convolutions itself."
+    )
+  disagree = []
 
   def make(path, leaf):
-    if is_per_path(leaf) or not is_prunable(path, leaf):
-      return None
-    return jnp.ones(jnp.shape(leaf), dtype=bool)
+    if _is_masked_node(leaf):
+      return leaf
+    if lifted:
+      part, plain_path = rules.key_names(path[:1])[0], path[1:]
+      chosen = part == paths.PRUNABLE
+      if prunable is not None and bool(prunable(plain_path, leaf)) != chosen:
+        disagree.append(f"{part}{jax.tree_util.keystr(plain_path)}")
+    else:
+      chosen = bool(prunable(path, leaf))
+    return jnp.ones(jnp.shape(leaf), dtype=bool) if chosen else None
 
-  masks = jax.tree_util.tree_map_with_path(make, params, is_leaf=is_per_path)
+  masks = jax.tree_util.tree_map_with_path(make, params, is_leaf=_is_masked_node)
+  if disagree:
+    raise ValueError(
+      "These parameters were lifted with another prunable rule than masked_update's: "
+      f"{disagree[:6]}{' ...' if len(disagree) > 6 else ''}. Give the rule once (to "
+      "masked_update; TrainState.create and dcil_jax.lift read it from there)."
+    )
   if not jax.tree.leaves(masks):
     raise ValueError(
-      "The prunable rule selects no parameter: nothing would be pruned. The default rule "
-      "prunes convolution kernels (leaves named 'kernel' with ndim >= 3); pass `is_prunable` "
-      "for other models."
+      "The prunable rule selects no parameter: nothing would be pruned. See dcil_jax.rules "
+      "for ready rules (conv_kernels is the official one) or write your own."
     )
   return masks
+
+
+def plain_masks(masks: Masks) -> Masks:
+  """``masks`` with ``optax.MaskedNode`` (leaves another optimizer branch owns) as ``None``."""
+  return jax.tree.map(lambda m: None if _is_masked_node(m) else m, masks, is_leaf=_is_masked_node)
 
 
 def check_masks(masks: Masks, params: Params) -> list[tuple[Any, Any, Any]]:
   """(key path, mask, param) for every prunable leaf; checks that the trees match."""
   flat_masks, mask_def = jax.tree_util.tree_flatten_with_path(masks, is_leaf=_is_none)
-  flat_params, param_def = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_per_path)
+  flat_params, param_def = jax.tree_util.tree_flatten_with_path(params)
   if mask_def.num_leaves != param_def.num_leaves or [p for p, _ in flat_masks] != [
     p for p, _ in flat_params
   ]:
@@ -90,10 +114,6 @@ def check_masks(masks: Masks, params: Params) -> list[tuple[Any, Any, Any]]:
   for (path, m), (_, p) in zip(flat_masks, flat_params):
     if m is None:
       continue
-    if is_per_path(p):
-      raise ValueError(
-        f"Leaf {jax.tree_util.keystr(path)} has one copy per path and cannot be masked."
-      )
     if jnp.shape(m) != jnp.shape(p):
       raise ValueError(
         f"Mask shape {jnp.shape(m)} does not match parameter shape {jnp.shape(p)} at "
@@ -152,7 +172,10 @@ def _keep_top(scores: jax.Array, num_pruned: jax.Array) -> jax.Array:
 
 
 def _num_pruned(sparsity: jax.Array, size: int | jax.Array) -> jax.Array:
-  return jnp.round(jnp.asarray(sparsity, jnp.float32) * size).astype(jnp.int32)
+  """``round(sparsity * size)``, at most ``size - 1``: a refresh never prunes a whole group (a
+  sparsity just below 1 would otherwise round to every weight)."""
+  n = jnp.round(jnp.asarray(sparsity, jnp.float32) * size).astype(jnp.int32)
+  return jnp.minimum(n, jnp.maximum(jnp.int32(size) - 1, 0))
 
 
 def erk_sparsities(

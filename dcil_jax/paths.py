@@ -1,93 +1,140 @@
-"""The two forward paths of DCIL: the dual-path parameter tree and how the path axis executes.
+"""The forward paths of DCIL (and DPF's single path): the parameter layout and how the path
+axis executes.
 
-A dual-path tree is the model's own tree in which every leaf that is not a shared (prunable)
-kernel is boxed in :class:`PerPath` and stacked on a leading axis of size 2: index 0 belongs to
-the sparse path (``W⊙M``), index 1 to the dense path (``W``). Nothing in the model changes.
+A **lifted** params tree is a plain dict of the model's own sub-trees, split by role:
+
+- ``"prunable"``: the prunable kernels (masked; both paths use them),
+- ``"sparse"`` / ``"dense"``: each path's own copy of every other leaf (BatchNorm scale and
+  bias, heads, biases; the official code keeps them per path),
+- ``"shared"``: non-prunable leaves both paths share (only in the ``share_non_prunable``
+  ablation).
+
+Every leaf keeps the **shape and the name** (last key) it has in the plain model, so an optax
+chain that keys on shapes or names (``optax.masked`` by ``ndim``, ``multi_transform`` labels from
+``flax.traverse_util.path_aware_map``, Muon's 2-D rule) treats a DCIL state as it treats the
+plain model. The model state (BatchNorm statistics and any other mutable collection) is lifted
+to ``{"sparse": ..., "dense": ...}``: each path normalises its own activations.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 from jax.sharding import AxisType, Mesh, PartitionSpec
 
 SPARSE, DENSE = 0, 1
 NUM_PATHS = 2
+PATH_NAMES = ("sparse", "dense")
+PRUNABLE, SHARED = "prunable", "shared"
+LAYOUT_KEYS = frozenset({PRUNABLE, SHARED, *PATH_NAMES})
 STRATEGIES = ("vmap", "unrolled", "sharded")
 PATH_AXIS = "path"
 
 
-@struct.dataclass
-class PerPath:
-  """A leaf that exists once per forward path, stacked on axis 0 (0 = sparse, 1 = dense).
+def is_lifted(tree: Any) -> bool:
+  """Whether ``tree`` is a lifted params tree (a dict with ``"prunable"`` and layout keys only)."""
+  return isinstance(tree, Mapping) and PRUNABLE in tree and set(tree) <= LAYOUT_KEYS
 
-  DCIL shares the prunable kernels between the paths but keeps separate BatchNorm parameters,
-  statistics and heads. Boxing those leaves makes a dual-path tree self-describing: they are
-  never prunable, whatever their shape.
+
+def _as_dict(tree: Any) -> dict:
+  if not isinstance(tree, Mapping):
+    raise TypeError(
+      f"dcil_jax lifts Flax params and variable collections (nested dicts); got "
+      f"{type(tree).__name__}."
+    )
+  return {k: _as_dict(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
+
+
+def partition(tree: Any, select: Callable[[tuple, Any], bool]) -> tuple[dict, dict]:
+  """Splits a nested dict into ``(selected, rest)``, two nested dicts with no empty sub-dicts.
+
+  ``select(key_path, leaf)`` sees ``jax.tree_util`` key paths (``DictKey``s).
   """
 
-  value: Any
+  def split(node, path):
+    picked, rest = {}, {}
+    for key, value in node.items():
+      sub = (*path, jax.tree_util.DictKey(key))
+      if isinstance(value, dict):
+        a, b = split(value, sub)
+        if a:
+          picked[key] = a
+        if b:
+          rest[key] = b
+      elif select(sub, value):
+        picked[key] = value
+      else:
+        rest[key] = value
+    return picked, rest
+
+  return split(_as_dict(tree), ())
 
 
-def is_per_path(x: Any) -> bool:
-  return isinstance(x, PerPath)
+def merge(*trees: Any) -> dict:
+  """The union of nested dicts with disjoint leaves (the inverse of :func:`partition`)."""
+  out: dict = {}
+  for tree in trees:
+    for key, value in (tree or {}).items():
+      if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+        out[key] = merge(out[key], value)
+      elif key in out:
+        raise ValueError(f"Leaf {key!r} is in more than one part of a lifted tree.")
+      else:
+        out[key] = _as_dict(value) if isinstance(value, Mapping) else value
+  return out
 
 
-def to_dual_path(
-  params: Any, masks: Any, batch_stats: Any = None, *, share_non_prunable: bool = False
-) -> tuple[Any, Any]:
-  """Lifts a plain model's params and BN statistics into the dual-path layout.
+def lift(
+  params: Any,
+  prunable: Callable[[tuple, Any], bool],
+  *,
+  path_names: Sequence[str] = PATH_NAMES,
+  share_non_prunable: bool = False,
+) -> dict:
+  """A plain params tree in the lifted layout (see the module docstring).
 
   Args:
-    params: the plain Flax params tree.
-    masks: a masks tree for ``params``; leaves with a mask stay shared, every other leaf
-      (BatchNorm scale/bias, heads, biases) is copied once per path.
-    batch_stats: the plain BN statistics (or ``None``); every leaf is copied once per path.
-    share_non_prunable: ablation — share BatchNorm parameters and heads between the paths too
-      (their gradient is then the sum of both paths'). BN statistics stay per path: each path
-      normalises its own activations.
+    params: the plain Flax params.
+    prunable: the rule that says which leaves are pruned (``(key_path, leaf) -> bool``).
+    path_names: the paths that get their own copy of the other leaves (``("sparse",)`` for DPF).
+    share_non_prunable: DCIL ablation: one copy of the other leaves for both paths
+      (``"shared"``); their gradient is then the sum of both paths'.
 
   Returns:
-    ``(dual_params, dual_batch_stats)``.
+    ``{"prunable": ..., "sparse": ..., ...}``; parts without leaves are left out, except
+    ``"prunable"``.
   """
-  stack = lambda x: PerPath(jnp.stack([x] * NUM_PATHS))  # noqa: E731
-  if not share_non_prunable:
-    params = jax.tree.map(
-      lambda m, p: stack(p) if m is None else p, masks, params, is_leaf=lambda x: x is None
+  kernels, rest = partition(params, prunable)
+  if not kernels:
+    raise ValueError(
+      "The prunable rule selects no parameter: nothing would be pruned. See dcil_jax.rules "
+      "(conv_kernels(model, x) is the official rule) or write your own."
     )
-  return params, jax.tree.map(stack, batch_stats)
+  lifted: dict = {PRUNABLE: kernels}
+  if rest:
+    if share_non_prunable:
+      lifted[SHARED] = rest
+    else:
+      # Distinct buffers per path: the state is donated, and both copies are updated.
+      lifted |= {name: jax.tree.map(jnp.array, rest) for name in path_names}
+  return lifted
 
 
-def select_path(tree: Any, path: int) -> Any:
-  """Unboxes every :class:`PerPath` leaf at ``path``; shared leaves are returned as they are."""
-  return jax.tree.map(lambda x: x.value[path] if is_per_path(x) else x, tree, is_leaf=is_per_path)
+def lift_collections(collections: Any, path_names: Sequence[str] = PATH_NAMES) -> dict | None:
+  """The model state (every collection but ``params``), one copy per path (``None`` if empty)."""
+  if not collections:
+    return None
+  return {name: jax.tree.map(jnp.array, _as_dict(collections)) for name in path_names}
 
 
-def unbox(tree: Any) -> Any:
-  """Replaces every :class:`PerPath` box by its stacked value."""
-  return jax.tree.map(lambda x: x.value if is_per_path(x) else x, tree, is_leaf=is_per_path)
-
-
-def box(tree: Any) -> Any:
-  """Boxes every leaf of a stacked tree as :class:`PerPath`."""
-  return jax.tree.map(PerPath, tree)
-
-
-def split_per_path(tree: Any) -> tuple[Any, Any]:
-  """``(own, shared)``: the stacked values of the :class:`PerPath` leaves (``None`` elsewhere),
-  and the shared leaves (``None`` where a leaf is per path)."""
-  own = jax.tree.map(lambda x: x.value if is_per_path(x) else None, tree, is_leaf=is_per_path)
-  shared = jax.tree.map(lambda x: None if is_per_path(x) else x, tree, is_leaf=is_per_path)
-  return own, shared
-
-
-def merge_per_path(own: Any, shared: Any) -> Any:
-  """Inverse of :func:`split_per_path` for one path: its own leaves where it has them."""
-  return jax.tree.map(lambda o, s: s if o is None else o, own, shared, is_leaf=lambda x: x is None)
+def path_params(lifted: dict, name: str, kernels: Any | None = None) -> dict:
+  """The plain params of one path: its own leaves, the shared ones and the (transformed)
+  prunable ``kernels`` (default: ``lifted["prunable"]`` as they are)."""
+  prunable = lifted[PRUNABLE] if kernels is None else kernels
+  return merge(prunable, lifted.get(SHARED), lifted.get(name))
 
 
 def path_mesh(devices: Any = None) -> Mesh:
@@ -102,7 +149,7 @@ def path_mesh(devices: Any = None) -> Mesh:
   )
 
 
-def default_strategy(backend: str | None = None) -> str:
+def default_strategy() -> str:
   """How to run the path axis when the caller does not say: ``"unrolled"``.
 
   Measured on CPU (``benchmarks/results/step_time_cpu.md``): unrolled costs 1.6-1.9x a dense
@@ -110,64 +157,70 @@ def default_strategy(backend: str | None = None) -> str:
   GPU/TPU are not measured here yet; unrolled runs two ordinary applies, the floor of the method
   on one device. On several devices ``"sharded"`` runs one path per device.
   """
-  del backend
   return "unrolled"
+
+
+def _stack(*trees: Any) -> Any:
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
 def map_paths(
   fn: Callable[..., Any],
-  per_path_args: tuple[Any, ...],
+  per_path_args: Sequence[tuple[Any, ...]],
   shared_args: tuple[Any, ...] = (),
   *,
   strategy: str = "unrolled",
   mesh: Mesh | None = None,
-) -> Any:
+) -> list[Any]:
   """``fn`` applied to each path: a mapped axis whose execution is a choice.
 
-  All strategies compute the same function; outputs are stacked on a leading path axis.
+  All strategies compute the same function.
 
   Args:
-    fn: ``fn(*per_path_slices, *shared_args)`` for one path.
-    per_path_args: pytrees whose leaves all have a leading axis of size 2.
-    shared_args: pytrees used unchanged by both paths (e.g. the input batch).
-    strategy: ``"vmap"`` — one ``jax.vmap`` over the path axis; ``"unrolled"`` — ``fn`` called
-      once per path; ``"sharded"`` — ``jax.shard_map`` over the ``path`` axis of ``mesh``, so
-      each device runs one path with ordinary convolutions.
+    fn: ``fn(path_index, *this_paths_args, *shared_args)``; ``path_index`` is a Python int for
+      ``"unrolled"`` and a traced int otherwise.
+    per_path_args: one tuple of pytrees per path (sparse first); the tuples have the same
+      structure.
+    shared_args: pytrees used unchanged by every path (e.g. the input batch).
+    strategy: ``"unrolled"`` — ``fn`` called once per path; ``"vmap"`` — one ``jax.vmap``
+      over the stacked paths; ``"sharded"`` — ``jax.shard_map`` over the ``path`` axis of
+      ``mesh``, so each device runs one path with ordinary convolutions.
     mesh: a mesh with a ``path`` axis of size 2 (``strategy="sharded"`` only).
 
   Returns:
-    ``fn``'s outputs stacked on axis 0.
+    ``fn``'s output for each path, in path order.
   """
+  n = len(per_path_args)
   if strategy == "unrolled":
-    outs = [
-      fn(*jax.tree.map(lambda x, i=i: x[i], per_path_args), *shared_args) for i in range(NUM_PATHS)
-    ]
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+    return [fn(i, *args, *shared_args) for i, args in enumerate(per_path_args)]
+  if strategy not in STRATEGIES:
+    raise ValueError(f"Unknown path strategy {strategy!r}; expected one of {STRATEGIES}.")
+  stacked = (jnp.arange(n), *_stack(*per_path_args))
   if strategy == "vmap":
-    in_axes = (0,) * len(per_path_args) + (None,) * len(shared_args)
-    return jax.vmap(fn, in_axes=in_axes)(*per_path_args, *shared_args)
-  if strategy == "sharded":
-    if mesh is None or mesh.shape.get(PATH_AXIS) != NUM_PATHS:
+    in_axes = (0,) * len(stacked) + (None,) * len(shared_args)
+    out = jax.vmap(fn, in_axes=in_axes)(*stacked, *shared_args)
+  else:
+    if mesh is None or mesh.shape.get(PATH_AXIS) != n:
       raise ValueError(
-        f'strategy="sharded" needs a mesh with a "{PATH_AXIS}" axis of size {NUM_PATHS} '
+        f'strategy="sharded" needs a mesh with a "{PATH_AXIS}" axis of size {n} '
         "(see dcil_jax.path_mesh)."
       )
 
     # shard_map, not vmap + sharding constraints: under GSPMD the vmapped convolutions stay
     # grouped, while here each device applies `fn` to its own path with ordinary convolutions.
     def one_path(*args):
-      own = jax.tree.map(lambda x: x[0], args[: len(per_path_args)])
-      out = fn(*own, *args[len(per_path_args) :])
-      return jax.tree.map(lambda x: x[None], out)
+      own = jax.tree.map(lambda x: x[0], args[: len(stacked)])
+      result = fn(*own, *args[len(stacked) :])
+      return jax.tree.map(lambda x: x[None], result)
 
     # Only the path axis is manual: a ``data`` axis of the same mesh stays automatic, so the
     # batch stays split over it and BatchNorm still reduces over the global batch.
     on_path, replicated = PartitionSpec(PATH_AXIS), PartitionSpec()
-    return jax.shard_map(
+    out = jax.shard_map(
       one_path,
       mesh=mesh,
-      in_specs=(on_path,) * len(per_path_args) + (replicated,) * len(shared_args),
+      in_specs=(on_path,) * len(stacked) + (replicated,) * len(shared_args),
       out_specs=on_path,
       axis_names={PATH_AXIS},
-    )(*per_path_args, *shared_args)
-  raise ValueError(f"Unknown path strategy {strategy!r}; expected one of {STRATEGIES}.")
+    )(*stacked, *shared_args)
+  return [jax.tree.map(lambda x, i=i: x[i], out) for i in range(n)]

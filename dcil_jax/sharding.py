@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from dcil_jax.paths import NUM_PATHS, PATH_AXIS, PerPath, is_per_path
+from dcil_jax.paths import NUM_PATHS, PATH_AXIS
 
 DATA_AXIS = "data"
 
@@ -63,15 +63,11 @@ def data_parallelism(mesh: Mesh | None) -> int:
 
 
 def state_shardings(tree: Any, mesh: Mesh) -> Any:
-  """Shardings for a state: :class:`PerPath` leaves on the ``path`` axis (if any), the rest
-  replicated (over ``data`` as well: every device holds the whole model)."""
+  """Shardings for a state: every leaf replicated (over ``data`` and ``path``: every device holds
+  the whole model; each path's own leaves are small, and a ``path`` device slices its copy out
+  locally)."""
   replicated = NamedSharding(mesh, PartitionSpec())
-  per_path = NamedSharding(mesh, PartitionSpec(PATH_AXIS)) if has_axis(mesh, PATH_AXIS) else None
-  return jax.tree.map(
-    lambda x: PerPath(per_path or replicated) if is_per_path(x) else replicated,
-    tree,
-    is_leaf=is_per_path,
-  )
+  return jax.tree.map(lambda _: replicated, tree)
 
 
 def place_state(tree: Any, mesh: Mesh) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -12,183 +13,251 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from dcil_jax import losses, paths, sharding
 from dcil_jax import masks as masks_lib
-from dcil_jax.transform import find_masked_state, get_masks, get_trained_masks
+from dcil_jax import paths, rules, sharding
+from dcil_jax.methods import DCIL, METHODS, Method, get_method
+from dcil_jax.model import FlaxModel, ModeFn, as_model
+from dcil_jax.transform import find_masked_state, get_masks, get_trained_masks, has_masks
 
-METHODS = ("dcil", "dpf", "dense")
+__all__ = ["METHODS", "TrainState", "eval_step", "export_variables", "lift", "train_step"]
+
+EvalParamsFn = Callable[[Any, Any], Any]
 
 
-def check_method(method: str) -> None:
-  if method not in METHODS:
-    raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}.")
+def prunable_rule(
+  tx: optax.GradientTransformation,
+  params: Any,
+  model: FlaxModel | None = None,
+  example_input: Any = None,
+) -> rules.Rule:
+  """The rule that lifts ``params``: ``masked_update``'s own (one source of truth), or, when it
+  was given none, the convolution kernels of ``model`` found by tracing it on ``example_input``."""
+  try:
+    masks = jax.eval_shape(tx.init, params)
+  except masks_lib.PrunableRuleNeeded:
+    if example_input is None or model is None or model.module is None:
+      raise
+    return rules.conv_kernels(model.module, example_input, **model.mode(False))
+  if not has_masks(masks):
+    raise ValueError(
+      "This method needs masks: add dcil_jax.masked_update(...) to the optax chain (anywhere)."
+    )
+  selected = get_trained_masks(masks)
+  chosen = {
+    p
+    for p, m in jax.tree_util.tree_flatten_with_path(selected, is_leaf=lambda x: x is None)[0]
+    if m is not None
+  }
+  return lambda path, leaf: tuple(path) in chosen
+
+
+def lift(
+  variables: dict[str, Any],
+  tx: optax.GradientTransformation,
+  method: str | Method = "dcil",
+  *,
+  model: Any = None,
+  example_input: Any = None,
+) -> tuple[Any, Any]:
+  """A plain model's ``variables`` in ``method``'s layout, pruned by the rule of ``tx``'s
+  ``masked_update``: ``(params, model_state)`` for your own training loop.
+
+  Args:
+    variables: ``model.init(...)``.
+    tx: the optimizer (with a ``masked_update`` for DCIL/DPF).
+    method: ``"dcil"``, ``"dpf"``, ``"dense"`` or a method object.
+    model, example_input: only when ``masked_update`` names no rule: the model and an input
+      to find its convolution kernels.
+
+  Returns:
+    ``(params, model_state)``; pass ``params`` to ``tx.init``.
+  """
+  method = get_method(method)
+  if "params" not in variables:
+    raise TypeError("`variables` must be a Flax variables dict with a 'params' collection.")
+  params = variables["params"]
+  model_state = {k: v for k, v in variables.items() if k != "params"} or None
+  rule = None
+  if method.uses_masks:
+    model = None if model is None else as_model(model)
+    rule = prunable_rule(tx, params, model, example_input)
+  return method.lift(params, model_state, rule)
 
 
 class TrainState(struct.PyTreeNode):
   """Everything a step needs; the masks live in ``opt_state`` (see :attr:`masks`).
 
-  For ``method="dcil"`` ``params`` and ``batch_stats`` are dual-path trees: shared prunable
-  kernels, and ``PerPath`` copies (sparse, dense) of everything else.
+  For DCIL and DPF ``params`` is lifted (:func:`dcil_jax.lift`): ``{"prunable": kernels,
+  "sparse": ..., "dense": ...}``, every leaf with the shape and name it has in the plain model,
+  and ``model_state`` holds each path's mutable collections (``{"sparse": {"batch_stats": ...},
+  ...}``). For dense training both are the plain model's.
   """
 
   step: jax.Array
   params: Any
-  batch_stats: Any
+  model_state: Any
   opt_state: Any
   rng: jax.Array
-  apply_fn: Callable[..., Any] = struct.field(pytree_node=False)
+  model: FlaxModel = struct.field(pytree_node=False)
   tx: optax.GradientTransformation = struct.field(pytree_node=False)
-  method: str = struct.field(pytree_node=False, default="dcil")
-  kd_start_step: int = struct.field(pytree_node=False, default=0)
-  temperature: float = struct.field(pytree_node=False, default=2.0)
-  strategy: str = struct.field(pytree_node=False, default="unrolled")
+  method: Method = struct.field(pytree_node=False, default=DCIL())
   mesh: Mesh | None = struct.field(pytree_node=False, default=None)
+  rng_names: tuple[str, ...] = struct.field(pytree_node=False, default=("dropout",))
+  eval_params_fn: EvalParamsFn | None = struct.field(pytree_node=False, default=None)
 
   @property
   def masks(self) -> Any:
     """Masks of the next forward pass (``None`` for dense training, which uses none)."""
-    return None if self.method == "dense" else get_masks(self.opt_state)
+    return get_masks(self.opt_state, self.params) if self.method.uses_masks else None
 
   @property
   def trained_masks(self) -> Any:
     """Masks the last step trained with (``None`` for dense): what eval and export use."""
-    return None if self.method == "dense" else get_trained_masks(self.opt_state)
+    return get_trained_masks(self.opt_state) if self.method.uses_masks else None
+
+  @property
+  def optimizer_step(self) -> jax.Array:
+    """Optimizer steps taken (differs from ``step`` under ``optax.MultiSteps``)."""
+    return find_masked_state(self.opt_state).count if self.method.uses_masks else self.step
+
+  def export(self, path: str = "sparse") -> dict[str, Any]:
+    """Plain variables of one path; see :func:`export_variables`."""
+    params = self.params
+    if self.eval_params_fn is not None:
+      params = self.eval_params_fn(self.opt_state, params)
+    return export_variables(params, self.trained_masks, self.model_state, path=path)
 
   @classmethod
   def create(
     cls,
-    apply_fn: Callable[..., Any],
-    variables: Any,
+    model: Any,
+    variables: dict[str, Any],
     tx: optax.GradientTransformation,
     *,
-    method: str = "dcil",
-    kd_start_step: int = 0,
-    share_non_prunable: bool = False,
-    temperature: float = 2.0,
+    method: str | Method = "dcil",
+    example_input: Any = None,
+    mode: ModeFn | None = None,
+    kd_start_step: int | None = None,
+    temperature: float | None = None,
+    share_non_prunable: bool | None = None,
     strategy: str | None = None,
     mesh: Mesh | None = None,
     rng: jax.Array | None = None,
+    rng_names: tuple[str, ...] = ("dropout",),
+    eval_params_fn: EvalParamsFn | None = None,
   ) -> TrainState:
     """Builds the state from a plain model's ``variables`` and an optax chain.
 
     Args:
-      apply_fn: the plain model's ``apply``.
-      variables: ``model.init(...)``: ``{"params": ..., "batch_stats": ...}``.
-      tx: the optimizer; for ``dcil``/``dpf`` it must contain :func:`dcil_jax.masked_update`.
-      method: ``"dcil"`` (default), ``"dpf"`` or ``"dense"``.
-      kd_start_step: first step with the mutual-distillation terms (official: epoch 70).
-      temperature: distillation temperature (official: 2).
-      share_non_prunable: DCIL ablation: one BatchNorm/head for both paths (default: per path,
-        as the official code).
-      strategy: how DCIL runs its path axis: ``"unrolled"``, ``"vmap"`` or ``"sharded"``
-        (default: ``"sharded"`` on a mesh with a ``path`` axis, else
-        :func:`dcil_jax.paths.default_strategy`).
+      model: the plain Flax module (or its ``apply``, or a :class:`dcil_jax.FlaxModel`).
+      variables: ``model.init(...)``: ``{"params": ..., "batch_stats": ..., ...}``; every
+        collection besides ``params`` is kept (per path for DCIL).
+      tx: the optimizer; for DCIL/DPF it must contain :func:`dcil_jax.masked_update` (anywhere).
+      method: ``"dcil"`` (default), ``"dpf"``, ``"dense"``, or a method object
+        (:class:`dcil_jax.DCIL` etc.: your own task loss, a ``kd_weight`` schedule, ...).
+      example_input: an input batch (e.g. ``images[:1]``) to find the model's convolutions, when
+        ``masked_update`` names no ``prunable`` rule.
+      mode: ``train -> kwargs`` for a model whose train flag is not one it can read.
+      kd_start_step, temperature, share_non_prunable, strategy: DCIL settings, for
+        ``method="dcil"`` given by name (see :class:`dcil_jax.DCIL`).
       mesh: the device mesh the state lives on (:func:`dcil_jax.sharding.make_mesh`): a
         ``data`` axis splits each batch (data parallelism; params, optimizer state and masks
         are replicated), a ``path`` axis of size 2 runs one DCIL path per device
         (``strategy="sharded"``). Default: no mesh (one device), or a 2-device ``path`` mesh
         for ``strategy="sharded"``.
-      rng: PRNG key for stochastic layers (default ``PRNGKey(0)``).
+      rng: PRNG key for stochastic layers (default ``PRNGKey(0)``); each step splits it.
+      rng_names: the Flax rng streams the model draws from in training (default dropout).
+      eval_params_fn: ``(opt_state, params) -> params`` to evaluate and export at, for
+        optimizers that evaluate elsewhere than they train (e.g.
+        ``lambda s, p: optax.contrib.schedule_free_eval_params(find_state(s), p)``).
     """
-    check_method(method)
+    method = _resolve_method(method, kd_start_step, temperature, share_non_prunable, strategy)
+    model = as_model(model, mode)
     path_parallel = sharding.has_axis(mesh, paths.PATH_AXIS)
-    if strategy is None:
-      strategy = "sharded" if path_parallel else paths.default_strategy(jax.default_backend())
-    if strategy not in paths.STRATEGIES:
-      raise ValueError(f"Unknown path strategy {strategy!r}; expected one of {paths.STRATEGIES}.")
-    if strategy == "sharded" and mesh is None:
-      mesh = paths.path_mesh()
-    elif path_parallel != (strategy == "sharded"):
-      raise ValueError(
-        f"strategy='sharded' and a mesh with a {paths.PATH_AXIS!r} axis go together; got "
-        f"strategy={strategy!r} on mesh axes {mesh.axis_names}. For data parallelism alone use "
-        "dcil_jax.sharding.make_mesh() (no path axis)."
-      )
-    if "params" not in variables:
-      raise TypeError("`variables` must be a Flax variables dict with a 'params' collection.")
-    abstract_opt_state = jax.eval_shape(tx.init, variables["params"])  # which leaves are masked
-    if method != "dense" and not _has_masks(abstract_opt_state):
-      raise ValueError(
-        f"method={method!r} needs masks: add dcil_jax.masked_update(...) at the end of the "
-        "optax chain."
-      )
-
-    def build(params, batch_stats):
-      if method == "dcil":
-        params, batch_stats = paths.to_dual_path(
-          params,
-          get_masks(abstract_opt_state),
-          batch_stats,
-          share_non_prunable=share_non_prunable,
+    if isinstance(method, DCIL):
+      strategy = method.strategy or ("sharded" if path_parallel else paths.default_strategy())
+      if strategy not in paths.STRATEGIES:
+        raise ValueError(f"Unknown path strategy {strategy!r}; expected one of {paths.STRATEGIES}.")
+      method = dataclasses.replace(method, strategy=strategy)
+      if strategy == "sharded" and mesh is None:
+        mesh = paths.path_mesh()
+      path_parallel = sharding.has_axis(mesh, paths.PATH_AXIS)
+      if path_parallel != (strategy == "sharded"):
+        raise ValueError(
+          f"strategy='sharded' and a mesh with a {paths.PATH_AXIS!r} axis go together; got "
+          f"strategy={strategy!r} on mesh axes {mesh.axis_names if mesh else ()}. For data "
+          "parallelism alone use dcil_jax.sharding.make_mesh() (no path axis)."
         )
-      return params, batch_stats, tx.init(params)
+    elif path_parallel:
+      raise ValueError(f"A mesh with a {paths.PATH_AXIS!r} axis is for DCIL, not {method.name}.")
+    if not isinstance(variables, dict) or "params" not in variables:
+      raise TypeError("`variables` must be a Flax variables dict with a 'params' collection.")
+    rule = None
+    if method.uses_masks:
+      rule = prunable_rule(tx, variables["params"], model, example_input)
+    elif has_masks(jax.eval_shape(tx.init, variables["params"])):
+      raise ValueError("Dense training takes no masked_update; remove it from the chain.")
+    collections = {k: v for k, v in variables.items() if k != "params"} or None
+
+    def build(params, collections):
+      params, model_state = method.lift(params, collections, rule)
+      return params, model_state, tx.init(params)
 
     # One compile instead of many small eager ops; the outputs are new buffers, so donating the
     # state to train_step never deletes `variables`.
-    params, batch_stats, opt_state = jax.jit(build)(
-      variables["params"], variables.get("batch_stats")
-    )
+    params, model_state, opt_state = jax.jit(build)(variables["params"], collections)
     state = cls(
       step=jnp.zeros([], jnp.int32),
       params=params,
-      batch_stats=batch_stats,
+      model_state=model_state,
       opt_state=opt_state,
       rng=jax.random.PRNGKey(0) if rng is None else rng,
-      apply_fn=apply_fn,
+      model=model,
       tx=tx,
       method=method,
-      kd_start_step=kd_start_step,
-      temperature=temperature,
-      strategy=strategy,
       mesh=mesh,
+      rng_names=tuple(rng_names),
+      eval_params_fn=eval_params_fn,
     )
     return state if mesh is None else sharding.place_state(state, mesh)
 
 
-def _has_masks(opt_state: Any) -> bool:
-  try:
-    find_masked_state(opt_state)
-  except ValueError:
-    return False
-  return True
-
-
-def loss_and_aux(state: TrainState, params: Any, batch: dict[str, jax.Array], rngs=None):
-  """The loss of ``state.method`` at ``params`` (``state.params`` supplies nothing else)."""
-  masks = state.masks
-  if state.method == "dcil":
-    kd_weight = (state.step >= state.kd_start_step).astype(jnp.float32)
-    return losses.dcil_loss(
-      state.apply_fn,
-      params,
-      masks,
-      batch,
-      state.batch_stats,
-      kd_weight=kd_weight,
-      temperature=state.temperature,
-      strategy=state.strategy,
-      mesh=state.mesh,
-      rngs=rngs,
-    )
-  loss_fn = losses.dpf_loss if state.method == "dpf" else losses.dense_loss
-  return loss_fn(state.apply_fn, params, masks, batch, state.batch_stats, rngs=rngs)
+def _resolve_method(method, kd_start_step, temperature, share_non_prunable, strategy) -> Method:
+  named = {
+    "kd_start_step": kd_start_step,
+    "temperature": temperature,
+    "share_non_prunable": share_non_prunable,
+    "strategy": strategy,
+  }
+  named = {k: v for k, v in named.items() if v is not None}
+  if not named:
+    return get_method(method)
+  if method != "dcil" and not isinstance(method, DCIL):
+    raise ValueError(f"{sorted(named)} are DCIL settings; method={method!r} takes none.")
+  base = get_method(method)
+  return dataclasses.replace(base, **named)
 
 
 def check_batch(batch: Any, mesh: Mesh | None = None) -> None:
-  """Raises ``TypeError`` unless ``batch`` is ``{"image": [B, ...], "label": [B] int}``, and
-  ``ValueError`` unless ``B`` splits evenly over the mesh's ``data`` axis."""
+  """Raises ``TypeError`` unless ``batch`` has ``"image"`` ``[B, ...]`` and ``"label"`` (class
+  indices ``[B]`` or distributions ``[B, C]``), and ``ValueError`` unless ``B`` splits evenly
+  over the mesh's ``data`` axis."""
   if not isinstance(batch, dict) or not {"image", "label"} <= set(batch):
     raise TypeError(
       f'A batch is a dict with "image" and "label"; got {type(batch).__name__} '
       f"with keys {sorted(batch) if isinstance(batch, dict) else None}."
     )
   image, label = batch["image"], batch["label"]
-  if jnp.ndim(label) != 1 or jnp.shape(image)[:1] != jnp.shape(label):
+  if jnp.ndim(label) not in (1, 2) or jnp.shape(image)[:1] != jnp.shape(label)[:1]:
     raise TypeError(
-      f"Need labels [B] for images [B, ...]; got {jnp.shape(label)} and {jnp.shape(image)}."
+      f"Need labels [B] or [B, C] for images [B, ...]; got {jnp.shape(label)} and "
+      f"{jnp.shape(image)}."
     )
-  if not jnp.issubdtype(jnp.result_type(label), jnp.integer):
-    raise TypeError(f"Labels must be integer class indices, got dtype {jnp.result_type(label)}.")
+  if jnp.ndim(label) == 1 and not jnp.issubdtype(jnp.result_type(label), jnp.integer):
+    raise TypeError(
+      f"Labels [B] must be integer class indices, got dtype {jnp.result_type(label)} (soft "
+      "targets are [B, C])."
+    )
   ways = sharding.data_parallelism(mesh)
   if jnp.shape(label)[0] % ways:
     raise ValueError(
@@ -202,57 +271,56 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainSta
   """One optimizer step of ``state.method``; ``state`` is donated.
 
   A step whose loss, gradients or new parameters are not all finite (NaN/Inf) changes nothing
-  but ``step`` and ``rng``: parameters, BatchNorm statistics and the optimizer state (masks and
-  schedules included) stay those of the last good step, so a bad batch or a loss spike never
-  poisons the state. The check runs inside the step (no host sync); ``metrics["finite"]`` says
-  whether the step was applied, for the training loop to skip on or stop at.
+  but ``step`` and ``rng``: parameters, model state (BatchNorm statistics) and the optimizer
+  state (masks and schedules included) stay those of the last good step, so a bad batch or a
+  loss spike never poisons the state. The check runs inside the step (no host sync);
+  ``metrics["finite"]`` says whether the step was applied, for the training loop to skip on or
+  stop at. The optimizer gets the loss as ``value=`` (for ``optax.contrib.reduce_on_plateau``
+  and others that take it; transforms that do not are unaffected).
 
   Returns:
-    ``(new_state, metrics)``: the loss and each term, per-path accuracy, the actual sparsity of
-    the masks used in this step, whether the masks were refreshed for the next step (with
-    the flip rate of that refresh), and ``finite``.
+    ``(new_state, metrics)``: the loss and each term, per-path accuracy, and for DCIL/DPF the
+    sparsity of the masks this step used, its target, whether they were refreshed for this
+    step (once per refresh, also under ``MultiSteps``), the flip rate of the last refresh, and
+    ``sparsity_clamped`` (the schedule left [0, 1)); and ``finite``.
   """
   check_batch(batch, state.mesh)
   if state.mesh is not None:
     batch = sharding.constrain_batch(batch, state.mesh)
-  rng, dropout_rng = jax.random.split(state.rng)
-  rngs = {"dropout": dropout_rng}
+  rng, step_rng = jax.random.split(state.rng)
+  rngs = dict(zip(state.rng_names, jax.random.split(step_rng, len(state.rng_names))))
+  method = state.method
   masks = state.masks
-  (loss, aux), grads = jax.value_and_grad(
-    lambda p: loss_and_aux(state, p, batch, rngs), has_aux=True
-  )(state.params)
-  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  step = state.optimizer_step
+
+  def loss_fn(params):
+    return method.loss(state.model, params, masks, state.model_state, batch, rngs, step, state.mesh)
+
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  tx = optax.with_extra_args_support(state.tx)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params, value=loss)
   params = optax.apply_updates(state.params, updates)
   finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(params)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   new_state = state.replace(
     step=state.step + 1,
     params=keep(params, state.params),
-    batch_stats=keep(aux["batch_stats"], state.batch_stats),
+    model_state=keep(aux["model_state"], state.model_state),
     opt_state=keep(opt_state, state.opt_state),
     rng=rng,
   )
-  if state.mesh is not None:  # replicated (or one path per device), whatever XLA would pick
+  if state.mesh is not None:  # replicated, whatever XLA would pick
     new_state = sharding.constrain_state(new_state, state.mesh)
-  metrics = {"loss": loss, "finite": finite}
-  if state.method == "dcil":
-    metrics |= {
-      "ce_sparse": aux["ce"][paths.SPARSE],
-      "ce_dense": aux["ce"][paths.DENSE],
-      "kl_sparse": aux["kl"][paths.SPARSE],
-      "kl_dense": aux["kl"][paths.DENSE],
-      "accuracy_sparse": aux["accuracy"][paths.SPARSE],
-      "accuracy_dense": aux["accuracy"][paths.DENSE],
-    }
-  else:
-    metrics |= {"ce_sparse": aux["ce"], "accuracy_sparse": aux["accuracy"]}
-  if masks is not None:
+  metrics = {"loss": loss, "finite": finite, **method.metrics(aux)}
+  if method.uses_masks:
     before, after = find_masked_state(state.opt_state), find_masked_state(new_state.opt_state)
+    stepped = after.count != before.count  # False on micro-steps and skipped steps
     metrics |= {
       "sparsity": masks_lib.sparsity(masks),
-      "target_sparsity": before.target_sparsity,
-      "mask_refreshed": finite & (after.last_refresh == after.count),
+      "target_sparsity": after.target_sparsity,
+      "mask_refreshed": stepped & (after.last_refresh == before.count),
       "flip_rate": after.flip_rate,
+      "sparsity_clamped": after.clamped,
     }
   return new_state, metrics
 
@@ -262,34 +330,73 @@ def _all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])) if leaves else jnp.bool_(True)
 
 
-def export_variables(state: TrainState, path: str = "sparse") -> dict[str, Any]:
+def export_variables(
+  params: Any, masks: Any = None, model_state: Any = None, *, path: str = "sparse"
+) -> dict[str, Any]:
   """Plain variables for the unmodified model: the deployable sparse network by default.
 
-  ``path="sparse"`` gives ``W⊙M`` with the sparse path's BatchNorm and head (for DPF: ``W⊙M``;
-  for dense training: ``W``); ``path="dense"`` gives DCIL's dense path ``W`` with its own
-  BatchNorm and head. ``M`` is the mask the last step trained with (``state.trained_masks``),
-  not one refreshed for the next step that no step and no BN statistic has seen yet.
+  Works on a ``TrainState`` (``export_variables(state)``) or on the pieces of your own loop:
+  ``export_variables(params, dcil_jax.get_trained_masks(opt_state), model_state)``.
+
+  ``path="sparse"`` gives ``W⊙M`` with the sparse path's own leaves and model state (for DPF:
+  ``W⊙M``; for dense training, the plain params); ``path="dense"`` gives DCIL's dense path ``W``
+  with its own BatchNorm and head. Pass the masks the last step trained with
+  (``state.trained_masks``), not ones refreshed for a step no BN statistic has seen yet.
   """
-  if path not in ("sparse", "dense"):
-    raise ValueError(f"path must be 'sparse' or 'dense', got {path!r}.")
-  if path == "dense" and state.method != "dcil":
-    raise ValueError(f"Only DCIL has a dense path; this state was trained with {state.method!r}.")
-  index = paths.SPARSE if path == "sparse" else paths.DENSE
-  params = state.params
-  if path == "sparse" and state.method != "dense":
-    params = masks_lib.apply_masks(params, state.trained_masks)
-  variables = {"params": paths.select_path(params, index)}
-  if state.batch_stats is not None:
-    variables["batch_stats"] = paths.select_path(state.batch_stats, index)
-  return variables
+  if isinstance(params, TrainState):
+    if masks is not None or model_state is not None:
+      raise TypeError("export_variables(state, path=...) takes no masks or model state.")
+    return params.export(path)
+  if path not in paths.PATH_NAMES:
+    raise ValueError(f"path must be one of {paths.PATH_NAMES}, got {path!r}.")
+  if not paths.is_lifted(params):  # dense training: the plain model
+    if path != "sparse":
+      raise ValueError("Only DCIL has a dense path; these params are a plain model's.")
+    return {"params": params, **(model_state or {})}
+  if path not in params and paths.SHARED not in params and len(params) > 1:
+    raise ValueError(f"These params have no {path!r} path (DPF has only 'sparse').")
+  if model_state is not None and path not in model_state:
+    raise ValueError(f"This model state has no {path!r} path (DPF has only 'sparse').")
+  kernels = params[paths.PRUNABLE]
+  if path == "sparse":
+    if masks is None:
+      raise ValueError("Exporting the sparse path needs the masks (the ones trained with).")
+    kernels = masks_lib.apply_masks(kernels, masks[paths.PRUNABLE])
+  return {
+    "params": paths.path_params(params, path, kernels),
+    **((model_state or {}).get(path) or {}),
+  }
+
+
+def _eval_sums(logits: jax.Array, batch: dict[str, Any]) -> dict[str, jax.Array]:
+  logits = logits.astype(jnp.float32)
+  labels = batch["label"]
+  if jnp.ndim(labels) == 2:
+    loss = optax.softmax_cross_entropy(logits, labels)
+    labels = jnp.argmax(labels, -1)
+  else:
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  weight = batch.get("mask", jnp.ones(labels.shape, bool)).astype(jnp.float32)
+  _, top = jax.lax.top_k(logits, min(5, logits.shape[-1]))
+  hits = top == labels[:, None]
+  return {
+    "count": weight.sum(),
+    "loss": (loss * weight).sum(),
+    "top1": (hits[:, 0] * weight).sum(),
+    "top5": (hits.any(axis=1) * weight).sum(),
+  }
 
 
 @functools.partial(jax.jit, static_argnames="path")
 def eval_step(state: TrainState, batch: dict[str, jax.Array], path: str = "sparse"):
-  """Cross-entropy and accuracy of one exported path in eval mode (running BN statistics)."""
+  """Sums over one batch of an exported path in eval mode (running BN statistics).
+
+  ``batch["mask"]`` (optional, ``[B]`` bool) marks the real examples of a padded batch; the
+  sums count only those. Divide the totals by ``count`` for means.
+
+  Returns:
+    ``{"count", "loss", "top1", "top5"}``: examples, summed cross-entropy, top-1 and top-5 hits.
+  """
   check_batch(batch, state.mesh)
-  logits = state.apply_fn(export_variables(state, path), batch["image"], train=False)
-  return {
-    "loss": losses.cross_entropy(logits, batch["label"]),
-    "accuracy": losses.accuracy(logits, batch["label"]),
-  }
+  logits = state.model.apply_eval(state.export(path), batch["image"])
+  return _eval_sums(logits, batch)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -12,26 +13,54 @@ from dcil_jax import masks as masks_lib
 from dcil_jax.schedules import SparsitySchedule
 
 
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True, eq=False)
+class MaskRefresh:
+  """How masks are recomputed: static data that travels inside the optimizer state (no leaves),
+  so that the forward pass can compute the masks of its step from the state alone."""
+
+  schedule: SparsitySchedule
+  update_every: int
+  distribution: masks_lib.Distribution
+
+  def due(self, count: jax.Array) -> jax.Array:
+    return count % self.update_every == 0
+
+  def compute(self, params: Any, template: Any, count: jax.Array):
+    """``(masks, target, clamped)``: magnitude masks of ``params`` at the scheduled sparsity.
+
+    A schedule value outside [0, 1) (or NaN) cannot raise inside ``jit``: it is clamped into
+    the range, and ``clamped`` says so (``train_step`` reports it as ``sparsity_clamped``).
+    """
+    target = jnp.asarray(self.schedule(count), jnp.float32)
+    clamped = ~((target >= 0.0) & (target < 1.0))
+    target = jnp.where(clamped, jnp.clip(jnp.nan_to_num(target), 0.0, 1.0), target)
+    masks = masks_lib.magnitude_masks(params, template, target, self.distribution)
+    return masks, target, clamped
+
+
 class MaskedUpdateState(NamedTuple):
   """State of :func:`masked_update`.
 
   Attributes:
     count: optimizer steps taken so far (``t``).
-    masks: the masks for the forward pass of step ``t`` (``None`` at leaves that are not pruned).
-    trained_masks: the masks step ``t - 1`` trained with. They differ from ``masks`` right after
-      a refresh; evaluation and export use them, as the official code evaluates the masks the
-      network (and its BatchNorm statistics) has trained with, not the ones it refreshes next.
+    masks: the masks step ``t - 1`` trained with (before any step: those of ``W_0``). Eval and
+      export use them; step ``t``'s forward uses :func:`get_masks` (the same masks, or a fresh
+      refresh from ``W_t`` when ``t % update_every == 0``).
     target_sparsity: the schedule's sparsity at the last refresh.
     flip_rate: fraction of prunable entries whose bit changed at the last refresh.
-    last_refresh: the ``count`` at which the masks were last computed.
+    last_refresh: the step whose forward pass first used ``masks``.
+    clamped: the schedule left [0, 1) at the last refresh (and was clamped into it).
+    refresh: how masks are computed (static, no leaves).
   """
 
   count: jax.Array
   masks: Any
-  trained_masks: Any
   target_sparsity: jax.Array
   flip_rate: jax.Array
   last_refresh: jax.Array
+  clamped: jax.Array
+  refresh: MaskRefresh
 
 
 def masked_update(
@@ -39,32 +68,38 @@ def masked_update(
   update_every: int = 16,
   *,
   distribution: masks_lib.Distribution = "global",
-  is_prunable: masks_lib.IsPrunable = masks_lib.is_conv_kernel,
-) -> optax.GradientTransformation:
+  prunable: masks_lib.IsPrunable | None = None,
+) -> optax.GradientTransformationExtraArgs:
   """Keeps magnitude masks in the optimizer state and refreshes them every ``update_every`` steps.
 
   DCIL (and DPF) prune dynamically: every ``k`` iterations, *before* the forward pass, the masks
   are recomputed from the magnitudes of the dense weights ``W_t`` at the scheduled sparsity, also
-  after the target is reached, so pruned weights that grew back are revived. This transform does
-  exactly that inside a jitted step: ``init`` computes the masks of step 0 from ``W_0``, and the
-  update of step ``t`` computes those of step ``t + 1`` from ``W_{t+1} = params + updates`` when
-  ``(t + 1) % k == 0`` (a ``lax.cond``), so the forward pass of step ``t`` always uses masks
-  computed from ``W_t`` when ``t % k == 0`` — the official timing.
+  after the target is reached, so pruned weights that grew back are revived. The masks of step
+  ``t`` are a function of ``W_t`` and ``t`` alone, and ``W_t`` is the ``params`` every member of
+  an optax chain receives. So this transform reads only ``params`` and its own step count, never
+  the incoming updates: **its position in the chain does not matter** (first, middle, last, inside
+  one branch of ``optax.multi_transform`` or inside ``optax.MultiSteps``, where it counts
+  optimizer steps). The forward pass of step ``t`` gets its masks from
+  :func:`get_masks` ``(opt_state, params)``; the update of step ``t`` recomputes the same masks
+  and stores them (a ``lax.cond``, only on refresh steps), so eval and export see what the step
+  trained with. This is the official timing: step ``t``'s forward uses masks computed from
+  ``W_t`` when ``t % k == 0``.
 
   The updates pass through untouched: pruned weights keep training (that is the method), and
-  momentum is never reset. Because it reads the next weights as ``params + updates``, put it
-  **last** in the chain, after the optimizer; the whole chain may be wrapped in
-  ``optax.MultiSteps`` (then it counts optimizer steps) or use ``optax.inject_hyperparams``.
+  momentum is never reset.
 
   Args:
-    sparsity_schedule: ``step -> sparsity`` (see :mod:`dcil_jax.schedules`).
+    sparsity_schedule: ``step -> sparsity`` (see :mod:`dcil_jax.schedules`), in optimizer steps.
+      A traced value outside [0, 1) is clamped into it and flagged (``sparsity_clamped``).
     update_every: refresh period ``k`` in optimizer steps (official: 16).
     distribution: ``"global"`` (official), ``"layerwise"`` or ``"erk"``.
-    is_prunable: ``(key_path, leaf) -> bool``; default: every convolution kernel.
+    prunable: which parameters to prune (see :mod:`dcil_jax.rules`). On a lifted tree
+      (``TrainState`` / :func:`dcil_jax.lift`) the default is its ``"prunable"`` part; on a
+      plain tree a rule is required. This is the one place the rule is given: ``TrainState``
+      and ``lift`` read it from here.
 
   Returns:
-    An ``optax.GradientTransformation`` whose state is a :class:`MaskedUpdateState`; read the
-    masks from any optimizer state with :func:`get_masks`.
+    An optax transform whose state is a :class:`MaskedUpdateState`.
   """
   if int(update_every) != update_every or update_every < 1:
     raise ValueError(f"update_every must be a positive integer, got {update_every!r}.")
@@ -72,34 +107,38 @@ def masked_update(
     raise ValueError(
       f"Unknown mask distribution {distribution!r}; expected one of {masks_lib.DISTRIBUTIONS}."
     )
-
-  def refresh(params, old_masks, count):
-    target = sparsity_schedule(count)
-    new = masks_lib.magnitude_masks(params, old_masks, target, distribution)
-    return new, target, masks_lib.flip_rate(old_masks, new)
+  refresh = MaskRefresh(sparsity_schedule, int(update_every), distribution)
 
   def init_fn(params):
-    template = masks_lib.masks_like(params, is_prunable)
+    template = masks_lib.masks_like(params, prunable)
     count = jnp.zeros([], jnp.int32)
-    masks, target, _ = refresh(params, template, count)
-    trained = jax.tree.map(jnp.copy, masks)  # distinct buffers: the state may be donated
+    masks, target, clamped = refresh.compute(params, template, count)
     return MaskedUpdateState(
-      count, masks, trained, target, jnp.zeros([], jnp.float32), jnp.zeros([], jnp.int32)
+      count, masks, target, jnp.zeros([], jnp.float32), count, clamped, refresh
     )
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
     if params is None:
       raise ValueError("masked_update needs `params`: call tx.update(grads, state, params).")
-    count = optax.safe_increment(state.count)
-    masks, target, flips, last = jax.lax.cond(
-      count % update_every == 0,
-      # W_{t+1} = params + updates, computed only on refresh steps.
-      lambda: (*refresh(optax.apply_updates(params, updates), state.masks, count), count),
-      lambda: (state.masks, state.target_sparsity, state.flip_rate, state.last_refresh),
-    )
-    return updates, MaskedUpdateState(count, masks, state.masks, target, flips, last)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+    def fresh():
+      masks, target, clamped = refresh.compute(params, state.masks, state.count)
+      flips = masks_lib.flip_rate(state.masks, masks)
+      return masks, target, flips, state.count, clamped
+
+    def kept():
+      return state.masks, state.target_sparsity, state.flip_rate, state.last_refresh, state.clamped
+
+    masks, target, flips, last, clamped = jax.lax.cond(refresh.due(state.count), fresh, kept)
+    count = optax.safe_increment(state.count)
+    return updates, MaskedUpdateState(count, masks, target, flips, last, clamped, refresh)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _is_masked_state(x: Any) -> bool:
+  return isinstance(x, MaskedUpdateState)
 
 
 def find_masked_state(opt_state: Any) -> MaskedUpdateState:
@@ -108,23 +147,47 @@ def find_masked_state(opt_state: Any) -> MaskedUpdateState:
   Raises:
     ValueError: if there is none, or more than one.
   """
-  found = [
-    s
-    for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, MaskedUpdateState))
-    if isinstance(s, MaskedUpdateState)
-  ]
-  if len(found) != 1:
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_masked_state) if _is_masked_state(s)]
+  if not found:
     raise ValueError(
-      f"Expected exactly one dcil_jax.masked_update in the optimizer, found {len(found)}."
+      "The optimizer has no dcil_jax.masked_update: add it to the optax chain (anywhere: it "
+      "reads only the params and its step count)."
+    )
+  if len(found) > 1:
+    raise ValueError(
+      f"The optimizer has {len(found)} dcil_jax.masked_update transforms; use exactly one. "
+      "(It may sit inside one branch of optax.multi_transform, and then prunes that branch.)"
     )
   return found[0]
 
 
-def get_masks(opt_state: Any) -> Any:
-  """The masks of the next forward pass, from any optimizer state that holds them."""
-  return find_masked_state(opt_state).masks
+def has_masks(opt_state: Any) -> bool:
+  """Whether ``opt_state`` holds any :class:`MaskedUpdateState`."""
+  return any(_is_masked_state(s) for s in jax.tree.leaves(opt_state, is_leaf=_is_masked_state))
+
+
+def get_masks(opt_state: Any, params: Any) -> Any:
+  """The masks of the next forward pass (step ``count``) at weights ``params``.
+
+  The trained masks, or, on a refresh step, masks computed from ``params`` (``W_t``) exactly as
+  the optimizer update of this step will compute and store them.
+
+  Args:
+    opt_state: any optimizer state that holds one :func:`masked_update`.
+    params: the params the optimizer is applied to (the lifted tree for DCIL/DPF).
+
+  Returns:
+    A masks tree mirroring ``params`` (``None`` at leaves that are not pruned).
+  """
+  state = find_masked_state(opt_state)
+  trained = masks_lib.plain_masks(state.masks)
+  return jax.lax.cond(
+    state.refresh.due(state.count),
+    lambda: state.refresh.compute(params, trained, state.count)[0],
+    lambda: trained,
+  )
 
 
 def get_trained_masks(opt_state: Any) -> Any:
   """The masks the last optimizer step trained with: those to evaluate and export."""
-  return find_masked_state(opt_state).trained_masks
+  return masks_lib.plain_masks(find_masked_state(opt_state).masks)

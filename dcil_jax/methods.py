@@ -1,0 +1,144 @@
+"""The training methods as objects: each says how to lift a plain model, its loss, its metrics and
+which paths it exports. ``TrainState`` holds one and never branches on a method name.
+
+All three are frozen dataclasses, so a state that holds one stays a valid ``jit`` argument.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from dcil_jax import losses, paths
+
+KdWeight = float | Callable[[jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense:
+  """Dense training of the plain model: no masks, plain params.
+
+  Attributes:
+    task_loss: ``(logits, batch) -> scalar`` (default: cross-entropy on ``batch["label"]``).
+  """
+
+  task_loss: losses.TaskLoss = losses.batch_cross_entropy
+  name = "dense"
+  path_names = ("sparse",)  # the one exported model ("sparse" is the deployable one's name)
+  uses_masks = False
+
+  def lift(self, params: Any, model_state: Any, prunable: Any) -> tuple[Any, Any]:
+    del prunable
+    return jax.tree.map(jnp.array, params), jax.tree.map(jnp.array, model_state or None)
+
+  def loss(self, model, params, masks, model_state, batch, rngs, step, mesh=None):
+    del step, mesh
+    return losses.dense_loss(
+      model, params, masks, batch, model_state, rngs=rngs, task_loss=self.task_loss
+    )
+
+  def metrics(self, aux: dict[str, Any]) -> dict[str, jax.Array]:
+    return {"ce_sparse": aux["ce"], "accuracy_sparse": aux["accuracy"]}
+
+
+@dataclasses.dataclass(frozen=True)
+class DPF(Dense):
+  """DPF (Lin et al. 2020): one pruned path, straight-through estimator for pruned weights."""
+
+  name = "dpf"
+  uses_masks = True
+
+  def lift(self, params: Any, model_state: Any, prunable: Any) -> tuple[Any, Any]:
+    names = ("sparse",)
+    return (
+      paths.lift(params, prunable, path_names=names),
+      paths.lift_collections(model_state, names),
+    )
+
+  def loss(self, model, params, masks, model_state, batch, rngs, step, mesh=None):
+    del step, mesh
+    return losses.dpf_loss(
+      model, params, masks, batch, model_state, rngs=rngs, task_loss=self.task_loss
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class DCIL(Dense):
+  """DCIL: a sparse and a dense path over shared prunable kernels, with mutual distillation.
+
+  Attributes:
+    kd_weight: weight of the distillation terms, a number or a schedule ``optimizer step ->
+      weight`` (official: 0 before epoch 70, then 1; see ``kd_start_step``).
+    kd_start_step: first optimizer step with distillation (``kd_weight`` applies from there).
+    temperature: distillation temperature ``T`` (official: 2).
+    strategy: how the path axis runs: ``"unrolled"``, ``"vmap"`` or ``"sharded"`` (``None``:
+      ``"sharded"`` on a mesh with a ``path`` axis, else :func:`paths.default_strategy`).
+    share_non_prunable: ablation: one BatchNorm/head for both paths (default: per path, as the
+      official code).
+
+  Step-indexed settings count **optimizer steps** (the ``masked_update`` count), as the sparsity
+  schedule does; under ``optax.MultiSteps`` every micro-step of one optimizer step sees the same.
+  """
+
+  kd_weight: KdWeight = 1.0
+  kd_start_step: int = 0
+  temperature: float = 2.0
+  strategy: str | None = None
+  share_non_prunable: bool = False
+  name = "dcil"
+  path_names = paths.PATH_NAMES
+  uses_masks = True
+
+  def lift(self, params: Any, model_state: Any, prunable: Any) -> tuple[Any, Any]:
+    return (
+      paths.lift(params, prunable, share_non_prunable=self.share_non_prunable),
+      paths.lift_collections(model_state),
+    )
+
+  def kd_weight_at(self, step: jax.Array) -> jax.Array:
+    weight = self.kd_weight(step) if callable(self.kd_weight) else self.kd_weight
+    return jnp.where(step >= self.kd_start_step, jnp.asarray(weight, jnp.float32), 0.0)
+
+  def loss(self, model, params, masks, model_state, batch, rngs, step, mesh: Mesh | None = None):
+    return losses.dcil_loss(
+      model,
+      params,
+      masks,
+      batch,
+      model_state,
+      kd_weight=self.kd_weight_at(step),
+      temperature=self.temperature,
+      strategy=self.strategy or paths.default_strategy(),
+      mesh=mesh,
+      rngs=rngs,
+      task_loss=self.task_loss,
+    )
+
+  def metrics(self, aux: dict[str, Any]) -> dict[str, jax.Array]:
+    s, d = paths.SPARSE, paths.DENSE
+    return {
+      "ce_sparse": aux["ce"][s],
+      "ce_dense": aux["ce"][d],
+      "kl_sparse": aux["kl"][s],
+      "kl_dense": aux["kl"][d],
+      "accuracy_sparse": aux["accuracy"][s],
+      "accuracy_dense": aux["accuracy"][d],
+    }
+
+
+METHODS = {"dcil": DCIL, "dpf": DPF, "dense": Dense}
+Method = Dense | DPF | DCIL
+
+
+def get_method(method: str | Method) -> Method:
+  """A method object from its name (default settings), or the object itself."""
+  if isinstance(method, Dense):
+    return method
+  if method not in METHODS:
+    raise ValueError(f"Unknown method {method!r}; expected one of {tuple(METHODS)}.")
+  return METHODS[method]()
