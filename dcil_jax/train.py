@@ -195,7 +195,7 @@ class TrainState(struct.PyTreeNode):
     rule = None
     if method.uses_masks:
       rule = prunable_rule(tx, variables["params"], model, example_input)
-    elif has_masks(jax.eval_shape(tx.init, variables["params"])):
+    elif _has_masked_update(tx, variables["params"]):
       raise ValueError("Dense training takes no masked_update; remove it from the chain.")
     collections = {k: v for k, v in variables.items() if k != "params"} or None
 
@@ -220,6 +220,13 @@ class TrainState(struct.PyTreeNode):
       eval_params_fn=eval_params_fn,
     )
     return state if mesh is None else sharding.place_state(state, mesh)
+
+
+def _has_masked_update(tx: optax.GradientTransformation, params: Any) -> bool:
+  try:
+    return has_masks(jax.eval_shape(tx.init, params))
+  except masks_lib.PrunableRuleNeeded:  # only masked_update asks for a rule
+    return True
 
 
 def _resolve_method(method, kd_start_step, temperature, share_non_prunable, strategy) -> Method:
@@ -282,7 +289,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainSta
     ``(new_state, metrics)``: the loss and each term, per-path accuracy, and for DCIL/DPF the
     sparsity of the masks this step used, its target, whether they were refreshed for this
     step (once per refresh, also under ``MultiSteps``), the flip rate of the last refresh, and
-    ``sparsity_clamped`` (the schedule left [0, 1)); and ``finite``.
+    ``sparsity_out_of_range`` (the schedule left [0, 1); its last valid value was used); and
+    ``finite``.
   """
   check_batch(batch, state.mesh)
   if state.mesh is not None:
@@ -320,7 +328,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainSta
       "target_sparsity": after.target_sparsity,
       "mask_refreshed": stepped & (after.last_refresh == before.count),
       "flip_rate": after.flip_rate,
-      "sparsity_clamped": after.clamped,
+      "sparsity_out_of_range": after.out_of_range,
     }
   return new_state, metrics
 
@@ -353,10 +361,9 @@ def export_variables(
     if path != "sparse":
       raise ValueError("Only DCIL has a dense path; these params are a plain model's.")
     return {"params": params, **(model_state or {})}
-  if path not in params and paths.SHARED not in params and len(params) > 1:
-    raise ValueError(f"These params have no {path!r} path (DPF has only 'sparse').")
-  if model_state is not None and path not in model_state:
-    raise ValueError(f"This model state has no {path!r} path (DPF has only 'sparse').")
+  other = paths.PATH_NAMES[1 - paths.PATH_NAMES.index(path)]
+  if (other in params and path not in params) or (model_state and path not in model_state):
+    raise ValueError(f"Only DCIL has a dense path; these params have no {path!r} part (DPF).")
   kernels = params[paths.PRUNABLE]
   if path == "sparse":
     if masks is None:

@@ -26,17 +26,18 @@ class MaskRefresh:
   def due(self, count: jax.Array) -> jax.Array:
     return count % self.update_every == 0
 
-  def compute(self, params: Any, template: Any, count: jax.Array):
-    """``(masks, target, clamped)``: magnitude masks of ``params`` at the scheduled sparsity.
+  def compute(self, params: Any, template: Any, count: jax.Array, last_target: jax.Array):
+    """``(masks, target, out_of_range)``: magnitude masks of ``params`` at the scheduled sparsity.
 
-    A schedule value outside [0, 1) (or NaN) cannot raise inside ``jit``: it is clamped into
-    the range, and ``clamped`` says so (``train_step`` reports it as ``sparsity_clamped``).
+    A schedule value outside [0, 1) (or NaN) cannot raise inside ``jit``, and pruning every
+    weight would silently kill the network: the last valid target is kept instead (0 before
+    any), and ``out_of_range`` says so (``train_step`` reports it as ``sparsity_out_of_range``).
     """
     target = jnp.asarray(self.schedule(count), jnp.float32)
-    clamped = ~((target >= 0.0) & (target < 1.0))
-    target = jnp.where(clamped, jnp.clip(jnp.nan_to_num(target), 0.0, 1.0), target)
+    out_of_range = ~((target >= 0.0) & (target < 1.0))
+    target = jnp.where(out_of_range, last_target, target)
     masks = masks_lib.magnitude_masks(params, template, target, self.distribution)
-    return masks, target, clamped
+    return masks, target, out_of_range
 
 
 class MaskedUpdateState(NamedTuple):
@@ -50,7 +51,7 @@ class MaskedUpdateState(NamedTuple):
     target_sparsity: the schedule's sparsity at the last refresh.
     flip_rate: fraction of prunable entries whose bit changed at the last refresh.
     last_refresh: the step whose forward pass first used ``masks``.
-    clamped: the schedule left [0, 1) at the last refresh (and was clamped into it).
+    out_of_range: the schedule left [0, 1) at the last refresh (its last valid value was used).
     refresh: how masks are computed (static, no leaves).
   """
 
@@ -59,7 +60,7 @@ class MaskedUpdateState(NamedTuple):
   target_sparsity: jax.Array
   flip_rate: jax.Array
   last_refresh: jax.Array
-  clamped: jax.Array
+  out_of_range: jax.Array
   refresh: MaskRefresh
 
 
@@ -90,7 +91,8 @@ def masked_update(
 
   Args:
     sparsity_schedule: ``step -> sparsity`` (see :mod:`dcil_jax.schedules`), in optimizer steps.
-      A traced value outside [0, 1) is clamped into it and flagged (``sparsity_clamped``).
+      A traced value outside [0, 1) is replaced by the last valid one and flagged
+      (``sparsity_out_of_range`` in the step metrics); a concrete one raises.
     update_every: refresh period ``k`` in optimizer steps (official: 16).
     distribution: ``"global"`` (official), ``"layerwise"`` or ``"erk"``.
     prunable: which parameters to prune (see :mod:`dcil_jax.rules`). On a lifted tree
@@ -112,10 +114,9 @@ def masked_update(
   def init_fn(params):
     template = masks_lib.masks_like(params, prunable)
     count = jnp.zeros([], jnp.int32)
-    masks, target, clamped = refresh.compute(params, template, count)
-    return MaskedUpdateState(
-      count, masks, target, jnp.zeros([], jnp.float32), count, clamped, refresh
-    )
+    zero = jnp.zeros([], jnp.float32)
+    masks, target, out_of_range = refresh.compute(params, template, count, zero)
+    return MaskedUpdateState(count, masks, target, zero, count, out_of_range, refresh)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
@@ -123,16 +124,19 @@ def masked_update(
       raise ValueError("masked_update needs `params`: call tx.update(grads, state, params).")
 
     def fresh():
-      masks, target, clamped = refresh.compute(params, state.masks, state.count)
+      masks, target, out_of_range = refresh.compute(
+        params, state.masks, state.count, state.target_sparsity
+      )
       flips = masks_lib.flip_rate(state.masks, masks)
-      return masks, target, flips, state.count, clamped
+      return masks, target, flips, state.count, out_of_range
 
     def kept():
-      return state.masks, state.target_sparsity, state.flip_rate, state.last_refresh, state.clamped
+      s = state
+      return s.masks, s.target_sparsity, s.flip_rate, s.last_refresh, s.out_of_range
 
-    masks, target, flips, last, clamped = jax.lax.cond(refresh.due(state.count), fresh, kept)
+    masks, target, flips, last, out_of_range = jax.lax.cond(refresh.due(state.count), fresh, kept)
     count = optax.safe_increment(state.count)
-    return updates, MaskedUpdateState(count, masks, target, flips, last, clamped, refresh)
+    return updates, MaskedUpdateState(count, masks, target, flips, last, out_of_range, refresh)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -183,7 +187,7 @@ def get_masks(opt_state: Any, params: Any) -> Any:
   trained = masks_lib.plain_masks(state.masks)
   return jax.lax.cond(
     state.refresh.due(state.count),
-    lambda: state.refresh.compute(params, trained, state.count)[0],
+    lambda: state.refresh.compute(params, trained, state.count, state.target_sparsity)[0],
     lambda: trained,
   )
 

@@ -8,33 +8,41 @@ import pytest
 from conftest import tree_allclose
 
 import dcil_jax
-from dcil_jax import losses, paths
+from dcil_jax import losses, paths, rules
 
 KD = 1.0  # exercise the distillation terms too
 
 
+def lifted(model, variables, x, sparsity=0.6, **lift_kwargs):
+  """Lifted params, their masks at ``sparsity`` and the lifted model state (or None)."""
+  rule = rules.conv_kernels(model, x)
+  params = paths.lift(variables["params"], rule, **lift_kwargs)
+  masks = dcil_jax.magnitude_masks(params, dcil_jax.masks_like(params), sparsity)
+  names = lift_kwargs.get("path_names", paths.PATH_NAMES)
+  rest = {k: v for k, v in variables.items() if k != "params"}
+  return params, masks, paths.lift_collections(rest, names)
+
+
+def plain_apply(model, params, state, x):
+  """A plain train-mode apply: (logits, new collections)."""
+  return dcil_jax.as_model(model).apply_train({"params": params, **(state or {})}, x)
+
+
 @pytest.fixture(scope="module")
-def setup(tiny_model, tiny_variables):
-  params, stats = tiny_variables["params"], tiny_variables["batch_stats"]
-  masks = dcil_jax.magnitude_masks(params, dcil_jax.masks_like(params), 0.6)
-  dual, dual_stats = dcil_jax.to_dual_path(params, masks, stats)
-
-  def make_paths_differ(x):  # distinct BN/head per path, so a routing mix-up shows
-    if paths.is_per_path(x):
-      return paths.PerPath(x.value.at[1].set(x.value[1] * 1.5 + 0.1))
-    return x
-
-  dual = jax.tree.map(make_paths_differ, dual, is_leaf=paths.is_per_path)
-  return tiny_model.apply, masks, dual, dual_stats
+def setup(tiny_model, tiny_variables, tiny_batch):
+  dual, masks, stats = lifted(tiny_model, tiny_variables, tiny_batch["image"])
+  # distinct BN/head per path, so a routing mix-up shows
+  dual["dense"] = jax.tree.map(lambda x: x * 1.5 + 0.1, dual["dense"])
+  return tiny_model, masks, dual, stats
 
 
-def reference(apply_fn, masks, dual, dual_stats, batch, temperature=2.0):
+def reference(model, masks, dual, dual_stats, batch, temperature=2.0):
   """Two independent plain applies: sparse (W⊙M, BN_s, FC_s) and dense (W, BN_d, FC_d)."""
   x, y = batch["image"], batch["label"]
-  sparse_p = dcil_jax.apply_masks(paths.select_path(dual, 0), masks)
-  dense_p = paths.select_path(dual, 1)
-  stats = [paths.select_path(dual_stats, i) for i in range(2)]
-  f = lambda p, i: losses.apply_train(apply_fn, p, stats[i], x)[0]  # noqa: E731
+  sparse_p = dcil_jax.export_variables(dual, masks, path="sparse")["params"]
+  dense_p = dcil_jax.export_variables(dual, masks, path="dense")["params"]
+  stats = [dual_stats[name] for name in paths.PATH_NAMES]
+  f = lambda p, i: plain_apply(model, p, stats[i], x)[0]  # noqa: E731
   z_s, z_d = f(sparse_p, 0), f(dense_p, 1)
 
   def loss_s(p):
@@ -49,9 +57,9 @@ def reference(apply_fn, masks, dual, dual_stats, batch, temperature=2.0):
   return l_s + l_d, g_s, g_d
 
 
-def dcil_value_and_grad(apply_fn, masks, dual, dual_stats, batch, strategy):
+def dcil_value_and_grad(model, masks, dual, dual_stats, batch, strategy):
   fn = lambda p: dcil_jax.dcil_loss(  # noqa: E731
-    apply_fn, p, masks, batch, dual_stats, kd_weight=KD, strategy=strategy
+    model, p, masks, batch, dual_stats, kd_weight=KD, strategy=strategy
   )
   return jax.jit(jax.value_and_grad(fn, has_aux=True))(dual)
 
@@ -62,49 +70,57 @@ def dcil_unrolled(setup, tiny_batch):
 
 
 def test_dcil_gradient_routing(setup, tiny_batch, dcil_unrolled):
-  apply_fn, masks, dual, dual_stats = setup
+  model, masks, dual, dual_stats = setup
   (loss, _), grads = dcil_unrolled
-  ref_loss, g_s, g_d = reference(apply_fn, masks, dual, dual_stats, tiny_batch)
+  ref_loss, g_s, g_d = reference(model, masks, dual, dual_stats, tiny_batch)
   assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
-
-  def expected(m, p, gs, gd):
-    if paths.is_per_path(p):  # BN_s/FC_s only from sparse terms, BN_d/FC_d only from dense ones
-      return paths.PerPath(jnp.stack([gs, gd]))
-    return jnp.where(m, gs, gd)  # refined gradient M⊙g_sparse + (1−M)⊙g_dense
-
-  sparse_tree = paths.select_path(dual, 0)
-  exp = jax.tree.map(
-    lambda m, p, gs, gd: expected(m, p, gs, gd),
-    masks,
-    dual,
-    jax.tree.map(lambda _, g: g, sparse_tree, g_s),
-    jax.tree.map(lambda _, g: g, sparse_tree, g_d),
-    is_leaf=lambda x: x is None or paths.is_per_path(x),
+  # Kernels: the refined gradient M⊙g_sparse + (1−M)⊙g_dense. BN_s/FC_s only from the sparse
+  # terms, BN_d/FC_d only from the dense ones.
+  kernels = jax.tree.map(
+    lambda m, _, gs, gd: jnp.where(m, gs, gd),
+    masks["prunable"],
+    dual["prunable"],
+    *(paths.partition(g, lambda p, _: jax.tree_util.keystr(p) in KERNELS)[0] for g in (g_s, g_d)),
   )
-  tree_allclose(grads, exp, rtol=1e-4, atol=1e-6)
+  own = [
+    paths.partition(g, lambda p, _: jax.tree_util.keystr(p) not in KERNELS)[0] for g in (g_s, g_d)
+  ]
+  expected = {"prunable": kernels, "sparse": own[0], "dense": own[1]}
+  tree_allclose(grads, expected, rtol=1e-4, atol=1e-6)
   # Every pruned weight gets a gradient (from the dense path), unlike a plain masked model.
-  kernel_grad = grads["Conv_1"]["kernel"]
-  assert float(jnp.mean(kernel_grad[~masks["Conv_1"]["kernel"]] != 0)) > 0.9
+  kernel_grad = grads["prunable"]["Conv_1"]["kernel"]
+  assert float(jnp.mean(kernel_grad[~masks["prunable"]["Conv_1"]["kernel"]] != 0)) > 0.9
+
+
+KERNELS = {"['Conv_0']['kernel']", "['Conv_1']['kernel']"}
+
+
+def test_optimizer_sees_the_plain_shapes_and_names(setup, tiny_variables):
+  _, _, dual, _ = setup
+  plain = {
+    jax.tree_util.keystr(p): (rules.key_names(p)[-1], x.shape)
+    for p, x in jax.tree_util.tree_flatten_with_path(tiny_variables["params"])[0]
+  }
+  for path, x in jax.tree_util.tree_flatten_with_path(dual)[0]:
+    own = jax.tree_util.keystr(path[1:])
+    assert plain[own] == (rules.key_names(path)[-1], x.shape), own
 
 
 def test_bn_statistics_are_updated_per_path(setup, tiny_batch, dcil_unrolled):
-  apply_fn, masks, dual, dual_stats = setup
+  model, masks, dual, dual_stats = setup
   (_, aux), _ = dcil_unrolled
   x = tiny_batch["image"]
-  sparse_p = dcil_jax.apply_masks(paths.select_path(dual, 0), masks)
-  _, stats_s = losses.apply_train(apply_fn, sparse_p, paths.select_path(dual_stats, 0), x)
-  _, stats_d = losses.apply_train(
-    apply_fn, paths.select_path(dual, 1), paths.select_path(dual_stats, 1), x
-  )
-  tree_allclose(paths.select_path(aux["batch_stats"], 0), stats_s)
-  tree_allclose(paths.select_path(aux["batch_stats"], 1), stats_d)
+  for name in paths.PATH_NAMES:
+    p = dcil_jax.export_variables(dual, masks, path=name)["params"]
+    _, expected = plain_apply(model, p, dual_stats[name], x)
+    tree_allclose(aux["model_state"][name], expected)
 
 
 def test_kd_weight_zero_leaves_only_cross_entropy(setup, tiny_batch):
-  apply_fn, masks, dual, dual_stats = setup
-  loss, aux = dcil_jax.dcil_loss(apply_fn, dual, masks, tiny_batch, dual_stats, kd_weight=0.0)
+  model, masks, dual, dual_stats = setup
+  loss, aux = dcil_jax.dcil_loss(model, dual, masks, tiny_batch, dual_stats, kd_weight=0.0)
   assert float(loss) == pytest.approx(float(jnp.sum(aux["ce"])), rel=1e-6)
-  assert aux["logits"].shape == (2, 8, 5)
+  assert [z.shape for z in aux["logits"]] == [(8, 5), (8, 5)]
   assert aux["ce"].shape == aux["kl"].shape == aux["accuracy"].shape == (2,)
 
 
@@ -113,7 +129,7 @@ def test_vmap_strategy_equals_unrolled(setup, tiny_batch, dcil_unrolled):
   (loss_v, aux_v), grads_v = dcil_value_and_grad(*setup, tiny_batch, "vmap")
   assert float(loss_v) == pytest.approx(float(loss_u), rel=1e-5)
   tree_allclose(grads_v, grads_u, rtol=1e-4, atol=1e-6)
-  tree_allclose(aux_v["batch_stats"], aux_u["batch_stats"])
+  tree_allclose(aux_v["model_state"], aux_u["model_state"])
 
 
 def test_distillation_kl_matches_formula():
@@ -131,25 +147,30 @@ def test_distillation_kl_matches_formula():
 def test_dpf_applies_the_pruned_model_gradient_to_every_weight(
   tiny_model, tiny_variables, tiny_batch
 ):
-  params, stats = tiny_variables["params"], tiny_variables["batch_stats"]
-  masks = dcil_jax.magnitude_masks(params, dcil_jax.masks_like(params), 0.6)
-  (loss, _), grads = jax.value_and_grad(dcil_jax.dpf_loss, argnums=1, has_aux=True)(
-    tiny_model.apply, params, masks, tiny_batch, stats
+  params, masks, stats = lifted(
+    tiny_model, tiny_variables, tiny_batch["image"], path_names=("sparse",)
   )
-  pruned = dcil_jax.apply_masks(params, masks)
+  (loss, _), grads = jax.value_and_grad(dcil_jax.dpf_loss, argnums=1, has_aux=True)(
+    tiny_model, params, masks, tiny_batch, stats
+  )
+  pruned = dcil_jax.export_variables(params, masks)["params"]
   plain = lambda p: losses.cross_entropy(  # noqa: E731
-    losses.apply_train(tiny_model.apply, p, stats, tiny_batch["image"])[0], tiny_batch["label"]
+    plain_apply(tiny_model, p, stats["sparse"], tiny_batch["image"])[0], tiny_batch["label"]
   )
   ref_loss, ref_grads = jax.value_and_grad(plain)(pruned)
   assert float(loss) == pytest.approx(float(ref_loss), rel=1e-6)
-  tree_allclose(grads, ref_grads, rtol=1e-5)
-  pruned_entries = ~masks["Conv_1"]["kernel"]
-  assert float(jnp.mean(grads["Conv_1"]["kernel"][pruned_entries] != 0)) > 0.9
+  tree_allclose(
+    grads,
+    paths.lift(ref_grads, lambda p, _: jax.tree_util.keystr(p) in KERNELS, path_names=("sparse",)),
+    rtol=1e-5,
+  )
+  pruned_entries = ~masks["prunable"]["Conv_1"]["kernel"]
+  assert float(jnp.mean(grads["prunable"]["Conv_1"]["kernel"][pruned_entries] != 0)) > 0.9
 
 
 def test_dense_loss_is_plain_cross_entropy(tiny_model, tiny_variables, tiny_batch):
   params, stats = tiny_variables["params"], tiny_variables["batch_stats"]
-  loss, aux = dcil_jax.dense_loss(tiny_model.apply, params, None, tiny_batch, stats)
+  loss, aux = dcil_jax.dense_loss(tiny_model, params, None, tiny_batch, {"batch_stats": stats})
   logits, _ = tiny_model.apply(
     tiny_variables, tiny_batch["image"], train=True, mutable=["batch_stats"]
   )
@@ -159,27 +180,30 @@ def test_dense_loss_is_plain_cross_entropy(tiny_model, tiny_variables, tiny_batc
 
 
 def test_unknown_strategy_is_rejected(setup, tiny_batch):
-  apply_fn, masks, dual, dual_stats = setup
+  model, masks, dual, dual_stats = setup
   with pytest.raises(ValueError, match="Unknown path strategy"):
-    dcil_jax.dcil_loss(apply_fn, dual, masks, tiny_batch, dual_stats, strategy="pmap")
+    dcil_jax.dcil_loss(model, dual, masks, tiny_batch, dual_stats, strategy="pmap")
   with pytest.raises(ValueError, match="needs a mesh"):
-    dcil_jax.dcil_loss(apply_fn, dual, masks, tiny_batch, dual_stats, strategy="sharded")
+    dcil_jax.dcil_loss(model, dual, masks, tiny_batch, dual_stats, strategy="sharded")
 
 
 def test_shared_bn_and_head_ablation_sums_both_paths(tiny_model, tiny_variables, tiny_batch):
-  params, stats = tiny_variables["params"], tiny_variables["batch_stats"]
-  masks = dcil_jax.magnitude_masks(params, dcil_jax.masks_like(params), 0.6)
-  shared, dual_stats = dcil_jax.to_dual_path(params, masks, stats, share_non_prunable=True)
-  assert not isinstance(shared["Dense_0"]["kernel"], dcil_jax.PerPath)
-  per_path, _ = dcil_jax.to_dual_path(params, masks, stats)
-  loss_fn = lambda p: dcil_jax.dcil_loss(tiny_model.apply, p, masks, tiny_batch, dual_stats)[0]  # noqa: E731
-  g_shared, g_per_path = jax.grad(loss_fn)(shared), jax.grad(loss_fn)(per_path)
+  x = tiny_batch["image"]
+  shared, masks_shared, stats = lifted(tiny_model, tiny_variables, x, share_non_prunable=True)
+  per_path, masks, _ = lifted(tiny_model, tiny_variables, x)
+  assert set(shared) == {"prunable", "shared"} and set(per_path) == {"prunable", "sparse", "dense"}
+  loss_fn = lambda p, m: dcil_jax.dcil_loss(tiny_model, p, m, tiny_batch, stats)[0]  # noqa: E731
+  g_shared, g_per_path = jax.grad(loss_fn)(shared, masks_shared), jax.grad(loss_fn)(per_path, masks)
   # Identical forward values, so the shared head's gradient is the sum over the two paths.
-  assert float(loss_fn(shared)) == pytest.approx(float(loss_fn(per_path)), rel=1e-6)
-  head = g_per_path["Dense_0"]["kernel"].value
-  np.testing.assert_allclose(g_shared["Dense_0"]["kernel"], head[0] + head[1], rtol=1e-5, atol=1e-7)
+  assert float(loss_fn(shared, masks_shared)) == pytest.approx(
+    float(loss_fn(per_path, masks)), rel=1e-6
+  )
+  heads = [g_per_path[name]["Dense_0"]["kernel"] for name in paths.PATH_NAMES]
   np.testing.assert_allclose(
-    g_shared["Conv_1"]["kernel"], g_per_path["Conv_1"]["kernel"], rtol=1e-5
+    g_shared["shared"]["Dense_0"]["kernel"], heads[0] + heads[1], rtol=1e-5, atol=1e-7
+  )
+  np.testing.assert_allclose(
+    g_shared["prunable"]["Conv_1"]["kernel"], g_per_path["prunable"]["Conv_1"]["kernel"], rtol=1e-5
   )
 
 
@@ -194,12 +218,11 @@ def test_model_without_batchnorm(strategy, tiny_batch):
       return nn.Dense(5)(jnp.mean(x, axis=(1, 2)))
 
   model = NoBN()
-  params = model.init(jax.random.PRNGKey(0), tiny_batch["image"])["params"]
-  masks = dcil_jax.magnitude_masks(params, dcil_jax.masks_like(params), 0.5)
-  dual, stats = dcil_jax.to_dual_path(params, masks)
+  variables = model.init(jax.random.PRNGKey(0), tiny_batch["image"])
+  dual, masks, stats = lifted(model, variables, tiny_batch["image"], 0.5)
   assert stats is None
-  loss, aux = dcil_jax.dcil_loss(model.apply, dual, masks, tiny_batch, strategy=strategy)
-  assert aux["batch_stats"] is None and aux["logits"].shape == (2, 8, 5)
-  sparse = dcil_jax.apply_masks(paths.select_path(dual, 0), masks)
-  z_s = model.apply({"params": sparse}, tiny_batch["image"])
+  loss, aux = dcil_jax.dcil_loss(model, dual, masks, tiny_batch, strategy=strategy)
+  assert aux["model_state"] is None and aux["logits"][0].shape == (8, 5)
+  sparse = dcil_jax.export_variables(dual, masks)
+  z_s = model.apply(sparse, tiny_batch["image"])
   np.testing.assert_allclose(aux["logits"][0], z_s, rtol=1e-5, atol=1e-6)

@@ -1,3 +1,5 @@
+import dataclasses
+import functools
 import os
 import subprocess
 import sys
@@ -11,12 +13,12 @@ import pytest
 from conftest import tree_allclose
 
 import dcil_jax
-from dcil_jax import paths
 
 SPARSITY = 0.75
 
 
 def make_tx(update_every=2):
+  """SGD + masked_update with no rule: TrainState finds the convolutions from example_input."""
   return optax.chain(
     optax.add_decayed_weights(1e-4),
     optax.sgd(0.05, momentum=0.9, nesterov=True),
@@ -24,12 +26,15 @@ def make_tx(update_every=2):
   )
 
 
-@pytest.fixture(scope="module", params=dcil_jax.METHODS)
+@pytest.fixture(scope="module", params=sorted(dcil_jax.METHODS))
 def trained(request, tiny_model, tiny_variables, tiny_batch):
   """Six steps of each method; returns (method, state, metrics of each step)."""
+  tx = make_tx() if request.param != "dense" else optax.sgd(0.05, momentum=0.9)
   state = dcil_jax.TrainState.create(
-    tiny_model.apply, tiny_variables, make_tx(), method=request.param, kd_start_step=3
+    tiny_model, tiny_variables, tx, method=request.param, example_input=tiny_batch["image"]
   )
+  if request.param == "dcil":
+    state = state.replace(method=dataclasses.replace(state.method, kd_start_step=3))
   history = []
   for _ in range(6):
     state, metrics = dcil_jax.train_step(state, tiny_batch)
@@ -51,20 +56,22 @@ def test_train_step_trains_and_reports(trained, tiny_variables):
   if method == "dense":
     assert state.masks is None and "sparsity" not in history[-1]
   else:
-    # Masks refresh every 2 steps; steps 1, 3, 5 end with a refresh for the next step.
-    assert [bool(h["mask_refreshed"]) for h in history] == [False, True] * 3
+    # Masks refresh every 2 steps, before the forward pass of steps 0, 2 and 4.
+    assert [bool(h["mask_refreshed"]) for h in history] == [True, False] * 3
     assert float(dcil_jax.sparsity(state.masks)) == pytest.approx(SPARSITY, abs=1e-3)
 
 
-def test_dual_path_layout(trained):
+def test_lifted_layout(trained):
   method, state, _ = trained
-  if method != "dcil":
+  if method == "dense":
+    assert set(state.params) == {"Conv_0", "Conv_1", "BatchNorm_0", "BatchNorm_1", "Dense_0"}
     return
-  assert state.params["Conv_0"]["kernel"].ndim == 4  # shared kernel
-  head = state.params["Dense_0"]["kernel"]
-  assert isinstance(head, dcil_jax.PerPath) and head.value.shape[0] == 2
-  for leaf in jax.tree.leaves(state.batch_stats, is_leaf=paths.is_per_path):
-    assert isinstance(leaf, dcil_jax.PerPath)
+  names = ("sparse", "dense") if method == "dcil" else ("sparse",)
+  assert set(state.params) == {"prunable", *names}
+  assert set(state.params["prunable"]) == {"Conv_0", "Conv_1"}  # found from the module types
+  for name in names:
+    assert state.params[name]["Dense_0"]["kernel"].shape == (8, 5)  # its plain shape
+    assert set(state.model_state[name]) == {"batch_stats"}
 
 
 def test_export_reproduces_sparse_path_eval(trained, tiny_model, tiny_batch):
@@ -75,45 +82,65 @@ def test_export_reproduces_sparse_path_eval(trained, tiny_model, tiny_batch):
     tiny_model.init(jax.random.PRNGKey(0), tiny_batch["image"])
   )
   logits = tiny_model.apply(exported, tiny_batch["image"], train=False)
-  metrics = dcil_jax.eval_step(state, tiny_batch)
-  accuracy = jnp.mean(jnp.argmax(logits, -1) == tiny_batch["label"])
-  assert float(metrics["accuracy"]) == pytest.approx(float(accuracy))
+  sums = dcil_jax.eval_step(state, tiny_batch)
+  hits = jnp.sum(jnp.argmax(logits, -1) == tiny_batch["label"])
+  assert float(sums["top1"]) == float(hits) and float(sums["count"]) == 8
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, tiny_batch["label"]).sum()
+  assert float(sums["loss"]) == pytest.approx(float(loss), rel=1e-5)
+  # A padded batch: only the examples the mask marks count.
+  padded = dict(tiny_batch, mask=jnp.arange(8) < 5)
+  assert float(dcil_jax.eval_step(state, padded)["top1"]) == float(
+    jnp.sum((jnp.argmax(logits, -1) == tiny_batch["label"])[:5])
+  )
   if method != "dense":
     # The exported zeros are exactly the masks the last step trained with.
     for name in ["Conv_0", "Conv_1"]:
       kernel = exported["params"][name]["kernel"]
-      np.testing.assert_array_equal(kernel != 0, state.trained_masks[name]["kernel"])
+      np.testing.assert_array_equal(kernel != 0, state.trained_masks["prunable"][name]["kernel"])
   if method == "dcil":
-    dense = dcil_jax.export_variables(state, "dense")
+    dense = dcil_jax.export_variables(state, path="dense")
     assert float(jnp.mean(dense["params"]["Conv_1"]["kernel"] == 0)) == 0.0
-    assert set(dcil_jax.eval_step(state, tiny_batch, path="dense")) == {"loss", "accuracy"}
+    assert set(dcil_jax.eval_step(state, tiny_batch, path="dense")) == {
+      "count",
+      "loss",
+      "top1",
+      "top5",
+    }
   else:
     with pytest.raises(ValueError, match="Only DCIL has a dense path"):
-      dcil_jax.export_variables(state, "dense")
+      dcil_jax.export_variables(state, path="dense")
 
 
 def test_vmap_strategy_trains_like_unrolled(tiny_model, tiny_variables, tiny_batch):
   states = {}
   for strategy in ["unrolled", "vmap"]:
     state = dcil_jax.TrainState.create(
-      tiny_model.apply, tiny_variables, make_tx(update_every=100), strategy=strategy
+      tiny_model,
+      tiny_variables,
+      make_tx(update_every=100),
+      strategy=strategy,
+      example_input=tiny_batch["image"],
     )
     states[strategy], _ = dcil_jax.train_step(state, tiny_batch)
   tree_allclose(states["vmap"].params, states["unrolled"].params, rtol=1e-4, atol=1e-6)
 
 
-def test_bad_method_and_missing_masks(tiny_model, tiny_variables):
+def test_bad_method_and_missing_masks(tiny_model, tiny_variables, tiny_batch):
+  x = tiny_batch["image"]
+  create = functools.partial(dcil_jax.TrainState.create, tiny_model, example_input=x)
   with pytest.raises(ValueError, match="Unknown method"):
-    dcil_jax.TrainState.create(tiny_model.apply, tiny_variables, make_tx(), method="rigl")
+    create(tiny_variables, make_tx(), method="rigl")
   with pytest.raises(ValueError, match="needs masks"):
-    dcil_jax.TrainState.create(tiny_model.apply, tiny_variables, optax.sgd(0.1), method="dcil")
+    create(tiny_variables, optax.sgd(0.1), method="dcil")
   with pytest.raises(ValueError, match="Unknown path strategy"):
-    dcil_jax.TrainState.create(tiny_model.apply, tiny_variables, make_tx(), strategy="magic")
+    create(tiny_variables, make_tx(), strategy="magic")
   with pytest.raises(TypeError, match="'params'"):
-    dcil_jax.TrainState.create(tiny_model.apply, tiny_variables["params"], make_tx())
-  state = dcil_jax.TrainState.create(
-    tiny_model.apply, tiny_variables, optax.sgd(0.1), method="dense"
-  )
+    create(tiny_variables["params"], make_tx())
+  with pytest.raises(ValueError, match="Which parameters to prune"):  # no rule, no example
+    dcil_jax.TrainState.create(tiny_model, tiny_variables, make_tx())
+  with pytest.raises(ValueError, match="takes no masked_update"):
+    create(tiny_variables, make_tx(), method="dense")
+  state = create(tiny_variables, optax.sgd(0.1), method="dense")
   assert state.masks is None
 
 
@@ -131,7 +158,7 @@ SHARDED_SCRIPT = textwrap.dedent(
     for strategy in ["unrolled", "sharded"]:
       tx = optax.chain(optax.sgd(0.05, momentum=0.9),
                        dcil_jax.masked_update(dcil_jax.constant_sparsity(0.5), 100))
-      state = dcil_jax.TrainState.create(model.apply, variables, tx, strategy=strategy)
+      state = dcil_jax.TrainState.create(model, variables, tx, strategy=strategy, example_input=x)
       if strategy == "sharded":  # each device runs ordinary, not grouped, convolutions
         hlo = dcil_jax.train_step.lower(state, batch).compile().as_text()
         convs = [l for l in hlo.splitlines() if " convolution(" in l]
@@ -157,7 +184,9 @@ def test_sharded_strategy_on_two_devices_equals_unrolled():
 def test_bad_batches_are_rejected_before_anything_is_donated(
   tiny_model, tiny_variables, tiny_batch
 ):
-  state = dcil_jax.TrainState.create(tiny_model.apply, tiny_variables, make_tx(), method="dpf")
+  state = dcil_jax.TrainState.create(
+    tiny_model, tiny_variables, make_tx(), method="dpf", example_input=tiny_batch["image"]
+  )
   bad = {
     "keys": {"x": tiny_batch["image"], "y": tiny_batch["label"]},
     "float labels": dict(tiny_batch, label=tiny_batch["label"].astype(jnp.float32)),
@@ -171,12 +200,15 @@ def test_bad_batches_are_rejected_before_anything_is_donated(
   assert int(state.step) == 1
 
 
-@pytest.mark.parametrize("method", dcil_jax.METHODS)
+@pytest.mark.parametrize("method", sorted(dcil_jax.METHODS))
 def test_donating_the_state_leaves_the_callers_variables_intact(
   method, tiny_model, tiny_variables, tiny_batch
 ):
   variables = jax.tree.map(jnp.copy, tiny_variables)
-  state = dcil_jax.TrainState.create(tiny_model.apply, variables, make_tx(), method=method)
+  tx = make_tx() if method != "dense" else optax.sgd(0.1)
+  state = dcil_jax.TrainState.create(
+    tiny_model, variables, tx, method=method, example_input=tiny_batch["image"]
+  )
   dcil_jax.train_step(state, tiny_batch)
   assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(variables))
   tree_allclose(variables, tiny_variables, rtol=0, atol=0)
