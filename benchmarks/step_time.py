@@ -62,13 +62,19 @@ def log(msg: str) -> None:
 # Problem setup
 
 
-def make_tx(update_every: int = UPDATE_EVERY) -> optax.GradientTransformation:
-  """The benchmark's optimizer: decoupled L2, Nesterov SGD, then the mask transform."""
-  return optax.chain(
-    optax.add_decayed_weights(1e-4),
-    optax.sgd(0.1, momentum=0.9, nesterov=True),
-    dcil_jax.masked_update(dcil_jax.constant_sparsity(SPARSITY), update_every=update_every),
-  )
+def CONV_KERNELS(path: Any, leaf: Any) -> bool:  # noqa: N802  (a rule, used like a constant)
+  """The benchmark models' convolution kernels (4-D; their Dense heads are 2-D)."""
+  return dcil_jax.rules.all_kernels(path, leaf) and leaf.ndim == 4
+
+
+def make_tx(update_every: int = UPDATE_EVERY, masked: bool = True) -> optax.GradientTransformation:
+  """The benchmark's optimizer: decoupled L2, Nesterov SGD, then the mask transform (for
+  DCIL/DPF; ``TrainState`` finds the convolutions from the example input)."""
+  parts = [optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9, nesterov=True)]
+  if masked:
+    mask = dcil_jax.masked_update(dcil_jax.constant_sparsity(SPARSITY), update_every=update_every)
+    parts.append(mask)
+  return optax.chain(*parts)
 
 
 def make_problem(model_name: str) -> tuple[Any, Any, dict[str, jax.Array]]:
@@ -255,7 +261,7 @@ class RefreshTimer(Config):
   def __init__(self, model_name: str, process: str, steps: int):
     _, variables, _ = make_problem(model_name)
     self.params = variables["params"]
-    self.masks = dcil_jax.masks_like(self.params)
+    self.masks = dcil_jax.masks_like(self.params, CONV_KERNELS)
     self.fn = jax.jit(lambda p, m: dcil_jax.magnitude_masks(p, m, SPARSITY, "global"))
     jax.block_until_ready(self.fn(self.params, self.masks))
     record = {"model": model_name, "process": process, "label": "refresh", "steps": steps}
@@ -341,8 +347,9 @@ def prepare_config(
   gc.collect()
   reset_peak_rss()
   model, variables, batch = make_problem(model_name)
+  tx = make_tx(update_every) if method != "dense" else make_tx(update_every, masked=False)
   state = dcil_jax.TrainState.create(
-    model.apply, variables, make_tx(update_every), method=method, strategy=strategy
+    model, variables, tx, method=method, strategy=strategy, example_input=batch["image"][:1]
   )
   t0 = time.perf_counter()
   lowered = dcil_jax.train_step.lower(state, batch)
@@ -353,7 +360,7 @@ def prepare_config(
     "model": model_name,
     "process": process,
     "method": method,
-    "strategy": state.strategy if method == "dcil" else None,
+    "strategy": getattr(state.method, "strategy", None),
     "label": label,
     "update_every": update_every,
     "devices": jax.device_count(),

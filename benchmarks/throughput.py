@@ -171,7 +171,7 @@ def prepare(
     "label": label,
     "model": config.model,
     "method": config.method,
-    "strategy": state.strategy if config.method == "dcil" else None,
+    "strategy": getattr(state.method, "strategy", None),
     "dtype": config.dtype,
     "batch": config.batch_size,
     "image_size": config.image_size,
@@ -311,7 +311,7 @@ def run_imagenet(args: argparse.Namespace) -> dict[str, Any]:
       items = []
       for (method, strategy), config in configs.items():
         if method == "dcil":
-          strategy = strategy or dcil_jax.paths.default_strategy(jax.default_backend())
+          strategy = strategy or dcil_jax.paths.default_strategy()
         items.append(
           prepare(
             method if strategy is None else f"{method}/{strategy}",

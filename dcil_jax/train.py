@@ -326,7 +326,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainSta
     metrics |= {
       "sparsity": masks_lib.sparsity(masks),
       "target_sparsity": after.target_sparsity,
-      "mask_refreshed": stepped & (after.last_refresh == before.count),
+      # Step 0's masks are the ones init computed from W_0: not counted as a refresh.
+      "mask_refreshed": stepped & (after.last_refresh == before.count) & (before.count > 0),
       "flip_rate": after.flip_rate,
       "sparsity_out_of_range": after.out_of_range,
     }

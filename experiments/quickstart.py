@@ -126,7 +126,7 @@ def batch_indices(num_examples: int, batch_size: int, rng: np.random.Generator) 
 
 
 def make_optimizer(method: str, config: Config) -> optax.GradientTransformation:
-  """The official recipe's optimizer, scaled down; ``masked_update`` last, as the library asks."""
+  """The official recipe's optimizer, scaled down, with ``masked_update`` for DCIL and DPF."""
   lr_schedule = optax.warmup_cosine_decay_schedule(
     init_value=config.lr / 10,
     peak_value=config.lr,
@@ -139,19 +139,28 @@ def make_optimizer(method: str, config: Config) -> optax.GradientTransformation:
   ]
   if method != "dense":
     schedule = dcil_jax.cubic_sparsity(config.sparsity, ramp_steps=config.ramp_steps)
-    parts.append(dcil_jax.masked_update(schedule, update_every=config.update_every))
+    parts.append(
+      dcil_jax.masked_update(
+        schedule, update_every=config.update_every, prunable=dcil_jax.rules.all_kernels
+      )
+    )
   return optax.chain(*parts)
 
 
+def is_conv_kernel(path: Any, leaf: Any) -> bool:
+  """SmallCNN's convolution kernels (its one Dense kernel is 2-D)."""
+  return dcil_jax.rules.all_kernels(path, leaf) and leaf.ndim == 4
+
+
 def num_prunable(params: Any) -> int:
-  """Number of entries the default rule prunes (every conv kernel)."""
-  return sum(m.size for m in jax.tree.leaves(dcil_jax.masks_like(params)))
+  """Number of entries the quickstart prunes (every conv kernel)."""
+  return sum(m.size for m in jax.tree.leaves(dcil_jax.masks_like(params, is_conv_kernel)))
 
 
 def zero_fraction(variables: dict[str, Any]) -> float:
   """Fraction of exact zeros among the conv kernels of exported variables: the real sparsity."""
   flat = jax.tree_util.tree_flatten_with_path(variables["params"])[0]
-  conv = [np.asarray(x) for path, x in flat if dcil_jax.is_conv_kernel(path, x)]
+  conv = [np.asarray(x) for path, x in flat if is_conv_kernel(path, x)]
   return float(sum((x == 0).sum() for x in conv) / sum(x.size for x in conv))
 
 
@@ -162,11 +171,10 @@ def evaluate(state: dcil_jax.TrainState, test_batch: dict[str, jax.Array]) -> di
   does, not the ones just refreshed for the next step.
   """
   out = {}
-  paths = ("sparse", "dense") if state.method == "dcil" else ("sparse",)
-  for path in paths:
+  for path in state.method.path_names:
     m = jax.device_get(dcil_jax.eval_step(state, test_batch, path=path))
-    out[f"test_acc_{path}"] = float(m["accuracy"])
-    out[f"test_loss_{path}"] = float(m["loss"])
+    out[f"test_acc_{path}"] = float(m["top1"] / m["count"])
+    out[f"test_loss_{path}"] = float(m["loss"] / m["count"])
   masks = state.trained_masks
   out["sparsity"] = 0.0 if masks is None else float(dcil_jax.sparsity(masks))
   return out
@@ -178,14 +186,10 @@ def train_method(
   """Trains one method from ``variables``; returns its final metrics and curves."""
   start = time.perf_counter()
   tx = make_optimizer(method, config)
+  if method == "dcil":
+    method = dcil_jax.DCIL(kd_start_step=config.kd_start_step, temperature=config.temperature)
   state = dcil_jax.TrainState.create(
-    model.apply,
-    variables,
-    tx,
-    method=method,
-    kd_start_step=config.kd_start_step,
-    temperature=config.temperature,
-    rng=jax.random.PRNGKey(config.seed),
+    model, variables, tx, method=method, rng=jax.random.PRNGKey(config.seed)
   )
   test_batch = {"image": jnp.asarray(data.x_test), "label": jnp.asarray(data.y_test)}
   # Same seed for every method: all three see the identical minibatch sequence.

@@ -28,6 +28,7 @@ from etils import epath
 import dcil_jax
 from dcil_jax import sharding, stability
 from dcil_jax.models import MODELS, create_model
+from dcil_jax.transform import find_masked_state
 from experiments import checkpoints, input_pipeline, preemption, recipes
 from experiments.metric_writers import MetricWriter, read_jsonl
 
@@ -72,7 +73,7 @@ def _resolve_config(config: ml_collections.ConfigDict, data_parallelism: int):
     )
   if config.model not in MODELS:
     raise ValueError(f"Unknown model {config.model!r}; expected one of {sorted(MODELS)}.")
-  dcil_jax.train.check_method(config.method)
+  dcil_jax.get_method(config.method)
   recipe = recipes.recipe_for(config.recipe, config.model)
   with config.unlocked():
     if config.per_device_batch_size is not None:
@@ -169,8 +170,8 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: i
 def make_optimizer(
   config: ml_collections.ConfigDict, steps_per_epoch: int
 ) -> optax.GradientTransformation:
-  """SGD (Nesterov) with weight decay on every parameter, as the official code; for DCIL and
-  DPF ``masked_update`` comes last (it reads the next weights as params + updates)."""
+  """SGD (Nesterov) with weight decay on every parameter, as the official code, and for DCIL and
+  DPF ``masked_update`` (its rule: the model's convolutions, found by ``TrainState.create``)."""
   parts = [
     optax.add_decayed_weights(config.weight_decay),
     optax.sgd(
@@ -203,14 +204,19 @@ def create_train_state(
   shape = (1, config.image_size, config.image_size, info.channels)
   dummy = jnp.zeros(shape, DTYPES[config.dtype])
   variables = jax.jit(functools.partial(model.init, train=False))(init_rng, dummy)
+  method = dcil_jax.get_method(config.method)
+  if isinstance(method, dcil_jax.DCIL):
+    method = dcil_jax.DCIL(
+      kd_start_step=round(config.kd_start_epoch * steps_per_epoch),
+      temperature=config.temperature,
+      strategy=config.strategy,
+    )
   return dcil_jax.TrainState.create(
-    model.apply,
+    model,
     variables,
     make_optimizer(config, steps_per_epoch),
-    method=config.method,
-    kd_start_step=round(config.kd_start_epoch * steps_per_epoch),
-    temperature=config.temperature,
-    strategy=config.strategy,
+    method=method,
+    example_input=dummy,
     mesh=mesh,
     rng=state_rng,
   )
@@ -244,32 +250,15 @@ def create_train_input(
   return iterator, batches
 
 
-@functools.partial(jax.jit, static_argnames="path")
-def eval_counts(state: dcil_jax.TrainState, batch: dict[str, jax.Array], path: str = "sparse"):
-  """Summed loss and top-1/top-5 hits of one exported path over the unpadded examples."""
-  logits = state.apply_fn(dcil_jax.export_variables(state, path), batch["image"], train=False)
-  logits = logits.astype(jnp.float32)
-  labels, weight = batch["label"], batch["mask"].astype(jnp.float32)
-  _, top = jax.lax.top_k(logits, min(5, logits.shape[-1]))
-  hits = top == labels[:, None]
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  return {
-    "count": weight.sum(),
-    "loss": (loss * weight).sum(),
-    "top1": (hits[:, 0] * weight).sum(),
-    "top5": (hits.any(axis=1) * weight).sum(),
-  }
-
-
 def evaluate(
   state: dcil_jax.TrainState, batches: Iterable[dict[str, jax.Array]]
 ) -> dict[str, float]:
   """Sparse-path (deployable) metrics over ``batches``, and DCIL's dense path as ``dense_*``."""
-  path_names = ["sparse", "dense"] if state.method == "dcil" else ["sparse"]
+  path_names = state.method.path_names
   totals = {path: None for path in path_names}
   for batch in batches:
     for path in path_names:
-      counts = eval_counts(state, batch, path)
+      counts = dcil_jax.eval_step(state, batch, path)
       totals[path] = counts if totals[path] is None else jax.tree.map(jnp.add, totals[path], counts)
   results = {}
   for path in path_names:
@@ -283,13 +272,18 @@ def evaluate(
 
 @jax.jit
 def track_refresh(
-  tracker: stability.RevivalTracker, state: dcil_jax.TrainState, refreshed: jax.Array
+  tracker: stability.RevivalTracker, state: dcil_jax.TrainState
 ) -> tuple[stability.RevivalTracker, dict[str, Any]]:
-  """Mask churn of the refresh the last step made (``state.trained_masks`` -> ``state.masks``)
-  if it made one (``refreshed``, the step's ``mask_refreshed`` metric).
+  """Mask churn of the refresh the next step makes (``state.trained_masks`` -> ``state.masks``)
+  if it makes one; called before the step (the step donates the old masks).
 
-  Runs on the devices, without a host sync; the loop fetches the results when it logs.
+  Runs on the devices, without a host sync; the loop fetches the results when it logs, and
+  keeps those of the steps whose ``mask_refreshed`` metric is set. A step that is skipped
+  (non-finite) refreshes again at the next one, to the same masks: the tracker's update is
+  idempotent, so the early update changes nothing.
   """
+  masked = find_masked_state(state.opt_state)
+  refreshed = masked.refresh.due(masked.count) & (masked.count > 0)
 
   def measure(tracker):
     old, new = state.trained_masks, state.masks
@@ -305,8 +299,7 @@ def track_refresh(
     tracker,
     jax.tree.map(jnp.zeros_like, jax.eval_shape(measure, tracker)[1]),
   )
-  tracker, result = jax.lax.cond(refreshed, measure, skip, tracker)
-  return tracker, result | {"refreshed": refreshed}
+  return jax.lax.cond(refreshed, measure, skip, tracker)
 
 
 def _refresh_scalars(result: dict[str, Any]) -> dict[str, float]:
@@ -380,7 +373,7 @@ def _checkpoint_tree(state: dcil_jax.TrainState, tracker: Any) -> dict[str, Any]
   tree = {
     "step": state.step,
     "params": state.params,
-    "batch_stats": state.batch_stats,
+    "model_state": state.model_state,
     "opt_state": state.opt_state,
     "rng": state.rng,
   }
@@ -433,7 +426,7 @@ def train_and_evaluate(
   workpath = prepare_workdir(workdir, lead)
   state = create_train_state(config, mesh, steps_per_epoch)
   tracker = None
-  if state.method != "dense":  # on the mesh like the state (a checkpoint restores it there)
+  if state.method.uses_masks:  # on the mesh like the state (a checkpoint restores it there)
     tracker = sharding.place_state(stability.RevivalTracker.create(state.masks), mesh)
   checkpointer = checkpoints.RunCheckpointer(
     workpath / checkpoints.CHECKPOINT_DIR,
@@ -547,6 +540,8 @@ def train_and_evaluate(
           # Compile once up front: a step that cannot fit in device memory fails here, clearly.
           step_fn = dcil_jax.train_step.lower(state, batch).compile()
           check_memory(step_fn, config.batch_size // ways)
+        if tracker is not None:
+          tracker, refresh = track_refresh(tracker, state)
         state, metrics = step_fn(state, batch)
         if timer_start is None:  # throughput from here on, without the compilation
           jax.block_until_ready(metrics)
@@ -555,8 +550,7 @@ def train_and_evaluate(
           timed_images += config.batch_size
         window.append(metrics)
         if tracker is not None:
-          tracker, result = track_refresh(tracker, state, metrics["mask_refreshed"])
-          refresh_window.append((step, result))
+          refresh_window.append((step, refresh | {"refreshed": metrics["mask_refreshed"]}))
         progress.update(1)
         if step % config.log_every_steps == 0 or step == num_steps:
           flush(step)
@@ -710,7 +704,7 @@ def _summary(
   }
   if len(evals) >= 2:
     summary["top1_variability"] = stability.accuracy_variability([r["top1"] for r in evals])
-  if state.method != "dense":
+  if state.method.uses_masks:
     masks = jax.device_get(state.trained_masks)
     summary["sparsity"] = float(dcil_jax.sparsity(masks))
     summary["layer_sparsity"] = {k: float(v) for k, v in dcil_jax.layer_sparsities(masks).items()}

@@ -178,11 +178,12 @@ def tiny_tree(width=8):
   from dcil_jax.models import SmallCNN
 
   model = SmallCNN(widths=(4, width))
-  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))
+  x = jnp.zeros((1, 8, 8, 1))
+  variables = model.init(jax.random.PRNGKey(0), x)
   tx = optax.chain(
     optax.sgd(0.1, momentum=0.9), dcil_jax.masked_update(dcil_jax.constant_sparsity(0.5))
   )
-  state = dcil_jax.TrainState.create(model.apply, variables, tx, method="dcil")
+  state = dcil_jax.TrainState.create(model, variables, tx, method="dcil", example_input=x)
   return train._checkpoint_tree(state, None)
 
 
@@ -299,15 +300,17 @@ def test_a_nan_step_is_skipped_on_request(tmp_path, nan_at_step_5):
 
 def test_train_step_never_applies_a_non_finite_step(tiny_model, tiny_variables, tiny_batch):
   tx = optax.chain(optax.sgd(0.1), dcil_jax.masked_update(dcil_jax.constant_sparsity(0.5), 1))
-  state = dcil_jax.TrainState.create(tiny_model.apply, tiny_variables, tx, method="dpf")
+  state = dcil_jax.TrainState.create(
+    tiny_model, tiny_variables, tx, method="dpf", example_input=tiny_batch["image"]
+  )
   state, metrics = dcil_jax.train_step(state, tiny_batch)
   assert bool(metrics["finite"])
-  before = jax.device_get((state.params, state.batch_stats, state.opt_state))
+  before = jax.device_get((state.params, state.model_state, state.opt_state))
   bad = dict(tiny_batch, image=tiny_batch["image"].at[0, 0, 0, 0].set(jnp.inf))
   state, metrics = dcil_jax.train_step(state, bad)
   assert not bool(metrics["finite"]) and not bool(metrics["mask_refreshed"])
   assert int(state.step) == 2
-  after = jax.device_get((state.params, state.batch_stats, state.opt_state))
+  after = jax.device_get((state.params, state.model_state, state.opt_state))
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
     np.testing.assert_array_equal(a, b)
 

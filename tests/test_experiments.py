@@ -86,13 +86,14 @@ def test_optimizer_has_masked_update_last_except_for_dense():
   for method in ("dcil", "dpf", "dense"):
     config = resolved(cifar, method=method, sparsity=0.0 if method == "dense" else 0.9)
     tx = train.make_optimizer(config, steps_per_epoch=10)
-    state = tx.init(params)
+    lifted = dcil_jax.paths.lift(params, dcil_jax.rules.all_kernels)
+    state = tx.init(lifted)
     if method == "dense":
       with pytest.raises(ValueError):
-        dcil_jax.get_masks(state)
+        dcil_jax.get_masks(state, lifted)
     else:
       assert isinstance(state[-1], dcil_jax.MaskedUpdateState)
-      assert jax.tree.leaves(dcil_jax.get_masks(state))[0].dtype == jnp.bool_
+      assert jax.tree.leaves(dcil_jax.get_masks(state, lifted))[0].dtype == jnp.bool_
 
 
 # A subprocess runs the real command line inside tfds.testing.mock_data.

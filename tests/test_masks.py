@@ -20,12 +20,16 @@ def params():
   }
 
 
+def conv_rule(path, leaf):
+  return path[-1].key == "kernel" and leaf.ndim == 4
+
+
 def _num_prunable(masks):
   return sum(m.size for m in jax.tree.leaves(masks))
 
 
-def test_default_rule_prunes_conv_kernels_only(params):
-  masks = dcil_jax.masks_like(params)
+def test_a_rule_picks_the_prunable_leaves(params):
+  masks = dcil_jax.masks_like(params, lambda path, leaf: leaf.ndim == 4)
   assert masks["conv1"]["kernel"].shape == (3, 3, 3, 8)
   assert masks["shortcut"]["kernel"].dtype == jnp.bool_
   for path in [("conv1", "bias"), ("bn", "scale"), ("head", "kernel"), ("head", "bias")]:
@@ -33,11 +37,10 @@ def test_default_rule_prunes_conv_kernels_only(params):
   assert jax.tree.structure(masks, is_leaf=lambda x: x is None) == jax.tree.structure(params)
 
 
-def test_default_rule_on_resnet20_selects_every_conv():
-  variables = jax.eval_shape(
-    lambda: resnet20(num_classes=10).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
-  )
-  masks = dcil_jax.masks_like(variables["params"])
+def test_conv_rule_on_resnet20_selects_every_conv():
+  model, x = resnet20(num_classes=10), jnp.zeros((1, 32, 32, 3))
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x))
+  masks = dcil_jax.masks_like(variables["params"], dcil_jax.rules.conv_kernels(model, x))
   # 19 3x3 convs + 2 1x1 shortcut convs; the Dense head stays dense.
   assert len(jax.tree.leaves(masks)) == 21
   assert masks["Dense_0"]["kernel"] is None
@@ -46,7 +49,9 @@ def test_default_rule_on_resnet20_selects_every_conv():
 @pytest.mark.parametrize("distribution", ["global", "layerwise", "erk"])
 @pytest.mark.parametrize("target", [0.0, 0.5, 0.9, 0.97])
 def test_exact_sparsity(params, distribution, target):
-  masks = dcil_jax.magnitude_masks(params, dcil_jax.masks_like(params), target, distribution)
+  masks = dcil_jax.magnitude_masks(
+    params, dcil_jax.masks_like(params, conv_rule), target, distribution
+  )
   n = _num_prunable(masks)
   pruned = sum(int(jnp.sum(~m)) for m in jax.tree.leaves(masks))
   if distribution == "global":
@@ -59,7 +64,7 @@ def test_exact_sparsity(params, distribution, target):
 
 
 def test_global_masks_keep_the_largest_magnitudes(params):
-  masks = dcil_jax.magnitude_masks(params, dcil_jax.masks_like(params), 0.7)
+  masks = dcil_jax.magnitude_masks(params, dcil_jax.masks_like(params, conv_rule), 0.7)
   kept, pruned = [], []
   for path in ["conv1", "conv2", "shortcut"]:
     w, m = np.abs(np.asarray(params[path]["kernel"])), np.asarray(masks[path]["kernel"])
@@ -70,14 +75,14 @@ def test_global_masks_keep_the_largest_magnitudes(params):
 
 def test_ties_are_broken_by_index_and_count_is_exact():
   params = {"conv": {"kernel": jnp.ones((2, 2, 1, 5))}}  # 20 equal magnitudes
-  masks = dcil_jax.magnitude_masks(params, dcil_jax.masks_like(params), 0.35)
+  masks = dcil_jax.magnitude_masks(params, dcil_jax.masks_like(params, conv_rule), 0.35)
   flat = np.asarray(masks["conv"]["kernel"]).reshape(-1)
   assert flat.sum() == 13
   np.testing.assert_array_equal(flat, np.arange(20) >= 7)  # lower indices are pruned first
 
 
 def test_masks_under_jit_with_traced_sparsity(params):
-  template = dcil_jax.masks_like(params)
+  template = dcil_jax.masks_like(params, conv_rule)
   fn = jax.jit(lambda p, s: dcil_jax.magnitude_masks(p, template, s, "erk"))
   for target in [0.3, 0.8]:
     eager = dcil_jax.magnitude_masks(params, template, target, "erk")
@@ -96,7 +101,7 @@ def test_erk_sparsities_match_target_and_cap_dense_layers():
 
 
 def test_statistics_and_flip_rate(params):
-  template = dcil_jax.masks_like(params)
+  template = dcil_jax.masks_like(params, conv_rule)
   a = dcil_jax.magnitude_masks(params, template, 0.5)
   assert float(dcil_jax.sparsity(a)) == pytest.approx(
     round(0.5 * _num_prunable(a)) / _num_prunable(a)
@@ -111,11 +116,11 @@ def test_statistics_and_flip_rate(params):
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan")])
 def test_sparsity_outside_range_is_rejected(params, bad):
   with pytest.raises(ValueError, match="Sparsity must be"):
-    dcil_jax.magnitude_masks(params, dcil_jax.masks_like(params), bad)
+    dcil_jax.magnitude_masks(params, dcil_jax.masks_like(params, conv_rule), bad)
 
 
 def test_mismatched_masks_are_rejected(params):
-  masks = dcil_jax.masks_like(params)
+  masks = dcil_jax.masks_like(params, conv_rule)
   wrong_shape = dict(masks, conv2={"kernel": jnp.ones((3, 3, 8, 15), bool)})
   with pytest.raises(ValueError, match="shape"):
     dcil_jax.apply_masks(params, wrong_shape)
@@ -128,16 +133,16 @@ def test_mismatched_masks_are_rejected(params):
 
 def test_rule_that_selects_nothing_is_rejected(params):
   with pytest.raises(ValueError, match="selects no parameter"):
-    dcil_jax.masks_like(params, is_prunable=lambda path, leaf: False)
+    dcil_jax.masks_like(params, lambda path, leaf: False)
 
 
 def test_custom_rule(params):
-  masks = dcil_jax.masks_like(params, is_prunable=lambda path, leaf: path[0].key == "head")
+  masks = dcil_jax.masks_like(params, lambda path, leaf: path[0].key == "head")
   assert masks["head"]["kernel"] is not None and masks["conv1"]["kernel"] is None
 
 
 def test_apply_masks_zeroes_pruned_entries(params):
-  masks = dcil_jax.magnitude_masks(params, masks_lib.masks_like(params), 0.6)
+  masks = dcil_jax.magnitude_masks(params, masks_lib.masks_like(params, conv_rule), 0.6)
   masked = dcil_jax.apply_masks(params, masks)
   assert float(jnp.sum(masked["conv2"]["kernel"] != 0)) == float(jnp.sum(masks["conv2"]["kernel"]))
   np.testing.assert_array_equal(masked["head"]["kernel"], params["head"]["kernel"])

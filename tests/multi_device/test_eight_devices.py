@@ -9,10 +9,9 @@ import numpy as np
 import optax
 import pytest
 from conftest import NUM_CLASSES, tree_allclose
-from jax.sharding import PartitionSpec
 
 import dcil_jax
-from dcil_jax import paths, sharding
+from dcil_jax import sharding
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 
@@ -38,8 +37,10 @@ def make_tx():
 
 
 def run(model, variables, batch, method, mesh=None):
+  method = dcil_jax.DCIL(kd_start_step=1) if method == "dcil" else method
+  tx = make_tx() if method != "dense" else optax.sgd(1.0)
   state = dcil_jax.TrainState.create(
-    model.apply, variables, make_tx(), method=method, kd_start_step=1, mesh=mesh
+    model, variables, tx, method=method, mesh=mesh, example_input=batch["image"][:1]
   )
   if mesh is not None:
     batch = sharding.shard_batch(batch, mesh)
@@ -76,7 +77,7 @@ def test_sharded_step_equals_one_device_step(
 
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   tree_allclose(state.params, ref_state.params, rtol=1e-4, atol=1e-6)  # = the gradients
-  tree_allclose(state.batch_stats, ref_state.batch_stats, rtol=1e-4, atol=1e-6)
+  tree_allclose(state.model_state, ref_state.model_state, rtol=1e-4, atol=1e-6)
   if method == "dense":
     return
   for got, want in zip(masks, ref_masks, strict=True):
@@ -92,7 +93,7 @@ def test_state_stays_replicated_and_batch_is_split(tiny_model, tiny_variables, g
   for leaf in jax.tree.leaves(state):
     assert leaf.sharding.is_fully_replicated, leaf.sharding
   # Replicated BN statistics: every device holds the same global-batch statistics.
-  for leaf in jax.tree.leaves(state.batch_stats):
+  for leaf in jax.tree.leaves(state.model_state):
     shards = [np.asarray(s.data) for s in leaf.addressable_shards]
     assert len(shards) == 8 and all(np.array_equal(s, shards[0]) for s in shards)
   batch = sharding.shard_batch(global_batch, mesh)
@@ -103,20 +104,21 @@ def test_path_axis_puts_one_path_per_device(tiny_model, tiny_variables, global_b
   mesh = sharding.make_mesh(path_parallel=True)
   assert dict(mesh.shape) == {"data": 4, "path": 2}
   state, _, _ = run(tiny_model, tiny_variables, global_batch, "dcil", mesh)
-  assert state.strategy == "sharded"
-  boxed = jax.tree.leaves(state.params, is_leaf=paths.is_per_path)
-  per_path = [x.value for x in boxed if paths.is_per_path(x)]
-  shared = [x for x in boxed if not paths.is_per_path(x)]
-  assert per_path and shared
-  for leaf in per_path:
-    assert leaf.sharding.spec == PartitionSpec(paths.PATH_AXIS)
-  for leaf in shared:
+  assert state.method.strategy == "sharded"
+  # Every leaf replicated: each path device slices its own copy out locally.
+  for leaf in jax.tree.leaves(state.params):
     assert leaf.sharding.is_fully_replicated
+  # Each device runs one path with ordinary (not grouped) convolutions.
+  hlo = dcil_jax.train_step.lower(state, sharding.shard_batch(global_batch, mesh)).compile()
+  convs = [line for line in hlo.as_text().splitlines() if " convolution(" in line]
+  assert convs and not any("feature_group_count" in line for line in convs)
 
 
 def test_batch_that_does_not_split_over_data_axis_is_rejected(tiny_model, tiny_variables):
   mesh = sharding.make_mesh()
-  state = dcil_jax.TrainState.create(tiny_model.apply, tiny_variables, make_tx(), mesh=mesh)
+  state = dcil_jax.TrainState.create(
+    tiny_model, tiny_variables, make_tx(), mesh=mesh, example_input=np.zeros((1, 8, 8, 1))
+  )
   batch = {"image": np.zeros((12, 8, 8, 1), np.float32), "label": np.zeros(12, np.int32)}
   with pytest.raises(ValueError, match="multiple of 8"):
     dcil_jax.train_step(state, batch)
@@ -126,9 +128,10 @@ def test_batch_that_does_not_split_over_data_axis_is_rejected(tiny_model, tiny_v
 def test_path_axis_needs_sharded_strategy(tiny_model, tiny_variables):
   with pytest.raises(ValueError, match="sharded"):
     dcil_jax.TrainState.create(
-      tiny_model.apply,
+      tiny_model,
       tiny_variables,
       make_tx(),
+      example_input=np.zeros((1, 8, 8, 1)),
       strategy="unrolled",
       mesh=sharding.make_mesh(path_parallel=True),
     )
@@ -144,14 +147,16 @@ def test_checkpoint_of_a_sharded_state_restores_values_and_shardings(
   saver = checkpoints.RunCheckpointer(tmp_path)
   saver.save(STEPS, train._checkpoint_tree(state, None), {"data": None})
   saver.close()  # waits for the asynchronous write
-  fresh = dcil_jax.TrainState.create(tiny_model.apply, tiny_variables, make_tx(), mesh=mesh)
+  fresh = dcil_jax.TrainState.create(
+    tiny_model, tiny_variables, make_tx(), mesh=mesh, example_input=global_batch["image"][:1]
+  )
   restored = checkpoints.RunCheckpointer(tmp_path).restore_latest(
     train._checkpoint_tree(fresh, None)
   )
   assert restored.step == STEPS
   expected = jax.tree.leaves(train._checkpoint_tree(state, None))
   for got, want in zip(jax.tree.leaves(restored.state), expected, strict=True):
-    assert got.sharding == want.sharding  # PerPath leaves on `path`, the rest replicated
+    assert got.sharding == want.sharding  # replicated
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
