@@ -485,7 +485,7 @@ def train_and_evaluate(
       f"sparsity={config.sparsity}, {num_steps} steps ({steps_per_epoch}/epoch){resumed}, "
       f"batch {config.batch_size} ({config.batch_size // ways} per device) on "
       f"{jax.device_count()} {jax.default_backend()} device(s), "
-      f"mesh {dict(mesh.shape)}, strategy={state.strategy}, dtype={config.dtype}"
+      f"mesh {dict(mesh.shape)}, strategy={getattr(state.method, "strategy", None)}, dtype={config.dtype}"
     )
 
   lr_fn = learning_rate_schedule(config, steps_per_epoch)
