@@ -480,12 +480,13 @@ def train_and_evaluate(
   verbose = lead and progress is None
   if verbose:
     resumed = f", resumed at step {start_step}" if start_step else ""
+    strategy = getattr(state.method, "strategy", None)
     print(
       f"{config.model} ({num_params:,} params) on {config.dataset}, method={config.method}, "
       f"sparsity={config.sparsity}, {num_steps} steps ({steps_per_epoch}/epoch){resumed}, "
       f"batch {config.batch_size} ({config.batch_size // ways} per device) on "
       f"{jax.device_count()} {jax.default_backend()} device(s), "
-      f"mesh {dict(mesh.shape)}, strategy={getattr(state.method, "strategy", None)}, dtype={config.dtype}"
+      f"mesh {dict(mesh.shape)}, strategy={strategy}, dtype={config.dtype}"
     )
 
   lr_fn = learning_rate_schedule(config, steps_per_epoch)
