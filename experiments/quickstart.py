@@ -186,10 +186,13 @@ def train_method(
   """Trains one method from ``variables``; returns its final metrics and curves."""
   start = time.perf_counter()
   tx = make_optimizer(method, config)
+  method_object = dcil_jax.get_method(method)
   if method == "dcil":
-    method = dcil_jax.DCIL(kd_start_step=config.kd_start_step, temperature=config.temperature)
+    method_object = dcil_jax.DCIL(
+      kd_start_step=config.kd_start_step, temperature=config.temperature
+    )
   state = dcil_jax.TrainState.create(
-    model, variables, tx, method=method, rng=jax.random.PRNGKey(config.seed)
+    model, variables, tx, method=method_object, rng=jax.random.PRNGKey(config.seed)
   )
   test_batch = {"image": jnp.asarray(data.x_test), "label": jnp.asarray(data.y_test)}
   # Same seed for every method: all three see the identical minibatch sequence.

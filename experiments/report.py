@@ -626,7 +626,7 @@ def _pruning_figure(
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    if log:
+    if log and positive:  # a log axis needs a positive value (short runs may refresh to no flip)
       ax.set_yscale("log")
     if percent:
       _percent_axis(ax)
