@@ -12,7 +12,7 @@ from dcil_jax.masks import (
   sparsity,
 )
 from dcil_jax.methods import DCIL, DPF, METHODS, Dense, get_method
-from dcil_jax.model import FlaxModel, as_model
+from dcil_jax.model import FlaxModel, NNXModel, as_model, from_nnx, to_nnx
 from dcil_jax.paths import is_lifted, map_paths, path_mesh, path_params
 from dcil_jax.schedules import constant_sparsity, cubic_sparsity
 from dcil_jax.sharding import make_mesh, shard_batch
@@ -25,6 +25,7 @@ __all__ = [
   "METHODS",
   "Dense",
   "FlaxModel",
+  "NNXModel",
   "MaskedUpdateState",
   "TrainState",
   "apply_masks",
@@ -39,6 +40,7 @@ __all__ = [
   "eval_step",
   "export_variables",
   "flip_rate",
+  "from_nnx",
   "get_masks",
   "get_method",
   "get_trained_masks",
@@ -55,5 +57,6 @@ __all__ = [
   "rules",
   "shard_batch",
   "sparsity",
+  "to_nnx",
   "train_step",
 ]

@@ -16,6 +16,9 @@ from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
 
 ModeFn = Callable[[bool], dict[str, Any]]
 
@@ -93,7 +96,7 @@ class FlaxModel:
     return self.apply_fn(variables, x, **self.mode(False))
 
 
-def as_model(model: Any, mode: ModeFn | None = None) -> FlaxModel:
+def as_model(model: Any, mode: ModeFn | None = None) -> FlaxModel | NNXModel:
   """A :class:`FlaxModel` from a Linen module, its bound ``apply``, or a :class:`FlaxModel`.
 
   Args:
@@ -102,6 +105,12 @@ def as_model(model: Any, mode: ModeFn | None = None) -> FlaxModel:
     mode: ``train -> kwargs`` for a model whose flag is not ``train``/``training``/
       ``is_training``/``deterministic`` (default: read from ``__call__``'s signature).
   """
+  if isinstance(model, NNXModel):
+    return model
+  if isinstance(model, nnx.Module):
+    raise TypeError(
+      "An NNX module: use `model, variables = dcil_jax.from_nnx(module)` and pass that pair."
+    )
   if isinstance(model, FlaxModel):
     return model if mode is None else dataclasses.replace(model, mode=mode)
   module = model if isinstance(model, nn.Module) else getattr(model, "__self__", None)
@@ -110,3 +119,122 @@ def as_model(model: Any, mode: ModeFn | None = None) -> FlaxModel:
   if callable(model):
     return FlaxModel(model, mode or _flag("train", True), None)
   raise TypeError(f"Expected a Flax module or its apply function, got {type(model).__name__}.")
+
+
+# --------------------------------------------------------------------------------------------
+# Flax NNX models
+
+
+def _rebuild(template: Any, pure: Any) -> Any:
+  """An ``nnx.State`` like ``template`` (abstract) holding the arrays of the pure dict ``pure``."""
+  state = jax.tree.map(lambda x: x, template)
+  nnx.replace_by_pure_dict(state, pure)
+  return state
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class NNXModel:
+  """A Flax NNX module as dcil_jax calls it: its graph and abstract state, applied functionally.
+
+  The variables are plain nested dicts (``nnx.State.to_pure_dict``): ``"params"`` (every
+  ``nnx.Param``), ``"batch_stats"`` (every ``nnx.BatchStat``) and ``"other"`` (any other
+  variable type the model mutates). RNG streams are not variables here: every train step gives
+  each stream a fresh key from the ``TrainState``'s rng (per path for DCIL), so two paths draw
+  independent dropout masks, as two PyTorch forwards do.
+
+  Attributes:
+    graphdef: the module's graph (class, static attributes).
+    templates: abstract ``(params, batch_stats, rng, other)`` states.
+    rng_streams: ``(key path, stream tag)`` of every RNG key the model holds.
+    module_paths: ``{module path: module type}``, to find convolutions without tracing.
+  """
+
+  graphdef: Any
+  templates: tuple[Any, Any, Any, Any]
+  rng_streams: tuple[tuple[tuple, str], ...]
+  module_paths: dict
+
+  module = None  # no Linen module: rules read `module_paths`
+
+  @property
+  def rng_tags(self) -> tuple[str, ...]:
+    return tuple(sorted({tag for _, tag in self.rng_streams}))
+
+  def _merge(self, variables: dict, rngs: Any) -> nnx.Module:
+    params, stats, rng, other = self.templates
+    keys = {}
+    if self.rng_streams:
+      missing = sorted({tag for _, tag in self.rng_streams} - set(rngs or {}))
+      if missing:
+        raise ValueError(
+          f"The NNX model draws from the rng streams {missing}: pass "
+          f"TrainState.create(..., rng_names={self.rng_tags})."
+        )
+      for i, (path, tag) in enumerate(self.rng_streams):
+        keys[path] = jax.random.wrap_key_data(jax.random.fold_in(rngs[tag], i))
+
+    def rng_leaf(path, leaf):
+      if tuple(path) in keys:
+        return keys[tuple(path)]
+      return jnp.zeros(leaf.shape, leaf.dtype)  # a count, or a key that eval never draws from
+
+    pure_rng = jax.tree_util.tree_map_with_path(rng_leaf, nnx.to_pure_dict(rng))
+    states = [
+      _rebuild(params, variables["params"]),
+      _rebuild(stats, variables.get("batch_stats", {})),
+      _rebuild(rng, pure_rng),
+      _rebuild(other, variables.get("other", {})),
+    ]
+    return nnx.merge(self.graphdef, *states)
+
+  def apply_train(self, variables: dict, x: Any, rngs: Any = None) -> tuple[Any, dict | None]:
+    model = self._merge(variables, rngs)
+    model.train()
+    outputs = model(x)
+    _, _, stats, _, other = nnx.split(model, nnx.Param, nnx.BatchStat, nnx.RngState, ...)
+    updated = {"batch_stats": nnx.to_pure_dict(stats), "other": nnx.to_pure_dict(other)}
+    kept = {name: updated[name] for name in variables if name != "params"}
+    return outputs, kept or None
+
+  def apply_eval(self, variables: dict, x: Any) -> Any:
+    model = self._merge(variables, None)
+    model.eval()
+    return model(x)
+
+
+def from_nnx(module: nnx.Module) -> tuple[NNXModel, dict[str, Any]]:
+  """An NNX module as ``(model, variables)``, the pair ``TrainState.create`` takes.
+
+  The module itself is not changed (a clone is split).
+
+  Raises:
+    ValueError: the module has no ``nnx.Param``.
+  """
+  module = nnx.clone(module)
+  module_paths = {tuple(str(k) for k in path): type(m) for path, m in nnx.iter_modules(module)}
+  graphdef, params, stats, rng, other = nnx.split(
+    module, nnx.Param, nnx.BatchStat, nnx.RngState, ...
+  )
+  if not jax.tree.leaves(params):
+    raise ValueError(f"{type(module).__name__} has no nnx.Param: nothing to train or prune.")
+  streams = []
+  for path, var in jax.tree_util.tree_flatten_with_path(
+    rng, is_leaf=lambda x: isinstance(x, nnx.Variable)
+  )[0]:
+    if isinstance(var, nnx.RngKey):
+      streams.append((tuple(path), str(var.tag)))
+  templates = jax.eval_shape(lambda: (params, stats, rng, other))
+  variables = {"params": nnx.to_pure_dict(params)}
+  if jax.tree.leaves(stats):
+    variables["batch_stats"] = nnx.to_pure_dict(stats)
+  if jax.tree.leaves(other):
+    variables["other"] = nnx.to_pure_dict(other)
+  return NNXModel(graphdef, templates, tuple(streams), module_paths), variables
+
+
+def to_nnx(model: NNXModel, variables: dict[str, Any]) -> nnx.Module:
+  """A plain NNX module of the user's class holding ``variables`` (e.g. the exported sparse
+  path), in eval mode."""
+  module = model._merge(variables, None)
+  module.eval()
+  return module

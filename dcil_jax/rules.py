@@ -22,12 +22,28 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from flax import nnx
+
+from dcil_jax.model import NNXModel
 
 KeyPath = tuple[Any, ...]
 Rule = Callable[[KeyPath, Any], bool]
 
-CONV_TYPES: tuple[type, ...] = (nn.Conv, nn.ConvTranspose, nn.ConvLocal)
-DENSE_TYPES: tuple[type, ...] = (nn.Dense, nn.DenseGeneral, nn.Einsum)
+CONV_TYPES: tuple[type, ...] = (
+  nn.Conv,
+  nn.ConvTranspose,
+  nn.ConvLocal,
+  nnx.Conv,
+  nnx.ConvTranspose,
+)
+DENSE_TYPES: tuple[type, ...] = (
+  nn.Dense,
+  nn.DenseGeneral,
+  nn.Einsum,
+  nnx.Linear,
+  nnx.LinearGeneral,
+  nnx.Einsum,
+)
 
 
 def key_names(path: KeyPath) -> tuple[str, ...]:
@@ -43,11 +59,18 @@ def key_names(path: KeyPath) -> tuple[str, ...]:
   return tuple(out)
 
 
-def module_types(module: nn.Module, *example_args: Any, **example_kwargs: Any) -> dict:
-  """``{module path: module type}`` of every submodule ``module.init(rng, *example_args)`` calls.
+def module_types(model: Any, *example_args: Any, **example_kwargs: Any) -> dict:
+  """``{module path: module type}`` of every submodule.
 
-  Traced abstractly (``jax.eval_shape``): no parameter is allocated and nothing is computed.
+  A Linen module is traced abstractly through ``module.init(rng, *example_args)``
+  (``jax.eval_shape``: nothing is allocated or computed); an NNX module (or
+  ``dcil_jax.from_nnx``'s model) holds its submodules and needs no example.
   """
+  if isinstance(model, NNXModel):
+    return model.module_paths
+  if isinstance(model, nnx.Module):
+    return {tuple(str(k) for k in path): type(m) for path, m in nnx.iter_modules(model)}
+  module = getattr(model, "module", None) or model  # a dcil_jax.FlaxModel, or the module
   seen: dict[tuple[str, ...], type] = {}
 
   def record(next_fn, args, kwargs, context):
@@ -72,7 +95,7 @@ def _module_rule(types_by_path: dict, types: tuple[type, ...], leaf_names: Itera
 
 
 def kernels_of(
-  module: nn.Module,
+  module: Any,
   *example_args: Any,
   types: tuple[type, ...],
   leaf_names: Iterable[str] = ("kernel",),
@@ -81,8 +104,9 @@ def kernels_of(
   """The leaves named ``leaf_names`` of every submodule that is an instance of ``types``.
 
   Args:
-    module: the plain Flax model.
-    example_args: an input for ``module.init`` (e.g. ``images[:1]``); only its shape matters.
+    module: the plain Flax model (Linen or NNX, or its ``dcil_jax`` adapter).
+    example_args: for Linen, an input for ``module.init`` (e.g. ``images[:1]``); only its
+      shape matters. NNX modules need none.
     types: module classes whose parameters to prune (subclasses count).
     leaf_names: which of their parameters (default: ``kernel``, never ``bias``).
 
@@ -92,19 +116,21 @@ def kernels_of(
   return _module_rule(module_types(module, *example_args, **example_kwargs), types, leaf_names)
 
 
-def conv_kernels(module: nn.Module, *example_args: Any, **example_kwargs: Any) -> Rule:
-  """Kernels of every convolution (``nn.Conv``, ``ConvTranspose``, ``ConvLocal``): the official
-  rule of DCIL and DPF (first conv and 1x1 shortcuts included; heads, BatchNorm, biases dense)."""
+def conv_kernels(module: Any, *example_args: Any, **example_kwargs: Any) -> Rule:
+  """Kernels of every convolution (``nn.Conv``, ``ConvTranspose``, ``ConvLocal``, ``nnx.Conv``,
+  ``nnx.ConvTranspose``): the official rule of DCIL and DPF (first conv and 1x1 shortcuts
+  included; heads, BatchNorm, biases dense)."""
   return kernels_of(module, *example_args, types=CONV_TYPES, **example_kwargs)
 
 
-def dense_kernels(module: nn.Module, *example_args: Any, **example_kwargs: Any) -> Rule:
-  """Kernels of every ``nn.Dense``, ``DenseGeneral`` and ``Einsum`` (e.g. a ViT's projections and
-  MLPs; the classifier head too: exclude it with your own rule if it should stay dense)."""
+def dense_kernels(module: Any, *example_args: Any, **example_kwargs: Any) -> Rule:
+  """Kernels of every ``nn.Dense``, ``DenseGeneral``, ``Einsum`` (and NNX ``Linear``,
+  ``LinearGeneral``, ``Einsum``): e.g. a ViT's projections and MLPs; the classifier head too
+  (exclude it with your own rule if it should stay dense)."""
   return kernels_of(module, *example_args, types=DENSE_TYPES, **example_kwargs)
 
 
-def conv_and_dense_kernels(module: nn.Module, *example_args: Any, **example_kwargs: Any) -> Rule:
+def conv_and_dense_kernels(module: Any, *example_args: Any, **example_kwargs: Any) -> Rule:
   """Kernels of every convolution and every dense layer."""
   return kernels_of(module, *example_args, types=CONV_TYPES + DENSE_TYPES, **example_kwargs)
 

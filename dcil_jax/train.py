@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 from dcil_jax import masks as masks_lib
 from dcil_jax import paths, rules, sharding
 from dcil_jax.methods import DCIL, METHODS, Method, get_method
-from dcil_jax.model import FlaxModel, ModeFn, as_model
+from dcil_jax.model import FlaxModel, ModeFn, NNXModel, as_model
 from dcil_jax.transform import find_masked_state, get_masks, get_trained_masks, has_masks
 
 __all__ = ["METHODS", "TrainState", "eval_step", "export_variables", "lift", "train_step"]
@@ -35,6 +35,8 @@ def prunable_rule(
   try:
     masks = jax.eval_shape(tx.init, params)
   except masks_lib.PrunableRuleNeeded:
+    if isinstance(model, NNXModel):  # its submodules are known without tracing
+      return rules.conv_kernels(model)
     if example_input is None or model is None or model.module is None:
       raise
     return rules.conv_kernels(model.module, example_input, **model.mode(False))
@@ -98,7 +100,7 @@ class TrainState(struct.PyTreeNode):
   model_state: Any
   opt_state: Any
   rng: jax.Array
-  model: FlaxModel = struct.field(pytree_node=False)
+  model: FlaxModel | NNXModel = struct.field(pytree_node=False)
   tx: optax.GradientTransformation = struct.field(pytree_node=False)
   method: Method = struct.field(pytree_node=False, default=DCIL())
   mesh: Mesh | None = struct.field(pytree_node=False, default=None)
@@ -143,7 +145,7 @@ class TrainState(struct.PyTreeNode):
     strategy: str | None = None,
     mesh: Mesh | None = None,
     rng: jax.Array | None = None,
-    rng_names: tuple[str, ...] = ("dropout",),
+    rng_names: tuple[str, ...] | None = None,
     eval_params_fn: EvalParamsFn | None = None,
   ) -> TrainState:
     """Builds the state from a plain model's ``variables`` and an optax chain.
@@ -166,13 +168,21 @@ class TrainState(struct.PyTreeNode):
         (``strategy="sharded"``). Default: no mesh (one device), or a 2-device ``path`` mesh
         for ``strategy="sharded"``.
       rng: PRNG key for stochastic layers (default ``PRNGKey(0)``); each step splits it.
-      rng_names: the Flax rng streams the model draws from in training (default dropout).
+      rng_names: the rng streams the model draws from in training (default: ``("dropout",)``
+        for Linen, the streams an NNX model holds).
       eval_params_fn: ``(opt_state, params) -> params`` to evaluate and export at, for
         optimizers that evaluate elsewhere than they train (e.g.
         ``lambda s, p: optax.contrib.schedule_free_eval_params(find_state(s), p)``).
     """
     method = _resolve_method(method, kd_start_step, temperature, share_non_prunable, strategy)
     model = as_model(model, mode)
+    if rng_names is None:
+      rng_names = model.rng_tags if isinstance(model, NNXModel) else ("dropout",)
+    elif isinstance(model, NNXModel) and not set(model.rng_tags) <= set(rng_names):
+      raise ValueError(
+        f"The NNX model draws from the rng streams {model.rng_tags}; rng_names={rng_names} "
+        "misses some."
+      )
     path_parallel = sharding.has_axis(mesh, paths.PATH_AXIS)
     if isinstance(method, DCIL):
       strategy = method.strategy or ("sharded" if path_parallel else paths.default_strategy())

@@ -229,8 +229,8 @@ def train_method(
         curves["train_loss"].append(float(m["loss"]))
         curves["train_ce_sparse"].append(float(m["ce_sparse"]))
         curves["train_acc_sparse"].append(float(m["accuracy_sparse"]))
-        if bool(m.get("mask_refreshed", False)):
-          curves["refresh_step"].append(s)
+        if bool(m.get("mask_refreshed", False)):  # refreshed for step s (1-based): after s - 1
+          curves["refresh_step"].append(s - 1)
           curves["flip_rate"].append(float(m["flip_rate"]))
       pending = []
       ev = record_eval(step)
