@@ -163,8 +163,10 @@ class NNXModel:
   def _merge(self, variables: dict, rngs: Any) -> nnx.Module:
     params, stats, rng, other = self.templates
     keys = {}
+    if rngs is None:  # eval: nothing draws; a fixed key keeps the module complete
+      rngs = {tag: jax.random.PRNGKey(0) for _, tag in self.rng_streams}
     if self.rng_streams:
-      missing = sorted({tag for _, tag in self.rng_streams} - set(rngs or {}))
+      missing = sorted({tag for _, tag in self.rng_streams} - set(rngs))
       if missing:
         raise ValueError(
           f"The NNX model draws from the rng streams {missing}: pass "

@@ -26,3 +26,4 @@ def test_every_python_block_runs(capsys):
   assert namespace["logits"].shape == (16, 10)
   assert float(namespace["sums"]["count"]) == 16 and np.isfinite(float(namespace["loss"]))
   assert "sparse" in namespace["state"].params  # DCIL's lifted layout
+  assert type(namespace["trained"]).__name__ == "Net"  # NNX: the user's class comes back
