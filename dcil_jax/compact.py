@@ -311,7 +311,9 @@ def compact(model: nn.Module, variables: dict[str, Any], masks: Any) -> Compacte
       mask = np.ones(kernel.shape, bool)
     mask = np.asarray(mask, bool)
     if mask.shape != kernel.shape:
-      raise ValueError(f"Mask of {'/'.join(op['path'])} has shape {mask.shape}, not {kernel.shape}.")
+      raise ValueError(
+        f"Mask of {'/'.join(op['path'])} has shape {mask.shape}, not {kernel.shape}."
+      )
     flat = mask.reshape(-1, mask.shape[-1])
     if not (flat.all(axis=0) | ~flat.any(axis=0)).all():
       raise ValueError(
@@ -413,8 +415,10 @@ def compact(model: nn.Module, variables: dict[str, Any], masks: Any) -> Compacte
       p, st = _get(params, op["path"]), _get(stats, op["path"])
       mean = np.asarray(st["mean"], np.float64)[keep] - mean_shift.get(dst, 0.0)
       new_params[name] = {k: np.asarray(p[k], np.float32)[keep] for k in ("scale", "bias")}
-      new_stats[name] = {"mean": mean.astype(np.float32),
-                         "var": np.asarray(st["var"], np.float32)[keep]}
+      new_stats[name] = {
+        "mean": mean.astype(np.float32),
+        "var": np.asarray(st["var"], np.float32)[keep],
+      }
       a["name"] = name
     elif kind == "dense":
       name = _name(op["path"])
@@ -422,7 +426,9 @@ def compact(model: nn.Module, variables: dict[str, Any], masks: Any) -> Compacte
       kernel = np.asarray(p["kernel"], np.float64)
       rem = removed_of(src)
       rows = kernel.reshape(-1, rem.size, kernel.shape[-1])  # [positions, channels, out]
-      bias = np.asarray(p["bias"], np.float64) + np.einsum("pco,c->o", rows[:, rem], value[src][rem])
+      bias = np.asarray(p["bias"], np.float64) + np.einsum(
+        "pco,c->o", rows[:, rem], value[src][rem]
+      )
       new_params[name] = {
         "kernel": rows[:, ~rem].reshape(-1, kernel.shape[-1]).astype(np.float32),
         "bias": bias.astype(np.float32),
@@ -456,26 +462,24 @@ def _report(ops, keep_out, removed_of, spaces, writers, empty_kept, family) -> d
     reasons: dict[str, list[int]] = {}
     root = spaces.find(dst)
     for k in stayed:
-      others = [
-        "/".join(w["path"]) for w in writers[root] if w is not op and keep_out[w["dst"]][k]
-      ]
+      others = ["/".join(w["path"]) for w in writers[root] if w is not op and keep_out[w["dst"]][k]]
       if others:
-        reason = (
-          "residual stream channel: also written by " + ", ".join(others) + ", which keep it"
-        )
+        reason = "residual stream channel: also written by " + ", ".join(others) + ", which keep it"
       elif root in empty_kept:
         reason = "every channel of this layer is pruned; one is kept so the layer is not empty"
       else:
         reason = "not removable"
       reasons.setdefault(reason, []).append(int(k))
-    layers.append({
-      "name": "/".join(op["path"]),
-      "filters": int(pruned.size),
-      "pruned": int(pruned.sum()),
-      "removed": int(rem.sum()),
-      "kept": int((~rem).sum()),
-      "not_removed": [{"channels": ch, "reason": r} for r, ch in reasons.items()],
-    })
+    layers.append(
+      {
+        "name": "/".join(op["path"]),
+        "filters": int(pruned.size),
+        "pruned": int(pruned.sum()),
+        "removed": int(rem.sum()),
+        "kept": int((~rem).sum()),
+        "not_removed": [{"channels": ch, "reason": r} for r, ch in reasons.items()],
+      }
+    )
   return {
     "family": family,
     "filters": sum(x["filters"] for x in layers),

@@ -17,7 +17,7 @@ A ``conv`` may carry two constant terms that replace removed input channels (pru
 whose output after BatchNorm and ReLU is a per-channel constant): ``bias`` for a 1x1 conv, and
 ``border``, a ``[kh, kw, 1, out]`` kernel applied to an all-ones image of the input's size. The
 second keeps a padded conv exact: a constant channel contributes less at the image border, where
-taps fall on the zero padding.
+taps fall on the zero padding (computed from the input's size at trace time: any size works).
 """
 
 from __future__ import annotations
@@ -60,9 +60,29 @@ class CompactConv(nn.Module):
       y = y + self.param("bias", nn.initializers.zeros, (self.features,))
     if self.use_border:
       border = self.param("border", nn.initializers.zeros, (*self.kernel_size, 1, self.features))
-      # One image, not the batch: the term depends on the input's size only.
-      y = y + conv(jnp.ones((1, *x.shape[1:3], 1), x.dtype), border)
+      y = y + _ones_conv(x.shape[1:3], border, self.strides, self.padding).astype(y.dtype)
     return y
+
+
+def _ones_conv(size: tuple[int, int], kernel: jax.Array, strides: Any, padding: Any) -> jax.Array:
+  """``conv(ones[size], kernel)`` as ``[out_h, out_w, features]``, without a convolution.
+
+  Which taps of each output position fall inside the image depends only on the sizes, so it is a
+  host constant; the result is one small einsum (an XLA:CPU convolution over a one-channel
+  all-ones image crashed inside a larger jitted graph here).
+  """
+  window = kernel.shape[:2]
+  pads = (
+    jax.lax.padtype_to_pads(size, window, strides, padding)
+    if isinstance(padding, str)
+    else _padding(padding)
+  )
+  inside = []
+  for n, k, s, (lo, hi) in zip(size, window, strides, pads):
+    out = (n + lo + hi - k) // s + 1
+    rows = np.arange(out)[:, None] * s - lo + np.arange(k)[None, :]
+    inside.append(((rows >= 0) & (rows < n)).astype(np.float32))  # [out, k]
+  return jnp.einsum("ay,bx,yxo->abo", inside[0], inside[1], kernel[:, :, 0, :])
 
 
 class CompactNet(nn.Module):
