@@ -103,3 +103,54 @@ def test_compress_bad_input_writes_nothing(small, tmp_path):
   np.savez(tmp_path / "other.npz", a=np.zeros(2))
   with pytest.raises(ValueError, match="not a dcil-jax-compressed-v1 file"):
     compress.load_compressed(tmp_path / "other.npz")
+
+
+def test_readme_deploy_example_runs(tmp_path, monkeypatch):
+  from pathlib import Path
+
+  readme = (Path(__file__).parent.parent / "README.md").read_text()
+  section = readme.split("## Deploying a pruned model", 1)[1].split("\n## ", 1)[0]
+  code = section.split("```python\n", 1)[1].split("```", 1)[0]
+  monkeypatch.chdir(tmp_path)
+  exec(compile(code, "README.md", "exec"), {})
+  assert (tmp_path / "resnet8_compact" / "compact_model.py").exists()
+  assert (tmp_path / "resnet8_sparse.npz").exists()
+
+
+def test_inference_report_on_a_fake_result():
+  from benchmarks import inference
+
+  def cfg(label, speed, **extra):
+    return {
+      "label": label,
+      "macs": 1e6,
+      "params": 10,
+      "bytes": 100,
+      "median_s": {"1": 0.01 / speed, "128": 1.0 / speed},
+      "speedup": {"1": speed, "128": speed},
+      **extra,
+    }
+
+  result = {
+    "model": "resnet32",
+    "date": "2026-01-01",
+    "rounds": 20,
+    "notes": "",
+    "machine": {
+      "cpu": "cpu",
+      "cores": 2,
+      "jax": "x",
+      "flax": "y",
+      "load_average_start": [1.0, 1.0, 1.0],
+    },
+    "load_average_end": [1.0, 1.0, 1.0],
+    "checks": {"max_abs_logit_diff_compact_vs_masked": {"global 40%": 1e-7}},
+    "goal": {"speedup": 1.2, "met": False},
+    "configs": [
+      cfg("dense", 1.0),
+      cfg("compact global 40%", 1.2, filters=10, filters_pruned=4, filters_removed=3),
+    ],
+  }
+  text = inference.report(result)
+  assert "| compact global 40% | 3 / 4 of 10 |" in text
+  assert "measured 1.20× (not met)" in text
