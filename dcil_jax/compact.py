@@ -300,6 +300,16 @@ def compact(model: nn.Module, variables: dict[str, Any], masks: Any) -> Compacte
   graph = model_graph(model, params)
   ops = graph["ops"]
 
+  conv_kernels = {(*op["path"], "kernel") for op in ops if op["op"] == "conv"}
+  flat_masks, _ = jax.tree_util.tree_flatten_with_path(masks)
+  for path, _ in flat_masks:
+    names = tuple(str(getattr(k, "key", k)) for k in path)
+    if names not in conv_kernels:
+      raise ValueError(
+        f"compact() removes conv filters only, but {'/'.join(names)} is masked: the compact "
+        "model would not equal the masked one. Leave it unmasked (None)."
+      )
+
   # Which filters every conv keeps, and its masked kernel.
   kernels, keep_out = {}, {}
   for op in ops:

@@ -163,6 +163,10 @@ def test_bad_input(tmp_path):
   weight_masks = dcil_jax.magnitude_masks(variables["params"], masks, 0.5)
   with pytest.raises(ValueError, match="Conv_0 is not a filter mask"):
     compact_lib.compact(model, variables, weight_masks)
+  head_masked = jax.tree.map(lambda m: m, masks, is_leaf=lambda m: m is None)
+  head_masked["Dense_0"]["kernel"] = jnp.ones((64, 5), bool)
+  with pytest.raises(ValueError, match="Dense_0/kernel is masked"):
+    compact_lib.compact(model, variables, head_masked)
   c = compact_lib.compact(model, variables, masks)
   (tmp_path / "full").mkdir()
   (tmp_path / "full" / "keep.txt").write_text("x")
