@@ -199,3 +199,26 @@ def test_saved_compact_model_runs_in_a_fresh_process_without_dcil_jax(tmp_path):
   np.testing.assert_allclose(
     result["logits"], masked_logits(model, variables, masks, x), rtol=1e-5, atol=1e-5
   )
+
+
+def test_align_rounds_widths_up_and_stays_exact():
+  model, variables, masks, x = setup("resnet8")
+  c = compact_lib.compact(model, variables, masks, align=8)
+  np.testing.assert_allclose(
+    jax.jit(c.module.apply)(c.variables, x),
+    masked_logits(model, variables, masks, x),
+    rtol=1e-5,
+    atol=1e-5,
+  )
+  exact = compact_lib.compact(model, variables, masks)
+  rounded = 0
+  for layer, base in zip(c.report["layers"], exact.report["layers"]):
+    assert layer["kept"] % 8 == 0 or layer["kept"] == layer["filters"]
+    assert base["kept"] <= layer["kept"] < base["kept"] + 8
+    rounded += layer["kept"] - base["kept"]
+    for entry in layer["not_removed"]:
+      if "multiple of 8" in entry["reason"]:
+        assert set(entry["channels"]) <= set(range(layer["filters"]))
+  assert rounded > 0
+  with pytest.raises(ValueError, match="align"):
+    compact_lib.compact(model, variables, masks, align=0)
