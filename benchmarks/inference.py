@@ -146,8 +146,34 @@ def build(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any
           "filters": c.report["filters"],
         }
       )
-      if distribution == "global" and round(100 * s) == 40:
-        configs.append(_without_border(configs[-1], c))
+      if round(100 * s) == 40:
+        if distribution == "global":
+          configs.append(_without_border(configs[-1], c))
+        a = compact_lib.compact(model, variables, masks, align=args.align)
+        stats = deploy_stats.deploy_stats(a.module, a.variables, shape)
+        with tempfile.TemporaryDirectory() as tmp:
+          aligned_bytes = compact_lib.save_compact(a, Path(tmp) / "c")["variables.npz"]
+        checks[f"{tag} widths x{args.align}"] = float(
+          jnp.max(
+            jnp.abs(jax.jit(a.module.apply)(a.variables, x) - jax.jit(model.apply)(masked, x))
+          )
+        )
+        configs.append(
+          {
+            "label": f"compact {tag}, widths multiple of {args.align}",
+            "kind": "compact",
+            "distribution": distribution,
+            "sparsity": s,
+            "apply": a.module.apply,
+            "variables": a.variables,
+            "macs": stats["macs"],
+            "params": stats["params"],
+            "bytes": aligned_bytes,
+            "filters_pruned": a.report["pruned"],
+            "filters_removed": a.report["removed"],
+            "filters": a.report["filters"],
+          }
+        )
   return configs, {"max_abs_logit_diff_compact_vs_masked": checks, "shape": shape}
 
 
@@ -307,6 +333,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.4, 0.5])
   parser.add_argument("--distributions", nargs="+", default=["global", "layerwise"])
   parser.add_argument("--rounds", type=int, default=20)
+  parser.add_argument("--align", type=int, default=8, help="widths of the aligned compact rows")
   parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
   parser.add_argument("--notes", default="", help="a paragraph appended to the report")
   args = parser.parse_args(argv)
