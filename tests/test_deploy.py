@@ -1,0 +1,156 @@
+"""Compressed files (dcil_jax.compress) and deployment counts (dcil_jax.deploy_stats)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dcil_jax
+from dcil_jax import compact as compact_lib
+from dcil_jax import compress, deploy_stats
+from dcil_jax import granularity as gr
+from dcil_jax.models import SmallCNN
+
+
+class TwoConv(nn.Module):
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.relu(nn.Conv(4, (3, 3), padding=1, use_bias=False)(x))  # 8x8x2 -> 8x8x4
+    x = nn.relu(nn.Conv(6, (3, 3), strides=2, padding=1, use_bias=False)(x))  # -> 4x4x6
+    return nn.Dense(3)(jnp.mean(x, axis=(1, 2)))
+
+
+@pytest.fixture(scope="module")
+def small():
+  model = SmallCNN(num_classes=5, widths=(8, 16))
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 1))
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+  return model, variables, x
+
+
+def test_macs_of_a_tiny_conv_model_by_hand():
+  model = TwoConv()
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 2)))
+  dense = deploy_stats.deploy_stats(model, variables, (8, 8, 2))
+  by_hand = 8 * 8 * (3 * 3 * 2 * 4) + 4 * 4 * (3 * 3 * 4 * 6) + 6 * 3
+  assert dense["macs"] == dense["kept_macs"] == by_hand == 4608 + 3456 + 18
+  assert dense["params"] == dense["kept_params"] == 72 + 216 + 18 + 3
+  masks = dcil_jax.masks_like(variables["params"])
+  masks["Conv_0"]["kernel"] = masks["Conv_0"]["kernel"].at[..., :2].set(False)  # 36 of 72
+  masks["Conv_1"]["kernel"] = masks["Conv_1"]["kernel"].at[0].set(False)  # 72 of 216
+  pruned = deploy_stats.deploy_stats(model, variables, (8, 8, 2), masks)
+  assert pruned["kept_macs"] == 8 * 8 * 36 + 4 * 4 * (216 - 72) + 18
+  assert pruned["kept_params"] == dense["params"] - 36 - 72
+  layers = deploy_stats.layer_stats(model, variables, (8, 8, 2), masks)
+  assert [x["name"] for x in layers] == ["Conv_0", "Conv_1", "Dense_0"]
+  assert [x["output"] for x in layers] == [(8, 8, 4), (4, 4, 6), (3,)]
+
+
+def test_compact_model_macs_come_from_its_shapes(small):
+  model, variables, _ = small
+  masks = gr.filter_masks(
+    variables["params"], dcil_jax.masks_like(variables["params"]), 0.5, distribution="layerwise"
+  )
+  c = compact_lib.compact(model, variables, masks)
+  stats = deploy_stats.deploy_stats(c.module, c.variables, (8, 8, 1))
+  # 4 of 8 and 8 of 16 filters: 8x8x(9*1*4) + 4x4x(9*4*8) + 8*5.
+  assert stats["macs"] == 8 * 8 * 36 + 4 * 4 * 288 + 40
+  masked = deploy_stats.deploy_stats(model, variables, (8, 8, 1), masks)
+  assert masked["kept_macs"] == 8 * 8 * 36 + 4 * 4 * (9 * 8 * 8) + 16 * 5  # masked: inputs stay
+
+
+@pytest.mark.parametrize("kind", ["unstructured", "2:4", "filter"])
+def test_compressed_round_trip_is_exact(small, tmp_path, kind):
+  model, variables, x = small
+  template = dcil_jax.masks_like(variables["params"])
+  if kind == "unstructured":
+    masks = dcil_jax.magnitude_masks(variables["params"], template, 0.9)
+  elif kind == "2:4":
+    template, _ = gr.nm_compatible(variables["params"], template, 4)
+    masks = gr.nm_masks(variables["params"], template, 2, 4)
+  else:
+    masks = gr.filter_masks(variables["params"], template, 0.5)
+  masked = dict(variables, params=dcil_jax.apply_masks(variables["params"], masks))
+  sizes = compress.save_compressed(tmp_path / "m.npz", variables, masks)
+  got, got_masks = compress.load_compressed(tmp_path / "m.npz")
+  assert jax.tree.structure(got) == jax.tree.structure(masked)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(masked)):
+    np.testing.assert_array_equal(a, b)
+  assert jax.tree.structure(got_masks, is_leaf=lambda v: v is None) == jax.tree.structure(
+    masks, is_leaf=lambda v: v is None
+  )
+  for a, b in zip(jax.tree.leaves(got_masks), jax.tree.leaves(masks)):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(model.apply(got, x), model.apply(masked, x))
+  kept = sum(int(np.sum(m)) for m in jax.tree.leaves(masks))
+  total = sum(m.size for m in jax.tree.leaves(masks))
+  assert sizes["value_bytes"] == 4 * kept
+  assert sizes["mask_bytes"] == sum((m.size + 7) // 8 for m in jax.tree.leaves(masks))
+  assert sizes["dense_bytes"] == sum(v.nbytes for v in jax.tree.leaves(variables))
+  assert sizes["compressed_bytes"] < sizes["dense_bytes"] - 4 * (total - kept) + total / 8 + 8
+  assert sizes["file_bytes"] > sizes["compressed_bytes"]  # + npz headers (large for a tiny model)
+
+
+def test_compress_bad_input_writes_nothing(small, tmp_path):
+  _, variables, _ = small
+  masks = dcil_jax.masks_like(variables["params"])
+  masks["Conv_0"]["kernel"] = jnp.ones((1, 2))
+  with pytest.raises(ValueError, match="params/Conv_0/kernel"):
+    compress.save_compressed(tmp_path / "m.npz", variables, masks)
+  assert list(tmp_path.iterdir()) == []
+  (tmp_path / "x.npz").write_bytes(b"")
+  np.savez(tmp_path / "other.npz", a=np.zeros(2))
+  with pytest.raises(ValueError, match="not a dcil-jax-compressed-v1 file"):
+    compress.load_compressed(tmp_path / "other.npz")
+
+
+def test_readme_deploy_example_runs(tmp_path, monkeypatch):
+  from pathlib import Path
+
+  readme = (Path(__file__).parent.parent / "README.md").read_text()
+  section = readme.split("## Deploying a pruned model", 1)[1].split("\n## ", 1)[0]
+  code = section.split("```python\n", 1)[1].split("```", 1)[0]
+  monkeypatch.chdir(tmp_path)
+  exec(compile(code, "README.md", "exec"), {})
+  assert (tmp_path / "resnet8_compact" / "compact_model.py").exists()
+  assert (tmp_path / "resnet8_sparse.npz").exists()
+
+
+def test_inference_report_on_a_fake_result():
+  from benchmarks import inference
+
+  def cfg(label, speed, **extra):
+    return {
+      "label": label,
+      "macs": 1e6,
+      "params": 10,
+      "bytes": 100,
+      "median_s": {"1": 0.01 / speed, "128": 1.0 / speed},
+      "speedup": {"1": speed, "128": speed},
+      **extra,
+    }
+
+  result = {
+    "model": "resnet32",
+    "date": "2026-01-01",
+    "rounds": 20,
+    "notes": "",
+    "machine": {
+      "cpu": "cpu",
+      "cores": 2,
+      "jax": "x",
+      "flax": "y",
+      "load_average_start": [1.0, 1.0, 1.0],
+    },
+    "load_average_end": [1.0, 1.0, 1.0],
+    "checks": {"max_abs_logit_diff_compact_vs_masked": {"global 40%": 1e-7}},
+    "goal": {"speedup": 1.2, "met": False},
+    "configs": [
+      cfg("dense", 1.0),
+      cfg("compact global 40%", 1.2, filters=10, filters_pruned=4, filters_removed=3),
+    ],
+  }
+  text = inference.report(result)
+  assert "| compact global 40% | 3 / 4 of 10 |" in text
+  assert "measured 1.20× (not met)" in text

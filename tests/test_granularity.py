@@ -1,0 +1,153 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dcil_jax
+from dcil_jax import granularity as gr
+from dcil_jax import stability
+
+
+@pytest.fixture(scope="module")
+def params():
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  return {
+    "conv1": {"kernel": jax.random.normal(keys[0], (3, 3, 3, 8)), "bias": jnp.ones(8)},
+    "conv2": {"kernel": jax.random.normal(keys[1], (3, 3, 8, 16))},
+    "shortcut": {"kernel": jax.random.normal(keys[2], (1, 1, 8, 16))},
+    "bn": {"scale": jnp.ones(16), "bias": jnp.zeros(16)},
+    "head": {"kernel": jax.random.normal(keys[3], (16, 10)), "bias": jnp.zeros(10)},
+  }
+
+
+@pytest.fixture(scope="module")
+def template(params):
+  return dcil_jax.masks_like(params)
+
+
+def _filters(m):
+  return np.asarray(m).reshape(-1, m.shape[-1])
+
+
+@pytest.mark.parametrize("score", ["l1", "l2"])
+@pytest.mark.parametrize("target", [0.0, 0.3, 0.5, 0.9])
+def test_filter_masks_exact_count_and_broadcast(params, template, score, target):
+  masks = gr.filter_masks(params, template, target, score)
+  assert masks["head"]["kernel"] is None and masks["bn"]["scale"] is None
+  total = 8 + 16 + 16
+  pruned = 0
+  for name in ("conv1", "conv2", "shortcut"):
+    m = masks[name]["kernel"]
+    assert m.shape == params[name]["kernel"].shape and m.dtype == jnp.bool_
+    f = _filters(m)
+    assert (f.all(axis=0) | ~f.any(axis=0)).all()  # constant along each filter
+    pruned += int((~f.any(axis=0)).sum())
+  assert pruned == round(target * total)
+  assert float(gr.filter_sparsity(masks)) == pytest.approx(round(target * total) / total)
+  assert gr.is_filter_structured(masks)
+
+
+@pytest.mark.parametrize("score", ["l1", "l2"])
+def test_filter_masks_prune_the_lowest_scores_globally(params, template, score):
+  masks = gr.filter_masks(params, template, 0.5, score)
+  reduce = (lambda w: np.abs(w)) if score == "l1" else np.square
+  scores, kept = [], []
+  for name in ("conv1", "conv2", "shortcut"):
+    w = np.asarray(params[name]["kernel"])
+    scores.append(reduce(w).reshape(-1, w.shape[-1]).mean(axis=0))
+    kept.append(_filters(masks[name]["kernel"]).any(axis=0))
+  scores, kept = np.concatenate(scores), np.concatenate(kept)
+  assert scores[kept].min() > scores[~kept].max()
+
+
+def test_filter_masks_layerwise(params, template):
+  masks = gr.filter_masks(params, template, 0.5, distribution="layerwise")
+  counts = gr.layer_filter_counts(masks)
+  assert {k: (int(v["kept"]), v["total"]) for k, v in counts.items()} == {
+    "['conv1']['kernel']": (4, 8),
+    "['conv2']['kernel']": (8, 16),
+    "['shortcut']['kernel']": (8, 16),
+  }
+
+
+def test_filter_ties_prune_lower_index_first():
+  params = {"a": {"kernel": jnp.ones((1, 1, 2, 3))}, "b": {"kernel": jnp.ones((1, 1, 2, 3))}}
+  masks = gr.filter_masks(params, dcil_jax.masks_like(params), 0.5)
+  assert _filters(masks["a"]["kernel"]).any(axis=0).tolist() == [False, False, False]
+  assert _filters(masks["b"]["kernel"]).any(axis=0).tolist() == [True, True, True]
+
+
+def test_filter_masks_jit_with_traced_sparsity(params, template):
+  fn = jax.jit(lambda p, s: gr.filter_masks(p, template, s))
+  for target in (0.25, 0.5):  # one compile, a traced sparsity
+    got = fn(params, jnp.float32(target))
+    want = gr.filter_masks(params, template, target)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_array_equal(a, b)
+  assert fn._cache_size() == 1
+
+
+def test_filter_units_for_stability_metrics(params, template):
+  a = gr.filter_masks(params, template, 0.3)
+  b = gr.filter_masks(jax.tree.map(lambda x: jnp.flip(x, -1), params), template, 0.3)
+  va, vb = gr.filter_view(a), gr.filter_view(b)
+  changed = sum(
+    int(np.sum(np.asarray(x) != np.asarray(y)))
+    for x, y in zip(jax.tree.leaves(va), jax.tree.leaves(vb))
+  )
+  assert changed > 0
+  assert float(dcil_jax.flip_rate(va, vb)) == pytest.approx(changed / 40)
+  assert float(stability.fraction(stability.revived(va, vb))) == pytest.approx(
+    sum(
+      int(np.sum(~np.asarray(x) & np.asarray(y)))
+      for x, y in zip(jax.tree.leaves(va), jax.tree.leaves(vb))
+    )
+    / 40
+  )
+
+
+def test_filter_bad_input(params, template):
+  with pytest.raises(ValueError, match="filter score"):
+    gr.filter_masks(params, template, 0.5, score="l3")
+  with pytest.raises(ValueError, match="Sparsity"):
+    gr.filter_masks(params, template, 1.0)
+  with pytest.raises(ValueError, match="distribution"):
+    gr.filter_masks(params, template, 0.5, distribution="erk")
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (2, 8), (4, 4)])
+def test_nm_pattern(params, n, m):
+  template, dropped = gr.nm_compatible(params, dcil_jax.masks_like(params), m)
+  assert dropped == ["['conv1']['kernel']"]  # 3 input channels
+  masks = gr.nm_masks(params, template, n, m)
+  assert masks["conv1"]["kernel"] is None
+  for name in ("conv2", "shortcut"):
+    w = np.abs(np.moveaxis(np.asarray(params[name]["kernel"]), -2, -1))
+    k = np.moveaxis(np.asarray(masks[name]["kernel"]), -2, -1)
+    groups_w = w.reshape(-1, m)
+    groups_k = k.reshape(-1, m)
+    assert (groups_k.sum(axis=1) == n).all()
+    # The kept ones are the n largest of each group.
+    for gw, gk in zip(groups_w, groups_k):
+      if n < m:
+        assert gw[gk].min() >= gw[~gk].max()
+  assert float(dcil_jax.sparsity(masks)) == pytest.approx(1 - n / m)
+
+
+def test_nm_ties_and_jit():
+  w = jnp.ones((1, 1, 8, 2)).at[0, 0, 5, 0].set(2.0)
+  params = {"c": {"kernel": w}}
+  masks = jax.jit(lambda p: gr.nm_masks(p, dcil_jax.masks_like(p), 2, 4))(params)
+  k = np.asarray(masks["c"]["kernel"])[0, 0]
+  # Filter 0: group 2 has a 2.0 at index 5, then ties pruned lower index first -> keep 5 and 7.
+  assert k[:, 0].tolist() == [False, False, True, True, False, True, False, True]
+  assert k[:, 1].tolist() == [False, False, True, True, False, False, True, True]
+
+
+def test_nm_bad_input_names_the_layer(params, template):
+  with pytest.raises(ValueError, match=r"\['conv1'\]\['kernel'\] \(shape \(3, 3, 3, 8\)\)"):
+    gr.nm_masks(params, template, 2, 4)
+  with pytest.raises(ValueError, match="0 < n <= m"):
+    gr.nm_masks(params, template, 5, 4)
+  with pytest.raises(ValueError, match="integers"):
+    gr.nm_masks(params, template, 2.0, 4)
