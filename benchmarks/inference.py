@@ -39,6 +39,11 @@ from dcil_jax import granularity as gr
 TARGET_SPEEDUP = 1.4  # compact vs dense at batch 128, 40 % of filters (the issue's goal)
 
 
+def conv_kernels(path, leaf):
+  """The zoo's convolution kernels (4-D; its Dense heads are 2-D)."""
+  return path[-1].key == "kernel" and leaf.ndim == 4
+
+
 def random_variables(model: Any, shape: tuple[int, ...], seed: int = 0) -> dict[str, Any]:
   """Kaiming-normal (fan-out) kernels and random BN statistics, from the shapes alone."""
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, *shape)))
@@ -82,7 +87,7 @@ def build(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any
   model = models.create_model(args.model, 10)
   shape = (32, 32, 3)
   variables = random_variables(model, shape)
-  template = dcil_jax.masks_like(variables["params"])
+  template = dcil_jax.masks_like(variables["params"], conv_kernels)
   dense_stats = deploy_stats.deploy_stats(model, variables, shape)
   with tempfile.TemporaryDirectory() as tmp:
     np.savez(Path(tmp) / "dense.npz", **dcil_jax.compact_model.flatten_variables(variables))

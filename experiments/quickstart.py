@@ -140,9 +140,7 @@ def make_optimizer(method: str, config: Config) -> optax.GradientTransformation:
   if method != "dense":
     schedule = dcil_jax.cubic_sparsity(config.sparsity, ramp_steps=config.ramp_steps)
     parts.append(
-      dcil_jax.masked_update(
-        schedule, update_every=config.update_every, prunable=dcil_jax.rules.all_kernels
-      )
+      dcil_jax.masked_update(schedule, update_every=config.update_every, prunable=is_conv_kernel)
     )
   return optax.chain(*parts)
 

@@ -26,6 +26,11 @@ FAMILIES = {
 }
 
 
+def conv_kernels(path, leaf):
+  """The zoo's convolution kernels (4-D; its Dense heads are 2-D)."""
+  return path[-1].key == "kernel" and leaf.ndim == 4
+
+
 def random_variables(model, x, seed=0):
   """Random variables from the shapes alone (a jitted init costs 10-30 s on a busy CPU).
 
@@ -53,7 +58,7 @@ def setup(name, sparsity=0.4, distribution="layerwise"):
   model = make()
   x = np.random.default_rng(1).normal(size=shape).astype(np.float32)
   variables = random_variables(model, x)
-  template = dcil_jax.masks_like(variables["params"])
+  template = dcil_jax.masks_like(variables["params"], conv_kernels)
   masks = jax.jit(lambda p: gr.filter_masks(p, template, sparsity, distribution=distribution))(
     variables["params"]
   )
@@ -106,7 +111,7 @@ def test_compact_widths_follow_the_report():
 
 def test_residual_stream_channel_removed_only_when_every_writer_prunes_it():
   model, variables, _, x = setup("resnet8")
-  masks = dcil_jax.masks_like(variables["params"])
+  masks = dcil_jax.masks_like(variables["params"], conv_kernels)
   # Stage 1's stream is written by the stem conv and by BasicBlock_0/Conv_1.
   masks["Conv_0"]["kernel"] = masks["Conv_0"]["kernel"].at[..., 3].set(False)
   b0 = masks["BasicBlock_0"]
@@ -134,7 +139,7 @@ def test_residual_stream_channel_removed_only_when_every_writer_prunes_it():
 
 def test_fully_pruned_layer_keeps_one_channel():
   model, variables, _, x = setup("small_cnn")
-  masks = dcil_jax.masks_like(variables["params"])
+  masks = dcil_jax.masks_like(variables["params"], conv_kernels)
   masks["Conv_0"]["kernel"] = jnp.zeros_like(masks["Conv_0"]["kernel"])
   c = compact_lib.compact(model, variables, masks)
   np.testing.assert_allclose(

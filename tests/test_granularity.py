@@ -8,6 +8,11 @@ from dcil_jax import granularity as gr
 from dcil_jax import stability
 
 
+def conv_kernels(path, leaf):
+  """The zoo's convolution kernels (4-D; its Dense heads are 2-D)."""
+  return path[-1].key == "kernel" and leaf.ndim == 4
+
+
 @pytest.fixture(scope="module")
 def params():
   keys = jax.random.split(jax.random.PRNGKey(0), 4)
@@ -22,7 +27,7 @@ def params():
 
 @pytest.fixture(scope="module")
 def template(params):
-  return dcil_jax.masks_like(params)
+  return dcil_jax.masks_like(params, conv_kernels)
 
 
 def _filters(m):
@@ -72,7 +77,7 @@ def test_filter_masks_layerwise(params, template):
 
 def test_filter_ties_prune_lower_index_first():
   params = {"a": {"kernel": jnp.ones((1, 1, 2, 3))}, "b": {"kernel": jnp.ones((1, 1, 2, 3))}}
-  masks = gr.filter_masks(params, dcil_jax.masks_like(params), 0.5)
+  masks = gr.filter_masks(params, dcil_jax.masks_like(params, conv_kernels), 0.5)
   assert _filters(masks["a"]["kernel"]).any(axis=0).tolist() == [False, False, False]
   assert _filters(masks["b"]["kernel"]).any(axis=0).tolist() == [True, True, True]
 
@@ -117,7 +122,7 @@ def test_filter_bad_input(params, template):
 
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (2, 8), (4, 4)])
 def test_nm_pattern(params, n, m):
-  template, dropped = gr.nm_compatible(params, dcil_jax.masks_like(params), m)
+  template, dropped = gr.nm_compatible(params, dcil_jax.masks_like(params, conv_kernels), m)
   assert dropped == ["['conv1']['kernel']"]  # 3 input channels
   masks = gr.nm_masks(params, template, n, m)
   assert masks["conv1"]["kernel"] is None
@@ -137,7 +142,7 @@ def test_nm_pattern(params, n, m):
 def test_nm_ties_and_jit():
   w = jnp.ones((1, 1, 8, 2)).at[0, 0, 5, 0].set(2.0)
   params = {"c": {"kernel": w}}
-  masks = jax.jit(lambda p: gr.nm_masks(p, dcil_jax.masks_like(p), 2, 4))(params)
+  masks = jax.jit(lambda p: gr.nm_masks(p, dcil_jax.masks_like(p, conv_kernels), 2, 4))(params)
   k = np.asarray(masks["c"]["kernel"])[0, 0]
   # Filter 0: group 2 has a 2.0 at index 5, then ties pruned lower index first -> keep 5 and 7.
   assert k[:, 0].tolist() == [False, False, True, True, False, True, False, True]
