@@ -9,8 +9,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dcil_jax import granularity as granularity_lib
 from dcil_jax import masks as masks_lib
 from dcil_jax.schedules import SparsitySchedule
+
+GRANULARITIES = ("weight", "filter", "nm")
 
 
 @jax.tree_util.register_static
@@ -22,6 +25,9 @@ class MaskRefresh:
   schedule: SparsitySchedule
   update_every: int
   distribution: masks_lib.Distribution
+  granularity: str = "weight"
+  score: str = "l1"
+  n_m: tuple[int, int] = (2, 4)
 
   def due(self, count: jax.Array) -> jax.Array:
     return count % self.update_every == 0
@@ -33,11 +39,24 @@ class MaskRefresh:
     weight would silently kill the network: the last valid target is kept instead (0 before
     any), and ``out_of_range`` says so (``train_step`` reports it as ``sparsity_out_of_range``).
     """
+    if self.granularity == "nm":  # fixed by construction: 1 - n/m
+      n, m = self.n_m
+      target = jnp.asarray(1.0 - n / m, jnp.float32)
+      return granularity_lib.nm_masks(params, template, n, m), target, jnp.bool_(False)
     target = jnp.asarray(self.schedule(count), jnp.float32)
     out_of_range = ~((target >= 0.0) & (target < 1.0))
     target = jnp.where(out_of_range, last_target, target)
-    masks = masks_lib.magnitude_masks(params, template, target, self.distribution)
+    if self.granularity == "filter":
+      masks = granularity_lib.filter_masks(params, template, target, self.score, self.distribution)
+    else:
+      masks = masks_lib.magnitude_masks(params, template, target, self.distribution)
     return masks, target, out_of_range
+
+  def flip_rate(self, old: Any, new: Any) -> jax.Array:
+    """Flips in the unit that is pruned: filters for filter masks, weights otherwise."""
+    if self.granularity == "filter":
+      old, new = granularity_lib.filter_view(old), granularity_lib.filter_view(new)
+    return masks_lib.flip_rate(old, new)
 
 
 class MaskedUpdateState(NamedTuple):
@@ -70,6 +89,9 @@ def masked_update(
   *,
   distribution: masks_lib.Distribution = "global",
   prunable: masks_lib.IsPrunable | None = None,
+  granularity: str = "weight",
+  score: str = "l1",
+  n_m: tuple[int, int] = (2, 4),
 ) -> optax.GradientTransformationExtraArgs:
   """Keeps magnitude masks in the optimizer state and refreshes them every ``update_every`` steps.
 
@@ -99,6 +121,12 @@ def masked_update(
       (``TrainState`` / :func:`dcil_jax.lift`) the default is its ``"prunable"`` part; on a
       plain tree a rule is required. This is the one place the rule is given: ``TrainState``
       and ``lift`` read it from here.
+    granularity: ``"weight"`` (official DCIL/DPF), ``"filter"`` (the official structured mode:
+      whole output filters, scored by ``score``; the sparsity is the fraction of filters and
+      flip rates count filters) or ``"nm"`` (``n_m = (n, m)``: ``n`` of every ``m`` weights
+      along the input channels; its sparsity is ``1 - n/m`` and ignores the schedule).
+    score: filter score, ``"l1"`` (mean ``|w|``) or ``"l2"`` (mean ``w²``).
+    n_m: ``(n, m)`` for ``granularity="nm"`` (e.g. 2:4).
 
   Returns:
     An optax transform whose state is a :class:`MaskedUpdateState`.
@@ -109,7 +137,20 @@ def masked_update(
     raise ValueError(
       f"Unknown mask distribution {distribution!r}; expected one of {masks_lib.DISTRIBUTIONS}."
     )
-  refresh = MaskRefresh(sparsity_schedule, int(update_every), distribution)
+  if granularity not in GRANULARITIES:
+    raise ValueError(f"Unknown granularity {granularity!r}; expected one of {GRANULARITIES}.")
+  if granularity == "filter" and (
+    score not in granularity_lib.FILTER_SCORES or distribution not in ("global", "layerwise")
+  ):
+    raise ValueError(
+      f"Filter masks take score in {granularity_lib.FILTER_SCORES} and a 'global' or "
+      f"'layerwise' distribution; got {score!r}, {distribution!r}."
+    )
+  if granularity == "nm":
+    granularity_lib._check_nm(*n_m)
+  refresh = MaskRefresh(
+    sparsity_schedule, int(update_every), distribution, granularity, score, tuple(n_m)
+  )
 
   def init_fn(params):
     template = masks_lib.masks_like(params, prunable)
@@ -127,7 +168,7 @@ def masked_update(
       masks, target, out_of_range = refresh.compute(
         params, state.masks, state.count, state.target_sparsity
       )
-      flips = masks_lib.flip_rate(state.masks, masks)
+      flips = refresh.flip_rate(state.masks, masks)
       return masks, target, flips, state.count, out_of_range
 
     def kept():

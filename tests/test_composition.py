@@ -375,3 +375,45 @@ def test_sparsity_out_of_range_is_reported_by_the_step(tiny_model, tiny_variable
     flags.append(bool(metrics["sparsity_out_of_range"]))
     assert float(metrics["sparsity"]) < 1.0
   assert flags == [False, True, True, True]  # 0.5 at step 0, then 1.0 and beyond
+
+
+@pytest.mark.parametrize("method", ["dcil", "dpf"])
+def test_filter_granularity_trains_whole_filters(method, tiny_model, tiny_variables, tiny_batch):
+  from dcil_jax import granularity
+
+  tx = optax.chain(
+    optax.sgd(0.1),
+    dcil_jax.masked_update(dcil_jax.constant_sparsity(0.5), 2, granularity="filter"),
+  )
+  state = dcil_jax.TrainState.create(
+    tiny_model, tiny_variables, tx, method=method, example_input=tiny_batch["image"]
+  )
+  for _ in range(3):
+    state, metrics = dcil_jax.train_step(state, tiny_batch)
+  masks = state.trained_masks
+  assert granularity.is_filter_structured(masks)
+  assert float(granularity.filter_sparsity(masks)) == pytest.approx(0.5)  # 6 of 12 filters
+  assert 0.0 <= float(metrics["flip_rate"]) <= 1.0
+
+
+def conv_1_only(path, leaf):
+  return rules.key_names(path) == ("Conv_1", "kernel")
+
+
+@pytest.mark.parametrize("method", ["dcil", "dpf"])
+def test_n_m_granularity_keeps_n_of_every_m(method, tiny_model, tiny_variables, tiny_batch):
+  tx = optax.chain(
+    optax.sgd(0.1),
+    dcil_jax.masked_update(None, 2, granularity="nm", n_m=(2, 4), prunable=conv_1_only),
+  )
+  state = dcil_jax.TrainState.create(tiny_model, tiny_variables, tx, method=method)
+  state, metrics = dcil_jax.train_step(state, tiny_batch)
+  m = np.asarray(state.trained_masks["prunable"]["Conv_1"]["kernel"])  # [3, 3, 4, 8]
+  groups = m.reshape(3, 3, 1, 4, 8).sum(axis=3)  # groups of 4 input channels
+  assert (groups == 2).all() and float(metrics["target_sparsity"]) == 0.5
+
+
+def test_n_m_on_a_layer_that_cannot_take_it_names_the_layer(tiny_model, tiny_variables, tiny_batch):
+  tx = optax.chain(optax.sgd(0.1), dcil_jax.masked_update(None, granularity="nm", n_m=(2, 4)))
+  with pytest.raises(ValueError, match="Conv_0"):  # 1 input channel does not divide by 4
+    dcil_jax.TrainState.create(tiny_model, tiny_variables, tx, example_input=tiny_batch["image"])
