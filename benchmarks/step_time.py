@@ -563,7 +563,7 @@ def machine_info() -> dict[str, Any]:
     "flax": flax.__version__,
     "optax": optax.__version__,
     "backend": jax.default_backend(),
-    "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
   }
 
 

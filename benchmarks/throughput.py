@@ -8,7 +8,7 @@ CPU, two parts:
 1. *ImageNet with the input pipeline*: inside ``tfds.testing.mock_data`` (random images of small
    random sizes, which still go through the real random-resized crop to 224), each method gets
    the config of ``experiments/configs/imagenet.py`` (small batch, sparsity 0.9), the state of
-   ``experiments.train.create_train_state``, the real train iterator behind ``shard_batch`` and
+   ``experiments.state.create_train_state``, the real train iterator behind ``shard_batch`` and
    ``input_pipeline.prefetch``, and the compiled ``dcil_jax.train_step``, exactly as
    ``experiments.train`` builds them. One timed step = waiting for the next batch + the step. The
    iterator's own images/s is measured alone first, so the reader sees whether input limits.
@@ -51,7 +51,8 @@ import numpy as np
 import dcil_jax
 from benchmarks import step_time as st
 from dcil_jax import sharding
-from experiments import input_pipeline
+from experiments import input_pipeline, resolve
+from experiments import state as lib
 from experiments import train as xtrain
 from experiments.configs import cifar as cifar_configs
 from experiments.configs import imagenet as imagenet_configs
@@ -91,10 +92,10 @@ def imagenet_config(
     config.sparsity = 0.0 if method == "dense" else SPARSITY
     config.strategy = strategy
     config.path_parallel = path_parallel
-    config.worker_count = worker_count
+    config.run.worker_count = worker_count
     if image_size is not None:
       config.image_size = image_size
-  return xtrain.resolve_config(config)
+  return resolve.resolve_config(config, platform=resolve.platform_name(jax.default_backend()))
 
 
 def cifar_config(model: str, method: str, batch: int, path_parallel: bool):
@@ -104,7 +105,7 @@ def cifar_config(model: str, method: str, batch: int, path_parallel: bool):
     config.model, config.method, config.batch_size = model, method, batch
     config.sparsity = 0.0 if method == "dense" else SPARSITY
     config.path_parallel = path_parallel
-  return xtrain.resolve_config(config)
+  return resolve.resolve_config(config, platform=resolve.platform_name(jax.default_backend()))
 
 
 def synthetic_batches(config: ml_collections.ConfigDict, mesh: Any) -> Iterator[dict]:
@@ -113,7 +114,7 @@ def synthetic_batches(config: ml_collections.ConfigDict, mesh: Any) -> Iterator[
   rng = np.random.default_rng(0)
   shape = (config.batch_size, config.image_size, config.image_size, 3)
   batch = {
-    "image": rng.normal(size=shape).astype(xtrain.DTYPES[config.dtype]),
+    "image": rng.normal(size=shape).astype(lib.DTYPES[config.dtype]),
     "label": rng.integers(0, info.num_classes, config.batch_size).astype(np.int32),
   }
   return itertools.repeat(sharding.shard_batch(batch, mesh))
@@ -162,7 +163,7 @@ def prepare(
   gc.collect()
   st.reset_peak_rss()
   t0 = time.perf_counter()
-  state = xtrain.create_train_state(config, mesh, steps_per_epoch)
+  state = lib.create_train_state(config, mesh, steps_per_epoch)
   t1 = time.perf_counter()
   first = next(batches)
   compiled = dcil_jax.train_step.lower(state, first).compile()
@@ -248,8 +249,8 @@ def time_pipeline(config: ml_collections.ConfigDict, mesh: Any, batches: int) ->
     global_batch_size=config.batch_size,
     seed=config.seed + 1,  # not the batches the steps will see (no warm cache)
     image_size=config.image_size,
-    dtype=np.dtype(xtrain.DTYPES[config.dtype]),
-    worker_count=config.worker_count,
+    dtype=np.dtype(lib.DTYPES[config.dtype]),
+    worker_count=config.run.worker_count,
   )
   next(iterator)  # starts the read threads
   for key, with_shard in (("iterator", False), ("iterator_shard_batch", True)):
@@ -320,7 +321,11 @@ def run_imagenet(args: argparse.Namespace) -> dict[str, Any]:
             steps_per_epoch,
             pipeline_batches(config, mesh),
             args,
-            {"input": "pipeline", "worker_count": config.worker_count, "prefetch": config.prefetch},
+            {
+              "input": "pipeline",
+              "worker_count": config.run.worker_count,
+              "prefetch": config.run.prefetch,
+            },
           )
         )
       rounds = capped_rounds(items, args)
@@ -596,9 +601,9 @@ def render_markdown(result: dict[str, Any]) -> str:
   if gpu:
     lines += [
       f"{', '.join(a['models'])} configs from `experiments/configs/imagenet.py` (resolved by "
-      f"`experiments.train.resolve_config`): {a['batch']} images per device, dtype "
+      f"`experiments.resolve.resolve_config`): {a['batch']} images per device, dtype "
       f"`{a['dtype']}`, sparsity {SPARSITY} for DPF/DCIL; state from "
-      "`experiments.train.create_train_state`, step `dcil_jax.train_step` compiled once as the "
+      "`experiments.state.create_train_state`, step `dcil_jax.train_step` compiled once as the "
       "training loop does. One random batch lives on the devices and is fed again every step "
       "(no input pipeline).",
     ]
@@ -607,7 +612,7 @@ def render_markdown(result: dict[str, Any]) -> str:
       "**Part 1** builds each method as `experiments/imagenet.py` would: the config of "
       "`experiments/configs/imagenet.py` with overrides (batch "
       f"{a['batch']}, dtype `{a['dtype']}`, sparsity {SPARSITY} for DPF/DCIL, `worker_count="
-      f"{a['worker_count']}`), `experiments.train.create_train_state` on `make_mesh()`, the "
+      f"{a['worker_count']}`), `experiments.state.create_train_state` on `make_mesh()`, the "
       "train iterator of `experiments.input_pipeline` (random-resized crop to 224 + flip + "
       "normalisation) through `sharding.shard_batch` and the `input_pipeline.prefetch` thread "
       "(as in `experiments.train`), and "

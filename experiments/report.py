@@ -643,6 +643,21 @@ def _pruning_figure(
   return True
 
 
+def training_curves_figure(sweep: Sweep, path: str) -> bool:
+  """Test top-1 (sparse path) and mask flip rate during training, one panel each per sparsity:
+  the report's two curve figures side by side, as the quickstart shows them."""
+  return _pruning_figure(
+    sweep,
+    path,
+    "eval",
+    "top1",
+    percent=True,
+    log=False,
+    ylabel="test top-1 (sparse path)",
+    title="test top-1 during training",
+  )
+
+
 def _short_layer(key: str) -> str:
   """``"['BasicBlock_0']['Conv_1']['kernel']"`` -> ``"BasicBlock_0/Conv_1"``."""
   parts = [p.strip("'\"") for p in key.strip("[]").split("][")]

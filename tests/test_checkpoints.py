@@ -20,6 +20,7 @@ from conftest import start_processes
 
 import dcil_jax
 from experiments import checkpoints, input_pipeline, preemption, train
+from experiments import state as lib
 from experiments.configs import digits
 
 ROOT = Path(__file__).parent.parent
@@ -28,8 +29,8 @@ STEPS = 33  # 3 epochs of 11 steps: evals (and checkpoints) at 11, 22, 33
 FLAGS = [
   "--config=experiments/configs/digits.py:local",
   f"--config.num_train_steps={STEPS}",
-  "--config.checkpoint_every_steps=2",
-  "--config.progress=false",
+  "--config.run.checkpoint_every_steps=2",
+  "--config.run.progress=false",
 ]
 TIMING = ("train_seconds", "images_per_second")
 
@@ -183,7 +184,7 @@ def tiny_tree(width=8):
     optax.sgd(0.1, momentum=0.9), dcil_jax.masked_update(dcil_jax.constant_sparsity(0.5))
   )
   state = dcil_jax.TrainState.create(model.apply, variables, tx, method="dcil")
-  return train._checkpoint_tree(state, None)
+  return lib.checkpoint_tree(state, None)
 
 
 def test_checkpointer_keeps_the_newest_and_the_best_and_skips_a_corrupt_newest(tmp_path):
@@ -220,8 +221,8 @@ def test_a_checkpoint_of_another_model_is_refused_naming_the_leaves(tmp_path):
 
 
 def test_config_diff_ignores_run_control_fields_and_names_the_others():
-  saved = {"model": "small_cnn", "sparsity": 0.9, "lr_boundaries": (3,), "worker_count": 0}
-  current = {"model": "resnet8", "sparsity": 0.9, "lr_boundaries": [3], "worker_count": 4}
+  saved = {"model": "small_cnn", "sparsity": 0.9, "lr_boundaries": (3,), "run": {"prefetch": 2}}
+  current = {"model": "resnet8", "sparsity": 0.9, "lr_boundaries": [3], "run": {"prefetch": 4}}
   assert checkpoints.config_diff(saved, current) == [
     "model: 'small_cnn' (workdir) -> 'resnet8' (this run)"
   ]
@@ -238,8 +239,8 @@ def local_config(**overrides):
   config = digits.get_config("local")
   with config.unlocked():
     config.num_train_steps = 22
-    config.progress = False
-    config.update(overrides)
+    config.run.progress = False
+    config.update_from_flattened_dict(overrides)
   return config
 
 
@@ -281,12 +282,14 @@ def test_a_nan_step_stops_the_run_naming_the_step_and_keeps_only_good_checkpoint
   tmp_path, nan_at_step_5
 ):
   with pytest.raises(FloatingPointError, match="Step 5: the loss"):
-    train.train_and_evaluate(local_config(log_every_steps=1, checkpoint_every_steps=2), tmp_path)
+    train.train_and_evaluate(
+      local_config(log_every_steps=1, **{"run.checkpoint_every_steps": 2}), tmp_path
+    )
   assert checkpoint_steps(tmp_path) == [2, 4]
 
 
 def test_a_nan_step_is_skipped_on_request(tmp_path, nan_at_step_5):
-  summary = train.train_and_evaluate(local_config(on_nonfinite="skip"), tmp_path)
+  summary = train.train_and_evaluate(local_config(**{"run.on_nonfinite": "skip"}), tmp_path)
   assert summary["nonfinite_steps"] == 1 and summary["steps"] == 22
   assert np.isfinite(summary["final"]["loss"]) and summary["final"]["top1"] > 0.5
   train_records = [
@@ -315,7 +318,9 @@ def test_train_step_never_applies_a_non_finite_step(tiny_model, tiny_variables, 
 @pytest.fixture(scope="module")
 def finished_workdir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("finished")
-  train.train_and_evaluate(local_config(num_train_steps=3, eval_every_epochs=100), workdir)
+  train.train_and_evaluate(
+    local_config(num_train_steps=3, **{"run.eval_every_epochs": 100}), workdir
+  )
   return workdir
 
 
@@ -331,7 +336,7 @@ def test_a_workdir_of_another_experiment_is_refused_and_left_untouched(finished_
 
 def test_params_or_masks_that_do_not_match_the_model_are_refused(finished_workdir):
   # Forcing the config through still cannot load a checkpoint of another model.
-  config = local_config(num_train_steps=3, model="resnet8", force_resume=True)
+  config = local_config(num_train_steps=3, model="resnet8", **{"run.force_resume": True})
   with pytest.raises(checkpoints.CheckpointMismatchError, match="does not match this model"):
     train.train_and_evaluate(config, finished_workdir)
 
@@ -349,7 +354,7 @@ def test_an_unwritable_workdir_is_refused_before_any_work(tmp_path):
     ("--config.model=resnet1000", "Unknown model 'resnet1000'"),
     ("--config.method=rigl", "Unknown method 'rigl'"),
     ("--config.sparsity=1.0", "sparsity must be in [0, 1)"),
-    ("--config.on_nonfinite=ignore", "on_nonfinite must be one of"),
+    ("--config.run.on_nonfinite=ignore", "run.on_nonfinite must be one of"),
   ],
 )
 def test_bad_input_on_the_command_line_gets_one_message_and_exit_code_2(tmp_path, flag, message):

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from conftest import start_processes
 
-from experiments import recipes, train
+from experiments import recipes, resolve, train
+from experiments import state as lib
 from experiments.configs import cifar, imagenet
 from experiments.metric_writers import read_jsonl
 
@@ -20,11 +21,11 @@ ROOT = Path(__file__).parent.parent
 
 
 def resolved(config_module, arg=None, **overrides):
-  return train.resolve_config(_with(config_module.get_config(arg), **overrides))
+  return resolve.resolve_config(_with(config_module.get_config(arg), **overrides))
 
 
 def lr_at_epochs(config, epochs, steps_per_epoch=100):
-  schedule = train.learning_rate_schedule(config, steps_per_epoch)
+  schedule = lib.learning_rate_schedule(config, steps_per_epoch)
   return [float(schedule(round(e * steps_per_epoch))) for e in epochs]
 
 
@@ -85,7 +86,7 @@ def test_optimizer_has_masked_update_last_except_for_dense():
   params = {"Conv_0": {"kernel": jnp.ones((3, 3, 2, 4))}}
   for method in ("dcil", "dpf", "dense"):
     config = resolved(cifar, method=method, sparsity=0.0 if method == "dense" else 0.9)
-    tx = train.make_optimizer(config, steps_per_epoch=10)
+    tx = lib.make_optimizer(config, steps_per_epoch=10)
     state = tx.init(params)
     if method == "dense":
       with pytest.raises(ValueError):
@@ -131,8 +132,8 @@ SMOKE = [
   "--config.warmup_epochs=0.5",
   "--config.log_every_steps=1",
   "--config.update_every=2",
-  "--config.progress=False",
-  "--config.worker_count=0",
+  "--config.run.progress=False",
+  "--config.run.worker_count=0",
 ]
 
 
@@ -225,9 +226,9 @@ def test_local_configs_are_short_and_resolve(config_module):
 
 
 def test_default_worker_count_leaves_cores_for_the_step():
-  assert [train.default_worker_count(n) for n in (1, 2, 4, 8, 96, 240)] == [0, 0, 0, 4, 64, 64]
-  assert resolved(cifar).worker_count == train.default_worker_count()
-  assert resolved(cifar, worker_count=3).worker_count == 3
+  assert [resolve.default_worker_count(n) for n in (1, 2, 4, 8, 96, 240)] == [0, 0, 0, 4, 64, 64]
+  assert resolved(cifar).run.worker_count == resolve.default_worker_count()
+  assert resolved(cifar, **{"run.worker_count": 3}).run.worker_count == 3
 
 
 def test_two_processes_train_like_one(tmp_path):
@@ -267,17 +268,17 @@ def test_two_processes_train_like_one(tmp_path):
 
 
 def test_per_device_batch_sets_the_global_batch_and_the_scaled_lr():
-  config = train.resolve_config(_with(imagenet.get_config(), per_device_batch_size=128), 8)
+  config = resolve.resolve_config(_with(imagenet.get_config(), per_device_batch_size=128), 8)
   assert config.batch_size == 1024
   assert lr_at_epochs(config, [5])[0] == pytest.approx(0.4)
   with pytest.raises(ValueError, match="not both"):
-    train.resolve_config(_with(cifar.get_config(), per_device_batch_size=16, batch_size=64), 2)
+    resolve.resolve_config(_with(cifar.get_config(), per_device_batch_size=16, batch_size=64), 2)
 
 
 def _with(config, **overrides):
+  """``config`` with ``overrides`` (``"run.x"`` for the run group)."""
   with config.unlocked():
-    for name, value in overrides.items():
-      config[name] = value
+    config.update_from_flattened_dict(overrides)
   return config
 
 
