@@ -122,7 +122,7 @@ def create_tracker(state: dcil_jax.TrainState, mesh: jax.sharding.Mesh) -> Any:
 
 def describe(state: dcil_jax.TrainState) -> dict[str, Any]:
   """``method``, ``strategy`` and the number of deployable parameters, for the run's header."""
-  params = dcil_jax.export_variables(state)["params"]
+  params = jax.eval_shape(dcil_jax.export_variables, state)["params"]  # shapes only
   return {
     "method": state.method,
     "strategy": state.strategy,
@@ -212,12 +212,13 @@ def track_refresh(
 
 
 def ever_revived(tracker: stability.RevivalTracker) -> float:
-  return float(tracker.ever_revived_fraction)
+  """The fraction of weights revived at least once so far (one explicit host transfer)."""
+  return float(jax.device_get(tracker.ever_revived_fraction))
 
 
 def trained_sparsity(state: dcil_jax.TrainState) -> float:
   """The pruned fraction of the masks the last step trained with (what evaluation uses)."""
-  return float(dcil_jax.sparsity(state.trained_masks))
+  return float(jax.device_get(dcil_jax.sparsity(state.trained_masks)))
 
 
 def mask_report(state: dcil_jax.TrainState) -> dict[str, Any]:

@@ -341,7 +341,7 @@ def train_and_evaluate(
     progress = _progress(plan.num_steps, enabled=lead and config.run.progress)
   progress.update(start.step)
 
-  lr_fn = lib.learning_rate_schedule(config, plan.steps_per_epoch)
+  lr_fn = jax.jit(lib.learning_rate_schedule(config, plan.steps_per_epoch))
   monitor = loop.NonfiniteMonitor(
     config.run.on_nonfinite, config.run.max_consecutive_nonfinite, start.nonfinite
   )
@@ -361,7 +361,8 @@ def train_and_evaluate(
   throughput = loop.Throughput()
 
   def log_train(step: int) -> None:
-    scalars = buffer.pop_mean() | {"learning_rate": float(lr_fn(step - 1))}
+    lr = jax.device_get(lr_fn(jax.device_put(step - 1)))  # explicit: the steps never transfer
+    scalars = buffer.pop_mean() | {"learning_rate": float(lr)}
     if (rate := throughput.rate()) is not None:
       scalars["images_per_second"] = rate
     writer.write(step, "train", scalars)
