@@ -85,7 +85,7 @@ def check_config(saved: Mapping[str, Any], current: Mapping[str, Any], *, force:
     return
   raise CheckpointMismatchError(
     f"{what} holds another experiment; these fields differ:\n  - {text}\n"
-    "Use a new --workdir, or --config.force_resume=True to continue it with this config."
+    "Use a new --workdir, or --config.run.force_resume=True to continue it with this config."
   )
 
 

@@ -6,7 +6,7 @@ overridable as ``--config.x=...``), plus ``--accelerator`` (platform and its def
 
 Exit codes: 0 finished; 2 bad input (config, accelerator, data, workdir, or a checkpoint of
 another experiment: one message says what to change); 3 a NaN/Inf step with
-``--config.on_nonfinite=stop``; 75 stopped by SIGTERM/SIGINT after writing a checkpoint (run the
+``--config.run.on_nonfinite=stop``; 75 stopped by SIGTERM/SIGINT after writing a checkpoint (run the
 same command to continue); 128 + signal number for a second signal (exit at once); 1 anything
 else (a bug: please report it with the traceback).
 """

@@ -1,4 +1,10 @@
-"""Shared tiny model and data: small shapes keep compiles to a few seconds on 2 CPU cores."""
+"""Shared tiny model and data: small shapes keep compiles to a few seconds on 2 CPU cores.
+
+The tests compile many small programs and run each for a few steps, so XLA's optimisations cost
+more than they save (as in Flax's ``train_test.py``): they are turned off here, for this process
+and, through the environment, for every process a test starts. Every comparison a test makes is
+between runs under the same setting.
+"""
 
 import os
 import socket
@@ -6,11 +12,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import pytest
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
-from dcil_jax.models import SmallCNN
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import pytest  # noqa: E402
+
+from dcil_jax.models import SmallCNN  # noqa: E402
+
+jax.config.update(
+  "jax_disable_most_optimizations", os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] == "1"
+)
 
 NUM_CLASSES = 5
 

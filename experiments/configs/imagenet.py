@@ -1,7 +1,7 @@
 """ImageNet (ILSVRC-2012) with ResNet-50: the standard recipe (``experiments/recipes.py``).
 
   python -m experiments.imagenet --accelerator=tpu --workdir=gs://bucket/rn50 \
-      --config.data_dir=gs://bucket/tensorflow_datasets
+      --config.run.data_dir=gs://bucket/tensorflow_datasets
   python -m experiments.imagenet --accelerator=cpu --workdir=runs/in-local \
       --config=experiments/configs/imagenet.py:local
 
