@@ -3,7 +3,9 @@
 The tests compile many small programs and run each for a few steps, so XLA's optimisations cost
 more than they save (as in Flax's ``train_test.py``): they are turned off here, for this process
 and, through the environment, for every process a test starts. Every comparison a test makes is
-between runs under the same setting.
+between runs under the same setting. The same programs (the tiny models' steps) are compiled by
+many tests and processes: a persistent compilation cache, private to this test session, compiles
+each once.
 """
 
 import os
@@ -13,6 +15,15 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import atexit
+  import shutil
+  import tempfile
+
+  _cache = tempfile.mkdtemp(prefix="dcil-jax-test-cache.")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -2,9 +2,6 @@
 through the real TFDS code path under ``tfds.testing.mock_data``."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -96,7 +93,7 @@ def test_optimizer_has_masked_update_last_except_for_dense():
       assert jax.tree.leaves(dcil_jax.get_masks(state))[0].dtype == jnp.bool_
 
 
-# A subprocess runs the real command line inside tfds.testing.mock_data.
+# The real command line inside tfds.testing.mock_data, for the tests that need processes.
 CLI = textwrap.dedent(
   """
   import runpy, sys
@@ -108,33 +105,32 @@ CLI = textwrap.dedent(
   """
 )
 
+# A run of 4 steps, 2 per epoch, on the mock data.
+SMOKE = {
+  "batch_size": 8,
+  "steps_per_epoch": 2,
+  "num_train_steps": 4,
+  "ramp_end_epoch": 1.0,
+  "kd_start_epoch": 1.0,
+  "warmup_epochs": 0.5,
+  "log_every_steps": 1,
+  "update_every": 2,
+  "run.progress": False,
+  "run.worker_count": 0,
+}
 
-def run_cli(module, workdir, *flags):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  result = subprocess.run(
-    [sys.executable, "-c", CLI, module, f"--workdir={workdir}", *flags],
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-    cwd=ROOT,
-  )
-  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-  return result
+
+def as_flags(overrides):
+  return [f"--config.{k}={v}" for k, v in overrides.items()]
 
 
-SMOKE = [
-  "--config.batch_size=8",
-  "--config.steps_per_epoch=2",
-  "--config.num_train_steps=4",
-  "--config.ramp_end_epoch=1",
-  "--config.kd_start_epoch=1",
-  "--config.warmup_epochs=0.5",
-  "--config.log_every_steps=1",
-  "--config.update_every=2",
-  "--config.run.progress=False",
-  "--config.run.worker_count=0",
-]
+def run_mocked(config_module, workdir, **overrides):
+  """``train_and_evaluate`` in this process on TFDS's mock data (the real reading code)."""
+  import tensorflow_datasets as tfds
+
+  config = _with(config_module.get_config(), **SMOKE, **overrides)
+  with tfds.testing.mock_data(num_examples=24):
+    return train.train_and_evaluate(config, str(workdir))
 
 
 def check_run(workdir, method, steps=4, evals=2):
@@ -155,34 +151,21 @@ def check_run(workdir, method, steps=4, evals=2):
   return summary, eval_records
 
 
-def test_cifar_command_trains_and_evaluates_both_paths(tmp_path):
-  result = run_cli(
-    "experiments.cifar",
-    tmp_path,
-    "--config.model=resnet20",
-    "--config.method=dcil",
-    "--config.sparsity=0.9",
-    *SMOKE,
-  )
+def test_cifar_run_trains_and_evaluates_both_paths(tmp_path, capsys):
+  run_mocked(cifar, tmp_path, model="resnet20", method="dcil", sparsity=0.9)
   summary, evals = check_run(tmp_path, "dcil")
   assert "dense_top1" in evals[-1]  # DCIL's dense path is monitored too
   assert summary["sparsity"] == pytest.approx(0.9, abs=1e-3)  # ramp over after one epoch
   assert len(summary["layer_sparsity"]) == 21  # the first conv, 18 in blocks, 2 shortcuts
   assert summary["flip_rate"]["refreshes"] == 2
-  assert "layer sparsity" in result.stdout and "final sparse-path top-1" in result.stdout
+  out = capsys.readouterr().out
+  assert "layer sparsity" in out and "final sparse-path top-1" in out
+  # The resolved milestones, printed at start (the run is cut at 4 of the recipe's 600 steps).
+  assert "schedule: 300 epochs of 2 steps" in out and "ends at epoch 1 (step 2)" in out
 
 
-def test_imagenet_command_runs_on_cpu_with_a_tiny_model(tmp_path):
-  run_cli(
-    "experiments.imagenet",
-    tmp_path,
-    "--accelerator=cpu",
-    "--config.model=resnet_tiny",
-    "--config.image_size=32",
-    "--config.method=dpf",
-    "--config.sparsity=0.5",
-    *SMOKE,
-  )
+def test_imagenet_run_on_cpu_with_a_tiny_model(tmp_path):
+  run_mocked(imagenet, tmp_path, model="resnet_tiny", image_size=32, method="dpf", sparsity=0.5)
   summary, evals = check_run(tmp_path, "dpf")
   assert "dense_top1" not in evals[-1]
   config = json.loads((tmp_path / "config.json").read_text())
@@ -231,19 +214,34 @@ def test_default_worker_count_leaves_cores_for_the_step():
   assert resolved(cifar, **{"run.worker_count": 3}).run.worker_count == 3
 
 
-def test_two_processes_train_like_one(tmp_path):
-  """Two local processes (jax.distributed on CPU, gloo collectives) run the real command: each
-  reads its half of every global batch, and the run equals the one-process run."""
-  flags = ["--config.model=small_cnn", "--config.method=dcil", "--config.sparsity=0.9", *SMOKE]
-  run_cli("experiments.cifar", tmp_path / "single", *flags)
-  single = read_jsonl(tmp_path / "single" / "metrics.jsonl")
+TWO_PROCESS_RUN = {"model": "small_cnn", "method": "dcil", "sparsity": 0.9}
 
-  workdir = tmp_path / "multi"
-  argv = ["-c", CLI, "experiments.cifar", f"--workdir={workdir}", *flags]
-  procs = start_processes(argv)
+
+def start_two(workdir):
+  argv = ["-c", CLI, "experiments.cifar", f"--workdir={workdir}"]
+  return start_processes([*argv, *as_flags(SMOKE | TWO_PROCESS_RUN)])
+
+
+def finish(procs):
   outputs = [p.communicate(timeout=600) for p in procs]
   for p, (out, err) in zip(procs, outputs):
     assert p.returncode == 0, out[-2000:] + err[-4000:]
+  return outputs
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+  """The CIFAR command as two local processes (jax.distributed on CPU, gloo collectives)."""
+  workdir = tmp_path_factory.mktemp("two_processes")
+  return workdir, finish(start_two(workdir))
+
+
+def test_two_processes_train_like_one(tmp_path, two_process_run):
+  """Each process reads its half of every global batch, and the run equals the one-process
+  run (in this process)."""
+  workdir, outputs = two_process_run
+  run_mocked(cifar, tmp_path / "single", **TWO_PROCESS_RUN)
+  single = read_jsonl(tmp_path / "single" / "metrics.jsonl")
   assert "process 0 of 2" in outputs[0][1] and "process 1 of 2" in outputs[1][1]
   assert "final sparse-path top-1" in outputs[0][0]
   assert "final sparse-path top-1" not in outputs[1][0]  # only process 0 reports and writes
@@ -255,12 +253,13 @@ def test_two_processes_train_like_one(tmp_path):
       if key in b:
         np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=key)
 
-  # Both processes restore the final checkpoint (saved by both) and write the same summary.
+
+@pytest.mark.slow  # two processes resuming is also tested, with SIGTERM, in test_checkpoints.py
+def test_two_processes_rerun_on_a_finished_workdir_rewrite_the_same_summary(two_process_run):
+  """Both processes restore the final checkpoint (saved by both) and write the same summary."""
+  workdir, _ = two_process_run
   summary = (workdir / "summary.json").read_text()
-  procs = start_processes(argv)
-  outputs = [p.communicate(timeout=600) for p in procs]
-  for p, (out, err) in zip(procs, outputs):
-    assert p.returncode == 0, out[-2000:] + err[-4000:]
+  outputs = finish(start_two(workdir))
   assert "resumed at step" in outputs[0][0]
   timing = ("train_seconds", "images_per_second")
   strip = lambda text: {k: v for k, v in json.loads(text).items() if k not in timing}
