@@ -14,28 +14,40 @@ and ``<out>/step_time_cpu.md``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
-import platform
-import re
 import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 import optax
 
 import dcil_jax
+from benchmarks.common import (
+  MB,
+  cost_stats,
+  cpu_snapshot,
+  cpu_usage,
+  git,
+  hlo_stats,
+  log,
+  machine_info,
+  memory_stats,
+  paired_median,
+  process_peak_rss_mb,
+  quantiles,
+  reset_peak_rss,
+  shardings,
+  time_call,
+  vm_hwm_kb,
+)
 from dcil_jax import models
 
 SPARSITY = 0.9
@@ -49,13 +61,6 @@ DEVICE_FLAG = "--xla_force_host_platform_device_count=2"
 MAIN, TWO_DEV = "main", "2-dev"
 MAIN_CONFIGS = (("dense", None), ("dpf", None), ("dcil", "unrolled"), ("dcil", "vmap"))
 WORKER_CONFIGS = (("dense", None), ("dcil", "unrolled"), ("dcil", "sharded"))
-COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
-MB = 2**20
-
-
-def log(msg: str) -> None:
-  """Progress on stderr (results go to files)."""
-  print(f"[{time.strftime('%H:%M:%S')} pid {os.getpid()}] {msg}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,150 +91,6 @@ def make_problem(model_name: str) -> tuple[Any, Any, dict[str, jax.Array]]:
 
 # --------------------------------------------------------------------------------------------
 # Measurement helpers
-
-_process_peak_kb = 0
-
-
-def _vm_hwm_kb() -> int:
-  """Peak resident set size (``VmHWM``) of this process in KiB; 0 if unavailable."""
-  try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        if line.startswith("VmHWM:"):
-          return int(line.split()[1])
-  except OSError:
-    pass
-  return 0
-
-
-def reset_peak_rss() -> None:
-  """Resets ``VmHWM`` to the current RSS (Linux ``clear_refs``); remembers the old peak."""
-  global _process_peak_kb
-  _process_peak_kb = max(_process_peak_kb, _vm_hwm_kb())
-  try:
-    with open("/proc/self/clear_refs", "w") as f:
-      f.write("5")
-  except OSError:
-    pass
-
-
-def process_peak_rss_mb() -> float:
-  """Peak RSS of the whole process so far, across resets."""
-  return max(_process_peak_kb, _vm_hwm_kb()) / 1024
-
-
-def cpu_snapshot() -> tuple[float, float, list[int]]:
-  """(wall time, this process's CPU seconds, the ``cpu`` line of ``/proc/stat``)."""
-  try:
-    with open("/proc/stat") as f:
-      stat = [int(v) for v in f.readline().split()[1:]]
-  except OSError:
-    stat = []
-  t = os.times()
-  return time.perf_counter(), t.user + t.system, stat
-
-
-def cpu_usage(start: tuple[float, float, list[int]]) -> dict[str, float | None]:
-  """Average busy cores (whole machine and this process) and steal since ``start``."""
-  wall0, proc0, stat0 = start
-  wall1, proc1, stat1 = cpu_snapshot()
-  wall = wall1 - wall0
-  out: dict[str, float | None] = {"wall_s": wall, "process_cores": (proc1 - proc0) / wall}
-  if stat0 and stat1:
-    delta = [b - a for a, b in zip(stat0, stat1)]
-    hz = os.sysconf("SC_CLK_TCK")
-    idle = delta[3] + (delta[4] if len(delta) > 4 else 0)
-    steal = delta[7] if len(delta) > 7 else 0
-    total = sum(delta[:8])
-    out["machine_busy_cores"] = (total - idle - steal) / hz / wall
-    out["steal_pct"] = 100 * steal / total if total else 0.0
-  return out
-
-
-def quantiles(times: list[float]) -> dict[str, float]:
-  q25, med, q75 = np.percentile(np.asarray(times), [25, 50, 75])
-  return {"median_s": float(med), "q25_s": float(q25), "q75_s": float(q75), "iqr_s": q75 - q25}
-
-
-DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2}
-DTYPE_BYTES |= {"f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?\S+ = (.*?)\b([a-z][a-z0-9-]*)\(")
-_ARRAY = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
-
-
-def collective_stats(text: str) -> dict[str, dict[str, float]]:
-  """Collectives of an optimized HLO module: count and result megabytes per kind.
-
-  Collectives with tuple results (``(f32[..], f32[..]) all-reduce(...)``, what XLA's
-  combiners make) are counted too.
-  """
-  counts: Counter = Counter()
-  megabytes: Counter = Counter()
-  for line in text.splitlines():
-    match = _INSTRUCTION.match(line)
-    if not match:
-      continue
-    kind = match.group(2).removesuffix("-start")
-    if kind not in COLLECTIVES:
-      continue
-    counts[kind] += 1
-    for dtype, dims in _ARRAY.findall(match.group(1)):
-      size = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
-      megabytes[kind] += size * DTYPE_BYTES.get(dtype, 4) / MB
-  return {"counts": dict(counts), "megabytes": dict(megabytes)}
-
-
-def hlo_stats(text: str) -> dict[str, Any]:
-  """Convolutions (and how many are grouped) and collectives in an optimized HLO module."""
-  convs = re.findall(r"= \S+ convolution\(.*", text)
-  grouped = [c for c in convs if "feature_group_count=" in c or "batch_group_count=" in c]
-  collectives = collective_stats(text)["counts"]
-  partitions = re.search(r"num_partitions=(\d+)", text)
-  return {
-    "convolutions": len(convs),
-    "grouped_convolutions": len(grouped),
-    "collectives": collectives,
-    "num_partitions": int(partitions.group(1)) if partitions else 1,
-  }
-
-
-def cost_stats(compiled: Any) -> dict[str, float]:
-  """XLA's cost analysis of the compiled step (per device for a partitioned module)."""
-  cost = compiled.cost_analysis()
-  cost = (cost[0] if isinstance(cost, list | tuple) else cost) or {}
-  return {"flops": float(cost.get("flops", 0.0)), "bytes_accessed": cost.get("bytes accessed", 0.0)}
-
-
-def memory_stats(compiled: Any) -> dict[str, int]:
-  """``memory_analysis`` of the compiled step; ``total`` = temp + argument + output."""
-  m = compiled.memory_analysis()
-  out = {
-    "temp_bytes": int(m.temp_size_in_bytes),
-    "argument_bytes": int(m.argument_size_in_bytes),
-    "output_bytes": int(m.output_size_in_bytes),
-    "alias_bytes": int(m.alias_size_in_bytes),
-  }
-  out["total_bytes"] = out["temp_bytes"] + out["argument_bytes"] + out["output_bytes"]
-  return out
-
-
-def time_call(fn: Any, *args: Any, n: int) -> list[float]:
-  """Wall times of ``n`` blocking calls of ``fn(*args)`` (after one untimed call)."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(n):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return times
-
-
-def shardings(tree: Any) -> list[str]:
-  return [str(getattr(x, "sharding", None)) for x in jax.tree.leaves(tree)]
-
-
-# --------------------------------------------------------------------------------------------
-# Timed items: a train-step config and the jitted mask refresh
 
 
 class Config:
@@ -268,27 +129,19 @@ class RefreshTimer(Config):
     return time.perf_counter() - t, False
 
   def profile(self, n: int) -> dict[str, Any]:
-    """Where the refresh time goes: with ``flip_rate``, the sort alone, a sort-free selection."""
+    """Where the refresh time goes: with ``flip_rate``, and a sort of the same scores."""
 
     def with_flips(p, m):
       new = dcil_jax.magnitude_masks(p, m, SPARSITY, "global")
       return new, dcil_jax.flip_rate(m, new)
 
     flat = jnp.concatenate([jnp.square(p).reshape(-1) for p in prunable(self.params, self.masks)])
-    num_pruned = int(round(SPARSITY * flat.size))
-    select = jax.jit(lambda s: bisection_keep(s, num_pruned))
-    reference = jnp.concatenate(
-      [m.reshape(-1) for m in jax.tree.leaves(self.fn(self.params, self.masks))]
-    )
     fns = {
       "magnitude_masks_s": (self.fn, (self.params, self.masks)),
       "with_flip_rate_s": (jax.jit(with_flips), (self.params, self.masks)),
       "argsort_only_s": (jax.jit(lambda s: jnp.argsort(s, stable=True)), (flat,)),
-      "sort_free_s": (select, (flat,)),
     }
-    out = {k: float(np.median(time_call(fn, *a, n=n))) for k, (fn, a) in fns.items()}
-    out["sort_free_same_masks"] = bool(jnp.array_equal(select(flat), reference))
-    return out
+    return {k: float(np.median(time_call(fn, *a, n=n))) for k, (fn, a) in fns.items()}
 
 
 def prunable(params: Any, masks: Any) -> list[jax.Array]:
@@ -298,27 +151,6 @@ def prunable(params: Any, masks: Any) -> list[jax.Array]:
     for m, p in zip(jax.tree.leaves(masks, is_leaf=lambda x: x is None), jax.tree.leaves(params))
     if m is not None
   ]
-
-
-def bisection_keep(scores: jax.Array, num_pruned: int) -> jax.Array:
-  """Keep-mask pruning the ``num_pruned`` smallest non-negative ``scores``, ties by lower index.
-
-  The same masks as ``magnitude_masks``' stable sort, without sorting: non-negative float32
-  values order like their int32 bit patterns, so 31 bisection steps find the threshold and a
-  cumulative sum breaks ties. (A reference for the profiling notes, not used for training.)
-  """
-  bits = jax.lax.bitcast_convert_type(scores, jnp.int32)
-
-  def body(_, bounds):
-    lo, hi = bounds
-    mid = lo + (hi - lo) // 2
-    enough = jnp.sum(bits <= mid) >= num_pruned
-    return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
-
-  threshold, _ = jax.lax.fori_loop(0, 32, body, (jnp.int32(0), jnp.int32(0x7F800000)))
-  below, tied = bits < threshold, bits == threshold
-  pruned = below | (tied & (jnp.cumsum(tied) <= num_pruned - jnp.sum(below)))
-  return ~pruned if num_pruned > 0 else jnp.ones_like(pruned)
 
 
 def prepare_config(
@@ -384,7 +216,7 @@ def prepare_config(
     n = max(args.min_steps, int(args.budget_s // estimate))
   record |= {"first_call_s": warmup[0], "warmup_s": warmup, "steps": n, "capped": n < args.steps}
   # Peak RSS of compiling and warming up this config (the process baseline included).
-  record["peak_rss_mb"] = _vm_hwm_kb() / 1024
+  record["peak_rss_mb"] = vm_hwm_kb() / 1024
   log(f"  compile {record['compile_s']:.1f} s, warm-up step {warmup[-1]:.3f} s, {n} timed steps")
   return config
 
@@ -521,14 +353,6 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     return json.loads(out.read_text())
 
 
-def git(*argv: str, cwd: Path) -> str:
-  try:
-    out = subprocess.run(["git", *argv], capture_output=True, text=True, cwd=cwd)
-  except OSError:
-    return ""
-  return out.stdout.strip() if out.returncode == 0 else ""
-
-
 def library_info() -> dict[str, Any]:
   """Which ``dcil_jax`` this process imported: its folder, git commit and uncommitted edits."""
   path = Path(dcil_jax.__file__).resolve().parent
@@ -540,40 +364,8 @@ def library_info() -> dict[str, Any]:
   }
 
 
-def machine_info() -> dict[str, Any]:
-  cpu = "unknown"
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-  except OSError:
-    pass
-  try:
-    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-  except (ValueError, OSError):
-    mem_gb = float("nan")
-  return {
-    "cpu_model": cpu,
-    "cpu_count": os.cpu_count(),
-    "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-    "memory_gb": mem_gb,
-    "platform": platform.platform(),
-    "python": platform.python_version(),
-    "jax": jax.__version__,
-    "jaxlib": jaxlib.__version__,
-    "flax": flax.__version__,
-    "optax": optax.__version__,
-    "backend": jax.default_backend(),
-    "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-  }
-
-
 # --------------------------------------------------------------------------------------------
 # Analysis
-
-
-def paired_median(num: list[float], den: list[float], scale: float = 1.0) -> float:
-  """Median over rounds of ``scale * num[i] / den[i]`` (the first min(len) rounds)."""
-  return float(np.median([scale * a / b for a, b in zip(num, den)]))
 
 
 def find(records: list[dict[str, Any]], model: str, label: str, process: str | None = None):
@@ -713,10 +505,7 @@ def profile_notes(result: dict[str, Any]) -> list[str]:
       f"{worst:.2f}% of a DCIL step): `magnitude_masks` takes {p['magnitude_masks_s'] * 1e3:.1f}"
       f" ms, {vs_sort:.2f}x a stable `argsort` of the same concatenated scores "
       f"({p['argsort_only_s'] * 1e3:.1f} ms)"
-      f"{': a sort dominates its cost (XLA:CPU sorts slowly)' if vs_sort > 0.8 else ''}. "
-      "Reference exact sort-free selection (32-step bisection on the float bit patterns + a "
-      f"cumsum for ties): {p['sort_free_s'] * 1e3:.1f} ms; its masks equal `magnitude_masks`': "
-      f"{p['sort_free_same_masks']}."
+      f"{': a sort dominates its cost (XLA:CPU sorts slowly)' if vs_sort > 0.8 else ''}."
     )
     notes.append(text)
   return notes

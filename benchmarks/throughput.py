@@ -49,7 +49,7 @@ import ml_collections
 import numpy as np
 
 import dcil_jax
-from benchmarks import step_time as st
+from benchmarks import common
 from dcil_jax import sharding
 from experiments import input_pipeline, resolve
 from experiments import state as lib
@@ -67,7 +67,7 @@ MESH_CONFIGS = (("dense", False), ("dcil", False), ("dcil", True))  # (method, p
 CIFAR_TRAIN_EXAMPLES = 50_000
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
 MB = 2**20
-log = st.log
+log = common.log
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,7 +161,7 @@ def prepare(
   """State and compiled step as ``experiments.train`` builds them, analysed and warmed up."""
   log(f"{label}: state + compile + warm-up")
   gc.collect()
-  st.reset_peak_rss()
+  common.reset_peak_rss()
   t0 = time.perf_counter()
   state = lib.create_train_state(config, mesh, steps_per_epoch)
   t1 = time.perf_counter()
@@ -180,17 +180,21 @@ def prepare(
     "mesh": {k: int(v) for k, v in mesh.shape.items()},
     "create_state_s": t1 - t0,
     "compile_s": t2 - t1,
-    "memory": st.memory_stats(compiled),
-    "cost": st.cost_stats(compiled),
+    "memory": common.memory_stats(compiled),
+    "cost": common.cost_stats(compiled),
   } | extra
   text = compiled.as_text()
-  record["hlo"] = st.hlo_stats(text)
-  record["collectives"] = st.collective_stats(text)
+  record["hlo"] = common.hlo_stats(text)
+  record["collectives"] = common.collective_stats(text)
   item = Item(state, compiled, itertools.chain([first], batches), record)
   warmup = [item.run(1)[0] for _ in range(args.warmup)]
   warmup += [item.run(args.steps_per_round)[0]]  # the estimate, at the timed stride
   round_s = warmup[-1] * args.steps_per_round
-  record |= {"warmup_s": warmup, "peak_rss_mb": st._vm_hwm_kb() / 1024, "round_s_estimate": round_s}
+  record |= {
+    "warmup_s": warmup,
+    "peak_rss_mb": common.vm_hwm_kb() / 1024,
+    "round_s_estimate": round_s,
+  }
   log(f"  state {t1 - t0:.1f} s, compile {t2 - t1:.1f} s, warm-up steps {warmup}")
   return item
 
@@ -199,7 +203,7 @@ def time_rounds(items: list[Item], rounds: int, steps_per_round: int) -> dict[st
   """Rounds over ``items`` (each round in a rotated order); fills each item's times and
   returns the CPU usage meanwhile."""
   log(f"timing {len(items)} items, {rounds} rounds of {steps_per_round} step(s) each")
-  start = st.cpu_snapshot()
+  start = common.cpu_snapshot()
   for i in range(rounds):
     # A rotating order: no config always runs right after the same (e.g. the largest) one.
     for item in items[i % len(items) :] + items[: i % len(items)]:
@@ -210,7 +214,7 @@ def time_rounds(items: list[Item], rounds: int, steps_per_round: int) -> dict[st
       f"  round {i + 1}/{rounds}: "
       + ", ".join(f"{x.record['label']} {x.times[-1]:.3f} s" for x in items)
     )
-  return st.cpu_usage(start)
+  return common.cpu_usage(start)
 
 
 def capped_rounds(items: list[Item], args: argparse.Namespace) -> int:
@@ -228,7 +232,7 @@ def finish_records(items: list[Item], group: str, steps_per_round: int) -> list[
   for item in items:
     r = item.record | {"group": group, "steps_per_round": steps_per_round}
     r |= {"times_s": item.times, "waits_s": item.waits, "rounds": len(item.times)}
-    r |= st.quantiles(item.times)
+    r |= common.quantiles(item.times)
     r["median_wait_s"] = float(np.median(item.waits))
     r["images_per_s"] = r["batch"] / r["median_s"]
     out.append(r)
@@ -254,7 +258,7 @@ def time_pipeline(config: ml_collections.ConfigDict, mesh: Any, batches: int) ->
   )
   next(iterator)  # starts the read threads
   for key, with_shard in (("iterator", False), ("iterator_shard_batch", True)):
-    start = st.cpu_snapshot()
+    start = common.cpu_snapshot()
     t = time.perf_counter()
     for _ in range(batches):
       batch = next(iterator)
@@ -262,7 +266,7 @@ def time_pipeline(config: ml_collections.ConfigDict, mesh: Any, batches: int) ->
         jax.block_until_ready(sharding.shard_batch(batch, mesh))
     seconds = time.perf_counter() - t
     out[key] = {"seconds": seconds, "images_per_s": batches * config.batch_size / seconds}
-    out[key]["cpu_usage"] = st.cpu_usage(start)
+    out[key]["cpu_usage"] = common.cpu_usage(start)
     log(f"  {key}: {out[key]['images_per_s']:.0f} images/s")
   sample = next(iterator)
   out["image_shape"] = list(sample["image"].shape)
@@ -369,7 +373,7 @@ def mesh_worker(args: argparse.Namespace) -> None:
     "xla_flags": os.environ.get("XLA_FLAGS"),
     "records": finish_records(items, f"{args.mesh_model}/{n}-dev", args.steps_per_round),
     "cpu_usage": usage,
-    "peak_rss_mb": st.process_peak_rss_mb(),
+    "peak_rss_mb": common.process_peak_rss_mb(),
     "code": {"start": code_at_start, "end": code_info()},
   }
   Path(args.worker_out).write_text(json.dumps(result))
@@ -453,7 +457,7 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
     if dense is None:
       r["speed_vs_dense"] = r["speed_of_medians"] = None
       continue
-    r["speed_vs_dense"] = st.paired_median(dense["times_s"], r["times_s"])
+    r["speed_vs_dense"] = common.paired_median(dense["times_s"], r["times_s"])
     r["speed_of_medians"] = dense["median_s"] / r["median_s"]
 
 
@@ -793,11 +797,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def code_info() -> dict[str, Any]:
   """The repository's commit and, what decides whether two runs ran the same code, the git
   trees of ``dcil_jax`` and ``experiments`` plus their uncommitted changes."""
-  out: dict[str, Any] = {"commit": st.git("rev-parse", "--short", "HEAD", cwd=REPO) or "unknown"}
+  out: dict[str, Any] = {
+    "commit": common.git("rev-parse", "--short", "HEAD", cwd=REPO) or "unknown"
+  }
   for folder in ("dcil_jax", "experiments"):
     out[folder] = {
-      "tree": st.git("rev-parse", "--short", f"HEAD:{folder}", cwd=REPO),
-      "uncommitted": st.git("status", "--porcelain", "--", folder, cwd=REPO).splitlines(),
+      "tree": common.git("rev-parse", "--short", f"HEAD:{folder}", cwd=REPO),
+      "uncommitted": common.git("status", "--porcelain", "--", folder, cwd=REPO).splitlines(),
     }
   return out
 
@@ -848,7 +854,7 @@ def main(argv: list[str] | None = None) -> None:
   notes: list[str] = list(args.note)
   result: dict[str, Any] = {
     "mode": mode,
-    "machine": st.machine_info(),
+    "machine": common.machine_info(),
     "versions": versions(),
     "device_kind": jax.devices()[0].device_kind,
     "device_count": jax.device_count(),
@@ -898,7 +904,7 @@ def main(argv: list[str] | None = None) -> None:
   if dirty:
     notes.append(f"Uncommitted changes in dcil_jax/experiments: {dirty}")
   result["code"] = {"start": code, "end": code_info()}
-  result["peak_rss_mb"] = st.process_peak_rss_mb()
+  result["peak_rss_mb"] = common.process_peak_rss_mb()
   result["wall_s"] = time.perf_counter() - start
   write_results(result, out)
 

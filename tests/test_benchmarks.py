@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks import step_time, throughput
+from benchmarks import common, throughput
 
 
 def _record(label: str, group: str, times: list[float], **extra: Any) -> dict[str, Any]:
@@ -123,7 +123,7 @@ def test_collective_stats_counts_tuple_results():
       "  %conv = f32[1,8]{1,0} convolution(%e, %f)",
     ]
   )
-  stats = step_time.collective_stats(hlo)
+  stats = common.collective_stats(hlo)
   assert stats["counts"] == {"all-reduce": 1, "collective-permute": 1, "all-gather": 1}
   assert stats["megabytes"]["all-reduce"] == 2 * 32 * 4 / 2**20
   assert stats["megabytes"]["collective-permute"] == 16 * 2 / 2**20
