@@ -14,7 +14,7 @@ the sparsity ramp (refreshes after the ramp's last step), all read from each run
 Writes, under ``--workdir`` (default ``runs/quickstart``): one run directory per method (metrics,
 checkpoints, ``summary.json``; running the command again skips finished runs and continues an
 interrupted one), ``results.json`` (the table's numbers and the curves), ``curves.png`` (test
-accuracy and mask flip rate during training) and ``REPORT.md`` with its figures.
+accuracy during training) and ``REPORT.md`` with its figures (flip rates among them).
 """
 
 from __future__ import annotations

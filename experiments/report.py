@@ -644,8 +644,8 @@ def _pruning_figure(
 
 
 def training_curves_figure(sweep: Sweep, path: str) -> bool:
-  """Test top-1 (sparse path) and mask flip rate during training, one panel each per sparsity:
-  the report's two curve figures side by side, as the quickstart shows them."""
+  """Test top-1 (sparse path) during training, one panel per sparsity: the report's training
+  curves figure, which the quickstart writes as ``curves.png``."""
   return _pruning_figure(
     sweep,
     path,
