@@ -166,13 +166,13 @@ def prepare(
   state = lib.create_train_state(config, mesh, steps_per_epoch)
   t1 = time.perf_counter()
   first = next(batches)
-  compiled = dcil_jax.train_step.lower(state, first).compile()
+  compiled = lib.compile_train_step(state, first)
   t2 = time.perf_counter()
   record: dict[str, Any] = {
     "label": label,
     "model": config.model,
     "method": config.method,
-    "strategy": state.strategy if config.method == "dcil" else None,
+    "strategy": lib.describe(state)["strategy"] if config.method == "dcil" else None,
     "dtype": config.dtype,
     "batch": config.batch_size,
     "image_size": config.image_size,
