@@ -1,11 +1,12 @@
 """Shared tiny model and data: small shapes keep compiles to a few seconds on 2 CPU cores.
 
-The tests compile many small programs and run each for a few steps, so XLA's optimisations cost
-more than they save (as in Flax's ``train_test.py``): they are turned off here, for this process
-and, through the environment, for every process a test starts. Every comparison a test makes is
-between runs under the same setting. The same programs (the tiny models' steps) are compiled by
-many tests and processes: a persistent compilation cache, private to this test session, compiles
-each once.
+The tests of the experiments layer compile many small programs and run each for a few steps, so
+XLA's optimisations cost more than they save (as in Flax's ``train_test.py``): they are turned
+off for those test modules (``FAST_COMPILE_MODULES``) and the processes they start. Every
+comparison such a test makes is between runs under the same setting. The library's own tests
+keep XLA's default, since some of them compare values at tolerances tuned to it. The same
+programs (the tiny models' steps) are compiled by many tests and processes: a persistent
+compilation cache, private to this test session, compiles each once.
 """
 
 import os
@@ -14,7 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   import atexit
   import shutil
@@ -31,9 +31,32 @@ import pytest  # noqa: E402
 
 from dcil_jax.models import SmallCNN  # noqa: E402
 
-jax.config.update(
-  "jax_disable_most_optimizations", os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] == "1"
-)
+FAST_COMPILE_MODULES = {
+  "test_benchmarks",
+  "test_checkpoints",
+  "test_experiments",
+  "test_input_pipeline",
+  "test_loop",
+  "test_quickstart",
+  "test_report",
+  "test_sweep",
+}
+# For the processes the experiments tests start (see `subprocess_env`).
+FAST_COMPILE_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compile_for_the_experiments_tests(request):
+  fast = request.module.__name__.rpartition(".")[2] in FAST_COMPILE_MODULES
+  jax.config.update("jax_disable_most_optimizations", fast)
+  yield
+  jax.config.update("jax_disable_most_optimizations", False)
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+  """The environment of a process an experiments test starts: this one's, compiled fast."""
+  return dict(os.environ, **FAST_COMPILE_ENV, **extra)
+
 
 NUM_CLASSES = 5
 
@@ -79,8 +102,7 @@ def start_processes(argv, *, count: int = 2, merge_output: bool = False) -> list
     subprocess.Popen(
       [sys.executable, *argv],
       cwd=Path(__file__).parent.parent,
-      env=dict(
-        os.environ,
+      env=subprocess_env(
         JAX_PLATFORMS="cpu",
         JAX_COORDINATOR_ADDRESS=coordinator,
         JAX_NUM_PROCESSES=str(count),

@@ -152,11 +152,11 @@ def check_run(workdir, method, steps=4, evals=2):
 
 
 def test_cifar_run_trains_and_evaluates_both_paths(tmp_path, capsys):
-  run_mocked(cifar, tmp_path, model="resnet20", method="dcil", sparsity=0.9)
+  run_mocked(cifar, tmp_path, model="resnet8", method="dcil", sparsity=0.9)
   summary, evals = check_run(tmp_path, "dcil")
   assert "dense_top1" in evals[-1]  # DCIL's dense path is monitored too
   assert summary["sparsity"] == pytest.approx(0.9, abs=1e-3)  # ramp over after one epoch
-  assert len(summary["layer_sparsity"]) == 21  # the first conv, 18 in blocks, 2 shortcuts
+  assert len(summary["layer_sparsity"]) == 9  # the first conv, 6 in blocks, 2 shortcuts
   assert summary["flip_rate"]["refreshes"] == 2
   out = capsys.readouterr().out
   assert "layer sparsity" in out and "final sparse-path top-1" in out
@@ -236,7 +236,8 @@ def two_process_run(tmp_path_factory):
   return workdir, finish(start_two(workdir))
 
 
-def test_two_processes_train_like_one(tmp_path, two_process_run):
+@pytest.mark.slow  # the default run checks two processes on digits (test_checkpoints.py)
+def test_two_processes_train_like_one_on_mock_cifar(tmp_path, two_process_run):
   """Each process reads its half of every global batch, and the run equals the one-process
   run (in this process)."""
   workdir, outputs = two_process_run
@@ -254,7 +255,7 @@ def test_two_processes_train_like_one(tmp_path, two_process_run):
         np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=key)
 
 
-@pytest.mark.slow  # two processes resuming is also tested, with SIGTERM, in test_checkpoints.py
+@pytest.mark.slow  # two processes resuming is tested, with SIGTERM, in test_checkpoints.py
 def test_two_processes_rerun_on_a_finished_workdir_rewrite_the_same_summary(two_process_run):
   """Both processes restore the final checkpoint (saved by both) and write the same summary."""
   workdir, _ = two_process_run
