@@ -757,7 +757,7 @@ def main() -> None:
   from experiments import input_pipeline as ip
 
   result: dict[str, Any] = {
-    "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     "command": " ".join(["python", *sys.argv]),
     "machine": machine(),
     "versions": versions(),

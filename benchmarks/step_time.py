@@ -14,28 +14,39 @@ and ``<out>/step_time_cpu.md``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
-import platform
-import re
 import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 import optax
 
 import dcil_jax
+from benchmarks.common import (
+  cost_stats,
+  cpu_snapshot,
+  cpu_usage,
+  git,
+  hlo_stats,
+  log,
+  machine_info,
+  memory_stats,
+  paired_median,
+  process_peak_rss_mb,
+  quantiles,
+  reset_peak_rss,
+  shardings,
+  time_call,
+  vm_hwm_kb,
+)
 from dcil_jax import models
 
 SPARSITY = 0.9
@@ -49,13 +60,6 @@ DEVICE_FLAG = "--xla_force_host_platform_device_count=2"
 MAIN, TWO_DEV = "main", "2-dev"
 MAIN_CONFIGS = (("dense", None), ("dpf", None), ("dcil", "unrolled"), ("dcil", "vmap"))
 WORKER_CONFIGS = (("dense", None), ("dcil", "unrolled"), ("dcil", "sharded"))
-COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
-MB = 2**20
-
-
-def log(msg: str) -> None:
-  """Progress on stderr (results go to files)."""
-  print(f"[{time.strftime('%H:%M:%S')} pid {os.getpid()}] {msg}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,150 +96,6 @@ def make_problem(model_name: str) -> tuple[Any, Any, dict[str, jax.Array]]:
 
 # --------------------------------------------------------------------------------------------
 # Measurement helpers
-
-_process_peak_kb = 0
-
-
-def _vm_hwm_kb() -> int:
-  """Peak resident set size (``VmHWM``) of this process in KiB; 0 if unavailable."""
-  try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        if line.startswith("VmHWM:"):
-          return int(line.split()[1])
-  except OSError:
-    pass
-  return 0
-
-
-def reset_peak_rss() -> None:
-  """Resets ``VmHWM`` to the current RSS (Linux ``clear_refs``); remembers the old peak."""
-  global _process_peak_kb
-  _process_peak_kb = max(_process_peak_kb, _vm_hwm_kb())
-  try:
-    with open("/proc/self/clear_refs", "w") as f:
-      f.write("5")
-  except OSError:
-    pass
-
-
-def process_peak_rss_mb() -> float:
-  """Peak RSS of the whole process so far, across resets."""
-  return max(_process_peak_kb, _vm_hwm_kb()) / 1024
-
-
-def cpu_snapshot() -> tuple[float, float, list[int]]:
-  """(wall time, this process's CPU seconds, the ``cpu`` line of ``/proc/stat``)."""
-  try:
-    with open("/proc/stat") as f:
-      stat = [int(v) for v in f.readline().split()[1:]]
-  except OSError:
-    stat = []
-  t = os.times()
-  return time.perf_counter(), t.user + t.system, stat
-
-
-def cpu_usage(start: tuple[float, float, list[int]]) -> dict[str, float | None]:
-  """Average busy cores (whole machine and this process) and steal since ``start``."""
-  wall0, proc0, stat0 = start
-  wall1, proc1, stat1 = cpu_snapshot()
-  wall = wall1 - wall0
-  out: dict[str, float | None] = {"wall_s": wall, "process_cores": (proc1 - proc0) / wall}
-  if stat0 and stat1:
-    delta = [b - a for a, b in zip(stat0, stat1)]
-    hz = os.sysconf("SC_CLK_TCK")
-    idle = delta[3] + (delta[4] if len(delta) > 4 else 0)
-    steal = delta[7] if len(delta) > 7 else 0
-    total = sum(delta[:8])
-    out["machine_busy_cores"] = (total - idle - steal) / hz / wall
-    out["steal_pct"] = 100 * steal / total if total else 0.0
-  return out
-
-
-def quantiles(times: list[float]) -> dict[str, float]:
-  q25, med, q75 = np.percentile(np.asarray(times), [25, 50, 75])
-  return {"median_s": float(med), "q25_s": float(q25), "q75_s": float(q75), "iqr_s": q75 - q25}
-
-
-DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2}
-DTYPE_BYTES |= {"f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?\S+ = (.*?)\b([a-z][a-z0-9-]*)\(")
-_ARRAY = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
-
-
-def collective_stats(text: str) -> dict[str, dict[str, float]]:
-  """Collectives of an optimized HLO module: count and result megabytes per kind.
-
-  Collectives with tuple results (``(f32[..], f32[..]) all-reduce(...)``, what XLA's
-  combiners make) are counted too.
-  """
-  counts: Counter = Counter()
-  megabytes: Counter = Counter()
-  for line in text.splitlines():
-    match = _INSTRUCTION.match(line)
-    if not match:
-      continue
-    kind = match.group(2).removesuffix("-start")
-    if kind not in COLLECTIVES:
-      continue
-    counts[kind] += 1
-    for dtype, dims in _ARRAY.findall(match.group(1)):
-      size = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
-      megabytes[kind] += size * DTYPE_BYTES.get(dtype, 4) / MB
-  return {"counts": dict(counts), "megabytes": dict(megabytes)}
-
-
-def hlo_stats(text: str) -> dict[str, Any]:
-  """Convolutions (and how many are grouped) and collectives in an optimized HLO module."""
-  convs = re.findall(r"= \S+ convolution\(.*", text)
-  grouped = [c for c in convs if "feature_group_count=" in c or "batch_group_count=" in c]
-  collectives = collective_stats(text)["counts"]
-  partitions = re.search(r"num_partitions=(\d+)", text)
-  return {
-    "convolutions": len(convs),
-    "grouped_convolutions": len(grouped),
-    "collectives": collectives,
-    "num_partitions": int(partitions.group(1)) if partitions else 1,
-  }
-
-
-def cost_stats(compiled: Any) -> dict[str, float]:
-  """XLA's cost analysis of the compiled step (per device for a partitioned module)."""
-  cost = compiled.cost_analysis()
-  cost = (cost[0] if isinstance(cost, list | tuple) else cost) or {}
-  return {"flops": float(cost.get("flops", 0.0)), "bytes_accessed": cost.get("bytes accessed", 0.0)}
-
-
-def memory_stats(compiled: Any) -> dict[str, int]:
-  """``memory_analysis`` of the compiled step; ``total`` = temp + argument + output."""
-  m = compiled.memory_analysis()
-  out = {
-    "temp_bytes": int(m.temp_size_in_bytes),
-    "argument_bytes": int(m.argument_size_in_bytes),
-    "output_bytes": int(m.output_size_in_bytes),
-    "alias_bytes": int(m.alias_size_in_bytes),
-  }
-  out["total_bytes"] = out["temp_bytes"] + out["argument_bytes"] + out["output_bytes"]
-  return out
-
-
-def time_call(fn: Any, *args: Any, n: int) -> list[float]:
-  """Wall times of ``n`` blocking calls of ``fn(*args)`` (after one untimed call)."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(n):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return times
-
-
-def shardings(tree: Any) -> list[str]:
-  return [str(getattr(x, "sharding", None)) for x in jax.tree.leaves(tree)]
-
-
-# --------------------------------------------------------------------------------------------
-# Timed items: a train-step config and the jitted mask refresh
 
 
 class Config:
@@ -274,27 +134,19 @@ class RefreshTimer(Config):
     return time.perf_counter() - t, False
 
   def profile(self, n: int) -> dict[str, Any]:
-    """Where the refresh time goes: with ``flip_rate``, the sort alone, a sort-free selection."""
+    """Where the refresh time goes: with ``flip_rate``, and a sort of the same scores."""
 
     def with_flips(p, m):
       new = dcil_jax.magnitude_masks(p, m, SPARSITY, "global")
       return new, dcil_jax.flip_rate(m, new)
 
     flat = jnp.concatenate([jnp.square(p).reshape(-1) for p in prunable(self.params, self.masks)])
-    num_pruned = int(round(SPARSITY * flat.size))
-    select = jax.jit(lambda s: bisection_keep(s, num_pruned))
-    reference = jnp.concatenate(
-      [m.reshape(-1) for m in jax.tree.leaves(self.fn(self.params, self.masks))]
-    )
     fns = {
       "magnitude_masks_s": (self.fn, (self.params, self.masks)),
       "with_flip_rate_s": (jax.jit(with_flips), (self.params, self.masks)),
       "argsort_only_s": (jax.jit(lambda s: jnp.argsort(s, stable=True)), (flat,)),
-      "sort_free_s": (select, (flat,)),
     }
-    out = {k: float(np.median(time_call(fn, *a, n=n))) for k, (fn, a) in fns.items()}
-    out["sort_free_same_masks"] = bool(jnp.array_equal(select(flat), reference))
-    return out
+    return {k: float(np.median(time_call(fn, *a, n=n))) for k, (fn, a) in fns.items()}
 
 
 def prunable(params: Any, masks: Any) -> list[jax.Array]:
@@ -304,27 +156,6 @@ def prunable(params: Any, masks: Any) -> list[jax.Array]:
     for m, p in zip(jax.tree.leaves(masks, is_leaf=lambda x: x is None), jax.tree.leaves(params))
     if m is not None
   ]
-
-
-def bisection_keep(scores: jax.Array, num_pruned: int) -> jax.Array:
-  """Keep-mask pruning the ``num_pruned`` smallest non-negative ``scores``, ties by lower index.
-
-  The same masks as ``magnitude_masks``' stable sort, without sorting: non-negative float32
-  values order like their int32 bit patterns, so 31 bisection steps find the threshold and a
-  cumulative sum breaks ties. (A reference for the profiling notes, not used for training.)
-  """
-  bits = jax.lax.bitcast_convert_type(scores, jnp.int32)
-
-  def body(_, bounds):
-    lo, hi = bounds
-    mid = lo + (hi - lo) // 2
-    enough = jnp.sum(bits <= mid) >= num_pruned
-    return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
-
-  threshold, _ = jax.lax.fori_loop(0, 32, body, (jnp.int32(0), jnp.int32(0x7F800000)))
-  below, tied = bits < threshold, bits == threshold
-  pruned = below | (tied & (jnp.cumsum(tied) <= num_pruned - jnp.sum(below)))
-  return ~pruned if num_pruned > 0 else jnp.ones_like(pruned)
 
 
 def prepare_config(
@@ -391,7 +222,7 @@ def prepare_config(
     n = max(args.min_steps, int(args.budget_s // estimate))
   record |= {"first_call_s": warmup[0], "warmup_s": warmup, "steps": n, "capped": n < args.steps}
   # Peak RSS of compiling and warming up this config (the process baseline included).
-  record["peak_rss_mb"] = _vm_hwm_kb() / 1024
+  record["peak_rss_mb"] = vm_hwm_kb() / 1024
   log(f"  compile {record['compile_s']:.1f} s, warm-up step {warmup[-1]:.3f} s, {n} timed steps")
   return config
 
@@ -528,14 +359,6 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     return json.loads(out.read_text())
 
 
-def git(*argv: str, cwd: Path) -> str:
-  try:
-    out = subprocess.run(["git", *argv], capture_output=True, text=True, cwd=cwd)
-  except OSError:
-    return ""
-  return out.stdout.strip() if out.returncode == 0 else ""
-
-
 def library_info() -> dict[str, Any]:
   """Which ``dcil_jax`` this process imported: its folder, git commit and uncommitted edits."""
   path = Path(dcil_jax.__file__).resolve().parent
@@ -547,40 +370,8 @@ def library_info() -> dict[str, Any]:
   }
 
 
-def machine_info() -> dict[str, Any]:
-  cpu = "unknown"
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-  except OSError:
-    pass
-  try:
-    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-  except (ValueError, OSError):
-    mem_gb = float("nan")
-  return {
-    "cpu_model": cpu,
-    "cpu_count": os.cpu_count(),
-    "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-    "memory_gb": mem_gb,
-    "platform": platform.platform(),
-    "python": platform.python_version(),
-    "jax": jax.__version__,
-    "jaxlib": jaxlib.__version__,
-    "flax": flax.__version__,
-    "optax": optax.__version__,
-    "backend": jax.default_backend(),
-    "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-  }
-
-
 # --------------------------------------------------------------------------------------------
 # Analysis
-
-
-def paired_median(num: list[float], den: list[float], scale: float = 1.0) -> float:
-  """Median over rounds of ``scale * num[i] / den[i]`` (the first min(len) rounds)."""
-  return float(np.median([scale * a / b for a, b in zip(num, den)]))
 
 
 def find(records: list[dict[str, Any]], model: str, label: str, process: str | None = None):
@@ -644,235 +435,6 @@ def evaluate(result: dict[str, Any]) -> list[dict[str, Any]]:
         }
       )
   return checks
-
-
-def profile_notes(result: dict[str, Any]) -> list[str]:
-  """Findings from the compiled HLO, XLA's cost analysis and the microbenchmarks, in words."""
-  notes = []
-  records, conv = result["records"], result.get("conv")
-  for r in records:
-    if r["method"] == "dense" or r["update_every"] != UPDATE_EVERY:
-      continue
-    base = find(records, r["model"], "dense", r["process"])
-    h = r["hlo"]
-    flops_ratio = r["cost"]["flops"] / base["cost"]["flops"]
-    bytes_ratio = r["cost"]["bytes_accessed"] / base["cost"]["bytes_accessed"]
-    text = (
-      f"**{r['model']} {r['label']}** [{r['process']}] ({r['ratio_to_dense']:.2f}x dense): "
-      f"{h['convolutions']} convolutions in the compiled step ({h['grouped_convolutions']} "
-      f"grouped; dense has {base['hlo']['convolutions']}); XLA cost analysis "
-      f"{r['cost']['flops'] / 1e9:.2f} GFLOP{' per device' if h['num_partitions'] > 1 else ''}"
-      f" = {flops_ratio:.2f}x dense, bytes accessed {bytes_ratio:.2f}x dense."
-    )
-    if r["method"] == "dpf":
-      text += " DPF only adds elementwise masking of the kernels to the dense step."
-    if r["strategy"] == "unrolled":
-      text += (
-        " Unrolled runs the plain model once per path with ordinary convolutions: twice the"
-        " dense work, as the cost analysis shows."
-      )
-    if r["strategy"] == "vmap" and h["grouped_convolutions"]:
-      text += (
-        " `jax.vmap` over the path axis batches the kernels, and JAX lowers a convolution with"
-        " a batched kernel to one grouped convolution (`feature_group_count=2`); XLA:CPU runs"
-        " grouped convolutions far slower than ordinary ones"
-      )
-      if conv:
-        text += f" (microbenchmark below: {conv['vmap_over_unrolled']:.1f}x for the same FLOPs)"
-      text += "."
-    if r["strategy"] == "sharded":
-      ordinary = h["grouped_convolutions"] == 0 and h["num_partitions"] == 2
-      coll = ", ".join(f"{k} x{v}" for k, v in sorted(h["collectives"].items())) or "none"
-      text += (
-        f" Each device runs ordinary (non-grouped) convolutions: **{'yes' if ordinary else 'no'}**"
-        f" (num_partitions={h['num_partitions']}; {h['grouped_convolutions']} of "
-        f"{h['convolutions']} per-device convolutions grouped; collectives: {coll})."
-      )
-      unrolled = find(records, r["model"], "dcil/unrolled", r["process"])
-      if unrolled:
-        share = r["cost"]["flops"] / unrolled["cost"]["flops"]
-        verdict = (
-          "the paths are split across the devices"
-          if share < 0.6
-          else "the devices do not split the paths: the vmapped (grouped) convolutions and"
-          " their gradients run on all-gathered operands, replicated on both devices"
-        )
-        text += (
-          f" Per-device FLOPs are {share:.2f}x those of the whole single-device DCIL step"
-          f" (ideal: 0.50): {verdict}."
-        )
-    if r.get("resharded_by_first_step"):
-      init = r["initial"]["hlo"]
-      text += (
-        " `TrainState.create` leaves the state on one device and the first step returns it"
-        " sharded over the mesh, so the second call traces and compiles again"
-        f" ({r['recompile_call_s']:.1f} s for that call); the numbers above are for the"
-        " executable that runs from then on (the first one: "
-        f"{init['grouped_convolutions']} of {init['convolutions']} convolutions grouped)."
-      )
-    notes.append(text)
-  for key, ref in result["refresh"].items():
-    p = ref["profile"]
-    worst = max(ref["amortized_pct"].values(), default=0.0)
-    vs_sort = p["magnitude_masks_s"] / p["argsort_only_s"]
-    text = (
-      f"**{key} refresh** ({ref['prunable_weights']:,} prunable weights; worst amortized "
-      f"{worst:.2f}% of a DCIL step): `magnitude_masks` takes {p['magnitude_masks_s'] * 1e3:.1f}"
-      f" ms, {vs_sort:.2f}x a stable `argsort` of the same concatenated scores "
-      f"({p['argsort_only_s'] * 1e3:.1f} ms)"
-      f"{': a sort dominates its cost (XLA:CPU sorts slowly)' if vs_sort > 0.8 else ''}. "
-      "Reference exact sort-free selection (32-step bisection on the float bit patterns + a "
-      f"cumsum for ties): {p['sort_free_s'] * 1e3:.1f} ms; its masks equal `magnitude_masks`': "
-      f"{p['sort_free_same_masks']}."
-    )
-    notes.append(text)
-  return notes
-
-
-# --------------------------------------------------------------------------------------------
-# Report
-
-
-def fmt_ms(s: float | None) -> str:
-  return "-" if s is None else f"{s * 1e3:.1f}"
-
-
-def write_markdown(result: dict[str, Any], path: Path) -> None:
-  m, a, lib = result["machine"], result["args"], result["library"]["start"]
-  lines = [
-    "# `dcil_jax.train_step` step time on CPU",
-    "",
-    f"- **CPU**: {m['cpu_model']}, {m['cpu_count']} cores ({m['cpus_usable']} usable), "
-    f"{m['memory_gb']:.0f} GiB RAM; {m['platform']}",
-    f"- **Software**: Python {m['python']}, jax {m['jax']}, jaxlib {m['jaxlib']}, "
-    f"flax {m['flax']}, optax {m['optax']}; backend `{m['backend']}`",
-    f"- **Date**: {m['date_utc']}; benchmark wall time {result['wall_s'] / 60:.1f} min",
-    f"- **dcil_jax**: commit `{lib['commit']}`"
-    f"{' with uncommitted changes' if lib['uncommitted'] else ''}, imported from `{lib['path']}`",
-    f"- **Command**: `{result['command']}`",
-    *[f"- **Note**: {n}" for n in result["notes"]],
-    "",
-    "## Setup",
-    "",
-    f"Random batch of {BATCH} (ResNet-20: 32x32x3, SmallCNN: 8x8x1; {NUM_CLASSES} classes). "
-    "Optimizer `optax.chain(add_decayed_weights(1e-4), sgd(0.1, momentum=0.9, nesterov=True), "
-    f"dcil_jax.masked_update(constant_sparsity({SPARSITY}), update_every={UPDATE_EVERY}))`, "
-    "state from `dcil_jax.TrainState.create`, step `dcil_jax.train_step` (jitted, state "
-    "donated), `jax.block_until_ready` after every step.",
-    "",
-    f"- Timing: {a['warmup']} warm-up steps (the first one re-traces; excluded), then "
-    f"{a['steps']} timed steps, round-robin over the configs of one model and process (with "
-    "the jitted refresh as one more item), so drift and background load hit all of them alike. "
-    "Median and IQR (q75 - q25) of each config's steps. Configs whose last warm-up step "
-    f"predicts more than {a['budget_s']:.0f} s of timing get fewer steps (at least "
-    f"{a['min_steps']}; marked *).",
-    "- **x dense** = median over rounds of (config step / dense step of the same round and "
-    "process); the ratio of the two medians is shown next to it. Process "
-    f"`{MAIN}`: this script, 1 CPU device. Process `{TWO_DEV}`: a subprocess started with "
-    f"`XLA_FLAGS={DEVICE_FLAG}` (2 CPU devices on the same 2 cores) that times its own dense "
-    "baseline: **every ratio compares numbers from the same process.**",
-    "- Compile: `train_step.lower(...)` (*lower*: trace + lower) and `.compile()`; the first "
-    "real call reuses the executable but traces again (*first call*, includes one step).",
-    "- Step memory: `compile().memory_analysis()` temp + argument + output (the donated state is "
-    "in both argument and output); per device for the 2-device program. Peak RSS: `VmHWM` while "
-    "that config compiled and warmed up (reset before each config via `/proc/self/clear_refs`; "
-    "includes the process baseline and the configs prepared before it).",
-    "",
-    "## Step time",
-    "",
-    "| model | process | config | steps | median ms | IQR ms | x dense | x dense (medians) | "
-    "lower s | compile s | first call s | step memory MB (temp / arg / out) | peak RSS MB | "
-    "convs (grouped) |",
-    "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
-  ]
-  for r in result["records"]:
-    mem = r["memory"]
-    lines.append(
-      f"| {r['model']} | {r['process']} | {r['label']} | {r['steps']}{'*' if r['capped'] else ''} "
-      f"| {fmt_ms(r['median_s'])} | {fmt_ms(r['iqr_s'])} | **{r['ratio_to_dense']:.2f}** | "
-      f"{r['ratio_of_medians']:.2f} | {r['lower_s']:.1f} | {r['compile_s']:.1f} | "
-      f"{r['first_call_s']:.1f} | {mem['total_bytes'] / MB:.0f} ({mem['temp_bytes'] / MB:.0f} / "
-      f"{mem['argument_bytes'] / MB:.1f} / {mem['output_bytes'] / MB:.1f}) | "
-      f"{r['peak_rss_mb']:.0f} | {r['hlo']['convolutions']} ({r['hlo']['grouped_convolutions']}) |"
-    )
-  peaks = ", ".join(f"`{k}` {v:.0f} MB" for k, v in result["process_peak_rss_mb"].items())
-  usage = "; ".join(
-    f"{k}: machine {u.get('machine_busy_cores', float('nan')):.2f} busy cores, this process "
-    f"{u['process_cores']:.2f}, steal {u.get('steal_pct', float('nan')):.1f}%"
-    for k, u in result["cpu_usage"].items()
-  )
-  lines += [
-    "",
-    f"Whole-process peak RSS: {peaks}. CPU use while timing: {usage}.",
-    "",
-    "## Targets (CPU)",
-    "",
-    "| target | model | process | measured | limit | result |",
-    "|---|---|---|---:|---:|---|",
-  ]
-  for c in result["targets"]:
-    unit = "%" if "refresh" in c["target"] else "x"
-    lines.append(
-      f"| {c['target']} | {c['model']} | {c['process']} | {c['value']:.2f}{unit} | "
-      f"{c['limit']}{unit} | {'PASS' if c['pass'] else '**FAIL**'} |"
-    )
-  lines += [
-    "",
-    "## Mask refresh",
-    "",
-    "Direct cost: a jitted `dcil_jax.magnitude_masks(params, masks, 0.9, 'global')` on the "
-    "plain model's params, timed in the same rounds as the steps. Amortized = median over "
-    f"rounds of (refresh / {UPDATE_EVERY}) / (DCIL step of the same round), in percent. The "
-    "transform's refresh branch also computes `flip_rate` (column *+ flip_rate*).",
-    "",
-    "| model / process | prunable weights | magnitude_masks ms | + flip_rate ms | "
-    "amortized % of DCIL step |",
-    "|---|---:|---:|---:|---|",
-  ]
-  for key, ref in result["refresh"].items():
-    pct = ", ".join(f"{k}: {v:.2f}%" for k, v in ref["amortized_pct"].items())
-    lines.append(
-      f"| {key} | {ref['prunable_weights']:,} | {fmt_ms(ref['median_s'])} | "
-      f"{fmt_ms(ref['profile']['with_flip_rate_s'])} | {pct} |"
-    )
-  lines += [
-    "",
-    "In-step check: timed steps whose update refreshed the masks (`metrics['mask_refreshed']`) "
-    "vs the others. With update_every=16 a run of 20 steps holds one refresh step (or none), so "
-    f"the *update_every={PROBE_UPDATE_EVERY}* rows rerun DCIL (default strategy) with refresh "
-    "and plain steps alternating. *Local* = median over refresh steps of (step - mean of its "
-    "non-refresh neighbours), robust to drift; compare it with the jitted refresh + flip_rate. "
-    "A single refresh step's difference is within the step-to-step noise (see IQR).",
-    "",
-    "| model | process | config | refresh steps | median ms | other steps | median ms | "
-    "local difference ms | jitted refresh + flip_rate ms |",
-    "|---|---|---|---:|---:|---:|---:|---:|---:|",
-  ]
-  for r in result["records"]:
-    if r["method"] == "dense":
-      continue
-    s = r["refresh_split"]
-    ref = result["refresh"][f"{r['model']}/{r['process']}"]
-    local = s["local_diff_s"]
-    lines.append(
-      f"| {r['model']} | {r['process']} | {r['label']} | {s['n_refresh']} | "
-      f"{fmt_ms(s['median_refresh_s'])} | {s['n_other']} | {fmt_ms(s['median_other_s'])} | "
-      f"{'-' if local is None else f'{local * 1e3:+.1f}'} | "
-      f"{fmt_ms(ref['profile']['with_flip_rate_s'])} |"
-    )
-  lines += ["", "## Profiling", ""]
-  lines += [f"- {n}" for n in result["profile_notes"]]
-  conv = result.get("conv")
-  if conv:
-    lines += [
-      "",
-      f"Conv microbenchmark ({conv['shape']}, both paths, interleaved): unrolled "
-      f"{conv['unrolled']['median_s'] * 1e3:.1f} ms "
-      f"({conv['unrolled']['hlo']['grouped_convolutions']} grouped convolutions), vmap "
-      f"{conv['vmap']['median_s'] * 1e3:.1f} ms ({conv['vmap']['hlo']['grouped_convolutions']} "
-      f"grouped convolutions): {conv['vmap_over_unrolled']:.1f}x.",
-    ]
-  path.write_text("\n".join(lines) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -978,13 +540,15 @@ def main(argv: list[str] | None = None) -> None:
 
 def finish(result: dict[str, Any], out: Path) -> None:
   """Analysis of the raw measurements, then the JSON and markdown files."""
+  from benchmarks import step_time_report  # the prose, written from the result alone
+
   add_ratios(result["records"])
   analyse_refresh(result)
   result["targets"] = evaluate(result)
-  result["profile_notes"] = profile_notes(result)
+  result["profile_notes"] = step_time_report.profile_notes(result)
   out.mkdir(parents=True, exist_ok=True)
   (out / "step_time_cpu.json").write_text(json.dumps(result, indent=1) + "\n")
-  write_markdown(result, out / "step_time_cpu.md")
+  step_time_report.write_markdown(result, out / "step_time_cpu.md")
   log(f"wrote {out / 'step_time_cpu.md'} and .json")
   for c in result["targets"]:
     log(f"{'PASS' if c['pass'] else 'FAIL'} {c['model']} {c['target']}: {c['value']:.2f}")

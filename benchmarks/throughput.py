@@ -8,7 +8,7 @@ CPU, two parts:
 1. *ImageNet with the input pipeline*: inside ``tfds.testing.mock_data`` (random images of small
    random sizes, which still go through the real random-resized crop to 224), each method gets
    the config of ``experiments/configs/imagenet.py`` (small batch, sparsity 0.9), the state of
-   ``experiments.train.create_train_state``, the real train iterator behind ``shard_batch`` and
+   ``experiments.state.create_train_state``, the real train iterator behind ``shard_batch`` and
    ``input_pipeline.prefetch``, and the compiled ``dcil_jax.train_step``, exactly as
    ``experiments.train`` builds them. One timed step = waiting for the next batch + the step. The
    iterator's own images/s is measured alone first, so the reader sees whether input limits.
@@ -49,9 +49,10 @@ import ml_collections
 import numpy as np
 
 import dcil_jax
-from benchmarks import step_time as st
+from benchmarks import common
 from dcil_jax import sharding
-from experiments import input_pipeline
+from experiments import input_pipeline, resolve
+from experiments import state as lib
 from experiments import train as xtrain
 from experiments.configs import cifar as cifar_configs
 from experiments.configs import imagenet as imagenet_configs
@@ -66,7 +67,7 @@ MESH_CONFIGS = (("dense", False), ("dcil", False), ("dcil", True))  # (method, p
 CIFAR_TRAIN_EXAMPLES = 50_000
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
 MB = 2**20
-log = st.log
+log = common.log
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,10 +92,10 @@ def imagenet_config(
     config.sparsity = 0.0 if method == "dense" else SPARSITY
     config.strategy = strategy
     config.path_parallel = path_parallel
-    config.worker_count = worker_count
+    config.run.worker_count = worker_count
     if image_size is not None:
       config.image_size = image_size
-  return xtrain.resolve_config(config)
+  return resolve.resolve_config(config, platform=resolve.platform_name(jax.default_backend()))
 
 
 def cifar_config(model: str, method: str, batch: int, path_parallel: bool):
@@ -104,7 +105,7 @@ def cifar_config(model: str, method: str, batch: int, path_parallel: bool):
     config.model, config.method, config.batch_size = model, method, batch
     config.sparsity = 0.0 if method == "dense" else SPARSITY
     config.path_parallel = path_parallel
-  return xtrain.resolve_config(config)
+  return resolve.resolve_config(config, platform=resolve.platform_name(jax.default_backend()))
 
 
 def synthetic_batches(config: ml_collections.ConfigDict, mesh: Any) -> Iterator[dict]:
@@ -113,7 +114,7 @@ def synthetic_batches(config: ml_collections.ConfigDict, mesh: Any) -> Iterator[
   rng = np.random.default_rng(0)
   shape = (config.batch_size, config.image_size, config.image_size, 3)
   batch = {
-    "image": rng.normal(size=shape).astype(xtrain.DTYPES[config.dtype]),
+    "image": rng.normal(size=shape).astype(lib.DTYPES[config.dtype]),
     "label": rng.integers(0, info.num_classes, config.batch_size).astype(np.int32),
   }
   return itertools.repeat(sharding.shard_batch(batch, mesh))
@@ -160,18 +161,18 @@ def prepare(
   """State and compiled step as ``experiments.train`` builds them, analysed and warmed up."""
   log(f"{label}: state + compile + warm-up")
   gc.collect()
-  st.reset_peak_rss()
+  common.reset_peak_rss()
   t0 = time.perf_counter()
-  state = xtrain.create_train_state(config, mesh, steps_per_epoch)
+  state = lib.create_train_state(config, mesh, steps_per_epoch)
   t1 = time.perf_counter()
   first = next(batches)
-  compiled = dcil_jax.train_step.lower(state, first).compile()
+  compiled = lib.compile_train_step(state, first)
   t2 = time.perf_counter()
   record: dict[str, Any] = {
     "label": label,
     "model": config.model,
     "method": config.method,
-    "strategy": getattr(state.method, "strategy", None),
+    "strategy": lib.describe(state)["strategy"] if config.method == "dcil" else None,
     "dtype": config.dtype,
     "batch": config.batch_size,
     "image_size": config.image_size,
@@ -179,17 +180,21 @@ def prepare(
     "mesh": {k: int(v) for k, v in mesh.shape.items()},
     "create_state_s": t1 - t0,
     "compile_s": t2 - t1,
-    "memory": st.memory_stats(compiled),
-    "cost": st.cost_stats(compiled),
+    "memory": common.memory_stats(compiled),
+    "cost": common.cost_stats(compiled),
   } | extra
   text = compiled.as_text()
-  record["hlo"] = st.hlo_stats(text)
-  record["collectives"] = st.collective_stats(text)
+  record["hlo"] = common.hlo_stats(text)
+  record["collectives"] = common.collective_stats(text)
   item = Item(state, compiled, itertools.chain([first], batches), record)
   warmup = [item.run(1)[0] for _ in range(args.warmup)]
   warmup += [item.run(args.steps_per_round)[0]]  # the estimate, at the timed stride
   round_s = warmup[-1] * args.steps_per_round
-  record |= {"warmup_s": warmup, "peak_rss_mb": st._vm_hwm_kb() / 1024, "round_s_estimate": round_s}
+  record |= {
+    "warmup_s": warmup,
+    "peak_rss_mb": common.vm_hwm_kb() / 1024,
+    "round_s_estimate": round_s,
+  }
   log(f"  state {t1 - t0:.1f} s, compile {t2 - t1:.1f} s, warm-up steps {warmup}")
   return item
 
@@ -198,7 +203,7 @@ def time_rounds(items: list[Item], rounds: int, steps_per_round: int) -> dict[st
   """Rounds over ``items`` (each round in a rotated order); fills each item's times and
   returns the CPU usage meanwhile."""
   log(f"timing {len(items)} items, {rounds} rounds of {steps_per_round} step(s) each")
-  start = st.cpu_snapshot()
+  start = common.cpu_snapshot()
   for i in range(rounds):
     # A rotating order: no config always runs right after the same (e.g. the largest) one.
     for item in items[i % len(items) :] + items[: i % len(items)]:
@@ -209,7 +214,7 @@ def time_rounds(items: list[Item], rounds: int, steps_per_round: int) -> dict[st
       f"  round {i + 1}/{rounds}: "
       + ", ".join(f"{x.record['label']} {x.times[-1]:.3f} s" for x in items)
     )
-  return st.cpu_usage(start)
+  return common.cpu_usage(start)
 
 
 def capped_rounds(items: list[Item], args: argparse.Namespace) -> int:
@@ -227,7 +232,7 @@ def finish_records(items: list[Item], group: str, steps_per_round: int) -> list[
   for item in items:
     r = item.record | {"group": group, "steps_per_round": steps_per_round}
     r |= {"times_s": item.times, "waits_s": item.waits, "rounds": len(item.times)}
-    r |= st.quantiles(item.times)
+    r |= common.quantiles(item.times)
     r["median_wait_s"] = float(np.median(item.waits))
     r["images_per_s"] = r["batch"] / r["median_s"]
     out.append(r)
@@ -248,12 +253,12 @@ def time_pipeline(config: ml_collections.ConfigDict, mesh: Any, batches: int) ->
     global_batch_size=config.batch_size,
     seed=config.seed + 1,  # not the batches the steps will see (no warm cache)
     image_size=config.image_size,
-    dtype=np.dtype(xtrain.DTYPES[config.dtype]),
-    worker_count=config.worker_count,
+    dtype=np.dtype(lib.DTYPES[config.dtype]),
+    worker_count=config.run.worker_count,
   )
   next(iterator)  # starts the read threads
   for key, with_shard in (("iterator", False), ("iterator_shard_batch", True)):
-    start = st.cpu_snapshot()
+    start = common.cpu_snapshot()
     t = time.perf_counter()
     for _ in range(batches):
       batch = next(iterator)
@@ -261,7 +266,7 @@ def time_pipeline(config: ml_collections.ConfigDict, mesh: Any, batches: int) ->
         jax.block_until_ready(sharding.shard_batch(batch, mesh))
     seconds = time.perf_counter() - t
     out[key] = {"seconds": seconds, "images_per_s": batches * config.batch_size / seconds}
-    out[key]["cpu_usage"] = st.cpu_usage(start)
+    out[key]["cpu_usage"] = common.cpu_usage(start)
     log(f"  {key}: {out[key]['images_per_s']:.0f} images/s")
   sample = next(iterator)
   out["image_shape"] = list(sample["image"].shape)
@@ -320,7 +325,11 @@ def run_imagenet(args: argparse.Namespace) -> dict[str, Any]:
             steps_per_epoch,
             pipeline_batches(config, mesh),
             args,
-            {"input": "pipeline", "worker_count": config.worker_count, "prefetch": config.prefetch},
+            {
+              "input": "pipeline",
+              "worker_count": config.run.worker_count,
+              "prefetch": config.run.prefetch,
+            },
           )
         )
       rounds = capped_rounds(items, args)
@@ -364,7 +373,7 @@ def mesh_worker(args: argparse.Namespace) -> None:
     "xla_flags": os.environ.get("XLA_FLAGS"),
     "records": finish_records(items, f"{args.mesh_model}/{n}-dev", args.steps_per_round),
     "cpu_usage": usage,
-    "peak_rss_mb": st.process_peak_rss_mb(),
+    "peak_rss_mb": common.process_peak_rss_mb(),
     "code": {"start": code_at_start, "end": code_info()},
   }
   Path(args.worker_out).write_text(json.dumps(result))
@@ -448,7 +457,7 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
     if dense is None:
       r["speed_vs_dense"] = r["speed_of_medians"] = None
       continue
-    r["speed_vs_dense"] = st.paired_median(dense["times_s"], r["times_s"])
+    r["speed_vs_dense"] = common.paired_median(dense["times_s"], r["times_s"])
     r["speed_of_medians"] = dense["median_s"] / r["median_s"]
 
 
@@ -471,244 +480,25 @@ def evaluate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def analyse(result: dict[str, Any]) -> None:
+  from benchmarks import throughput_report  # the prose, written from the result alone
+
   add_ratios(result["records"])
   result["targets"] = evaluate(result["records"])
-  result["summary"] = summary_lines(result)
-
-
-def _find(records: list[dict[str, Any]], group: str, label: str) -> dict[str, Any] | None:
-  return next((r for r in records if r["group"] == group and r["label"] == label), None)
-
-
-def _collectives(r: dict[str, Any]) -> str:
-  c = r["collectives"]
-  return (
-    ", ".join(f"{k} x{n} ({c['megabytes'][k]:.2f} MB)" for k, n in sorted(c["counts"].items()))
-    or "none"
-  )
-
-
-def _megabytes(r: dict[str, Any]) -> float:
-  return float(sum(r["collectives"]["megabytes"].values()))
-
-
-def summary_lines(result: dict[str, Any]) -> list[str]:
-  """What the numbers say, in words (generated from them, so it cannot drift from the tables)."""
-  records, lines = result["records"], []
-  groups = list(dict.fromkeys(r["group"] for r in records))
-  for group in groups:
-    rows = [r for r in records if r["group"] == group]
-    dense = _find(records, group, "dense")
-    if dense is None or rows[0].get("process"):
-      continue
-    parts = [
-      f"{r['label']} {r['images_per_s']:.2f} images/s"
-      + ("" if r is dense else f" ({r['speed_vs_dense']:.2f}x dense)")
-      for r in rows
-    ]
-    lines.append(
-      f"**{group}** (batch {dense['batch']}, {dense['dtype']}, {dense['rounds']} rounds): "
-      + "; ".join(parts)
-      + "."
-    )
-    for r in rows:
-      if r["method"] == "dcil":
-        verdict = "meets" if r["speed_vs_dense"] >= DCIL_TARGET else "misses"
-        flops = r["cost"]["flops"] / dense["cost"]["flops"]
-        lines.append(
-          f"{r['label']} {verdict} the target of >= {DCIL_TARGET}x dense images/s "
-          f"({r['speed_vs_dense']:.2f}x; {DCIL_FLOOR}x is the floor of running two forward + "
-          f"backward passes); XLA's cost analysis counts {flops:.2f}x dense's FLOPs for its step."
-        )
-    model = group.split("/")[0]
-    pipe = result.get("pipeline", {}).get(model)
-    if pipe and rows[0]["input"] == "pipeline":
-      alone = pipe["iterator"]["images_per_s"]
-      fastest = max(r["images_per_s"] for r in rows)
-      waits = ", ".join(f"{r['label']} {r['median_wait_s'] * 1e3:.1f} ms" for r in rows)
-      bound = "is not" if alone > 3 * fastest else "may be"
-      sharded = pipe["iterator_shard_batch"]["images_per_s"]
-      lines.append(
-        f"Input pipeline alone: {alone:.0f} images/s ({sharded:.0f}"
-        f" with `shard_batch`), {alone / fastest:.0f}x what the fastest step consumes: input "
-        f"{bound} the bottleneck here. Median wait for the next batch per step: {waits}."
-      )
-  for n in sorted({r["devices"] for r in records if r.get("process")}):
-    group = next(r["group"] for r in records if r.get("process") == f"{n}-dev")
-    data, path = _find(records, group, "dcil/data"), _find(records, group, "dcil/data+path")
-    dense = _find(records, group, "dense/data")
-    if not (data and path and dense):
-      continue
-    lines.append(
-      f"**{n} fake CPU devices, {data['model']} batch {data['batch']}**: DCIL on the data mesh "
-      f"{data['images_per_s']:.0f} images/s ({data['speed_vs_dense']:.2f}x dense), on the "
-      f"data+path mesh {path['images_per_s']:.0f} images/s ({path['speed_vs_dense']:.2f}x dense; "
-      f"{path['speed_vs_dense'] / data['speed_vs_dense']:.2f}x data-only DCIL). Collectives per "
-      f"step: dense/data {_collectives(dense)}; dcil/data {_collectives(data)}; dcil/data+path "
-      f"{_collectives(path)}."
-    )
-    same_flops = abs(path["cost"]["flops"] / data["cost"]["flops"] - 1) < 0.05
-    lines.append(
-      f"Per device, DCIL on the data+path mesh computes {path['cost']['flops'] / 1e9:.1f} GFLOP "
-      f"per step against {data['cost']['flops'] / 1e9:.1f} on the data mesh"
-      + (" (the same work, split by path instead of by batch)" if same_flops else "")
-      + f", and its collectives return {_megabytes(path):.2f} MB against {_megabytes(data):.2f} "
-      "MB. The fake devices share the same cores, so this measures that extra communication and "
-      "partitioning overhead, not what one path per real chip gains."
-    )
-  return lines
+  result["summary"] = throughput_report.summary_lines(result)
 
 
 # --------------------------------------------------------------------------------------------
 # Report
 
 
-def _fmt(x: float | None, spec: str = ".2f") -> str:
-  return "-" if x is None else format(x, spec)
-
-
-def render_markdown(result: dict[str, Any]) -> str:
-  """The report: summary, machine, command, then one table per part."""
-  m, a, code = result["machine"], result["args"], result["code"]["start"]
-  gpu = result["mode"] == "gpu"
-  title = "GPU" if gpu else "CPU"
-  lines = [f"# Training throughput on {title}: dense vs DPF vs DCIL", "", "## Summary", ""]
-  lines += [f"- {s}" for s in result["summary"]]
-  lines += [f"- **Note**: {n}" for n in result["notes"]]
-  lines += [
-    "",
-    "## Machine and command",
-    "",
-    f"- **Devices**: {result['device_kind']} x{result['device_count']} (backend `{m['backend']}`)",
-    f"- **CPU**: {m['cpu_model']}, {m['cpu_count']} cores ({m['cpus_usable']} usable), "
-    f"{m['memory_gb']:.0f} GiB RAM; {m['platform']}",
-    f"- **Software**: Python {m['python']}, jax {m['jax']}, jaxlib {m['jaxlib']}, "
-    f"flax {m['flax']}, optax {m['optax']}, grain {result['versions'].get('grain', '?')}, "
-    f"tensorflow-datasets {result['versions'].get('tensorflow_datasets', '?')}",
-    f"- **Date**: {m['date_utc']}; benchmark wall time {result['wall_s'] / 60:.1f} min",
-    f"- **Code**: commit `{code['commit']}` (trees: dcil_jax `{code['dcil_jax']['tree']}`, "
-    f"experiments `{code['experiments']['tree']}`)",
-    f"- **Command**: `{result['command']}`",
-    "",
-    "## Method",
-    "",
-  ]
-  if gpu:
-    lines += [
-      f"{', '.join(a['models'])} configs from `experiments/configs/imagenet.py` (resolved by "
-      f"`experiments.train.resolve_config`): {a['batch']} images per device, dtype "
-      f"`{a['dtype']}`, sparsity {SPARSITY} for DPF/DCIL; state from "
-      "`experiments.train.create_train_state`, step `dcil_jax.train_step` compiled once as the "
-      "training loop does. One random batch lives on the devices and is fed again every step "
-      "(no input pipeline).",
-    ]
-  else:
-    lines += [
-      "**Part 1** builds each method as `experiments/imagenet.py` would: the config of "
-      "`experiments/configs/imagenet.py` with overrides (batch "
-      f"{a['batch']}, dtype `{a['dtype']}`, sparsity {SPARSITY} for DPF/DCIL, `worker_count="
-      f"{a['worker_count']}`), `experiments.train.create_train_state` on `make_mesh()`, the "
-      "train iterator of `experiments.input_pipeline` (random-resized crop to 224 + flip + "
-      "normalisation) through `sharding.shard_batch` and the `input_pipeline.prefetch` thread "
-      "(as in `experiments.train`), and "
-      "`dcil_jax.train_step.lower(...).compile()`. Everything runs inside "
-      f"`tfds.testing.mock_data(num_examples={a['mock_examples']})`. One timed step = waiting for "
-      "the next batch + the step + `block_until_ready`; images/s = batch / median step.",
-      "",
-      f"**Part 2** runs in one subprocess per device count with "
-      "`XLA_FLAGS=--xla_force_host_platform_device_count=N`: the config of "
-      f"`experiments/configs/cifar.py` with model `{a['mesh_model']}`, batch {a['mesh_batch']} "
-      "(global), a synthetic batch kept on the devices; dense and DCIL on `make_mesh()` (batch "
-      "split over `data`, both DCIL paths on every device) and DCIL on "
-      "`make_mesh(path_parallel=True)` (`strategy='sharded'`: one path per device, the batch "
-      "split over the remaining `data` factor). **The fake devices share the same CPU cores**: "
-      "these numbers show the communication pattern and its overhead, not the speed-up of "
-      "real chips.",
-    ]
-  lines += [
-    "",
-    f"Timing: compile, {a['warmup']} warm-up step(s) and one more round's worth to estimate, then"
-    " rounds over the configs of a group (round-robin, each round in a rotated order, running "
-    f"{a['steps_per_round']} step(s) of each config, then blocking), so drift and background load "
-    "hit every config alike. **x dense** = median over rounds of (dense step / config step) in "
-    "the same round: the config's images/s relative to dense (the ratio of the medians is "
-    "shown next to it). Groups whose estimate exceeds the time budget get fewer rounds.",
-    "",
-    "From the compiled step: XLA's cost analysis (GFLOP per device), `memory_analysis` (temp + "
-    "arguments + outputs, per device), convolutions (grouped ones in parentheses) and "
-    "collectives: count and megabytes of their results per device, tuple-shaped results "
-    "(XLA's combined all-reduces) included.",
-    "",
-  ]
-  headers = (
-    "| group | config | rounds | median step s | IQR s | images/s | **x dense** | x dense "
-    "(medians) | input wait ms | state s | compile s | GFLOP/step/device | step memory MB | "
-    "convs (grouped) | collectives |"
-  )
-  sections = [("Throughput", [r for r in result["records"] if not r.get("process")])]
-  sections.append(
-    ("Data-only vs data+path mesh", [r for r in result["records"] if r.get("process")])
-  )
-  for title_, rows in sections:
-    if not rows:
-      continue
-    lines += [f"## {title_}", "", headers, "|" + "---|" * 2 + "---:|" * 11 + "---|---|"]
-    for r in rows:
-      mesh = "x".join(f"{k}{v}" for k, v in r["mesh"].items())
-      lines.append(
-        f"| {r['group']} ({mesh}) | {r['label']} | {r['rounds']} | {r['median_s']:.3f} | "
-        f"{r['iqr_s']:.3f} | {r['images_per_s']:.2f} | **{_fmt(r['speed_vs_dense'])}** | "
-        f"{_fmt(r['speed_of_medians'])} | {r['median_wait_s'] * 1e3:.1f} | "
-        f"{r['create_state_s']:.1f} | {r['compile_s']:.1f} | {r['cost']['flops'] / 1e9:.1f} | "
-        f"{r['memory']['total_bytes'] / MB:.0f} | {r['hlo']['convolutions']} "
-        f"({r['hlo']['grouped_convolutions']}) | {_collectives(r)} |"
-      )
-    lines.append("")
-  if result["targets"]:
-    lines += ["## Target", "", "| target | group | measured | result |", "|---|---|---:|---|"]
-    for c in result["targets"]:
-      lines.append(
-        f"| {c['target']} | {c['group']} | {c['value']:.2f}x | "
-        f"{'PASS' if c['pass'] else '**FAIL**'} |"
-      )
-    lines.append("")
-  if result.get("pipeline"):
-    lines += ["## Input pipeline alone", ""]
-    src = result.get("mock_source")
-    if src:
-      lines.append(
-        f"Mock ImageNet records ({src['records']} per split; {src['sampled']} sampled): images "
-        f"{src['height_range'][0]}-{src['height_range'][1]} x {src['width_range'][0]}-"
-        f"{src['width_range'][1]} pixels, stored as `{src['stored_as']}` (already decoded, no "
-        "JPEG). Real ImageNet JPEGs (~400x350 on average) cost a decode each, so real input is "
-        "slower than this (see `benchmarks/input_pipeline.py` for JPEG numbers).",
-      )
-      lines.append("")
-    lines += ["| model | batches | images/s (iterator) | images/s (+ shard_batch) | busy cores |"]
-    lines += ["|---|---:|---:|---:|---:|"]
-    for model, p in result["pipeline"].items():
-      busy = p["iterator"]["cpu_usage"].get("machine_busy_cores")
-      lines.append(
-        f"| {model} | {p['batches']} x {p['batch']} | {p['iterator']['images_per_s']:.0f} | "
-        f"{p['iterator_shard_batch']['images_per_s']:.0f} | {_fmt(busy)} |"
-      )
-    lines.append("")
-  usage = "; ".join(
-    f"{k}: machine {u.get('machine_busy_cores', float('nan')):.2f} busy cores, this process "
-    f"{u['process_cores']:.2f}, steal {u.get('steal_pct', float('nan')):.1f}%"
-    for k, u in result["cpu_usage"].items()
-  )
-  if usage:
-    lines += [f"CPU use while timing: {usage}.", ""]
-  return "\n".join(lines)
-
-
 def write_results(result: dict[str, Any], out: Path) -> None:
+  from benchmarks import throughput_report
+
   analyse(result)
   name = f"throughput_{result['mode']}"
   out.mkdir(parents=True, exist_ok=True)
   (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
-  (out / f"{name}.md").write_text(render_markdown(result))
+  (out / f"{name}.md").write_text(throughput_report.render_markdown(result))
   log(f"wrote {out / name}.md and .json")
   for s in result["summary"]:
     log(s)
@@ -788,11 +578,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def code_info() -> dict[str, Any]:
   """The repository's commit and, what decides whether two runs ran the same code, the git
   trees of ``dcil_jax`` and ``experiments`` plus their uncommitted changes."""
-  out: dict[str, Any] = {"commit": st.git("rev-parse", "--short", "HEAD", cwd=REPO) or "unknown"}
+  out: dict[str, Any] = {
+    "commit": common.git("rev-parse", "--short", "HEAD", cwd=REPO) or "unknown"
+  }
   for folder in ("dcil_jax", "experiments"):
     out[folder] = {
-      "tree": st.git("rev-parse", "--short", f"HEAD:{folder}", cwd=REPO),
-      "uncommitted": st.git("status", "--porcelain", "--", folder, cwd=REPO).splitlines(),
+      "tree": common.git("rev-parse", "--short", f"HEAD:{folder}", cwd=REPO),
+      "uncommitted": common.git("status", "--porcelain", "--", folder, cwd=REPO).splitlines(),
     }
   return out
 
@@ -843,7 +635,7 @@ def main(argv: list[str] | None = None) -> None:
   notes: list[str] = list(args.note)
   result: dict[str, Any] = {
     "mode": mode,
-    "machine": st.machine_info(),
+    "machine": common.machine_info(),
     "versions": versions(),
     "device_kind": jax.devices()[0].device_kind,
     "device_count": jax.device_count(),
@@ -893,7 +685,7 @@ def main(argv: list[str] | None = None) -> None:
   if dirty:
     notes.append(f"Uncommitted changes in dcil_jax/experiments: {dirty}")
   result["code"] = {"start": code, "end": code_info()}
-  result["peak_rss_mb"] = st.process_peak_rss_mb()
+  result["peak_rss_mb"] = common.process_peak_rss_mb()
   result["wall_s"] = time.perf_counter() - start
   write_results(result, out)
 

@@ -29,24 +29,9 @@ from etils import epath
 
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_PREFIX = "corrupt_"
-# Config fields that control how a run is executed or reported, not what it computes: they may
-# change between a run and its resumption. Every other field must match (see `config_diff`).
-RUN_CONTROL_FIELDS = frozenset(
-  {
-    "data_dir",
-    "worker_count",
-    "prefetch",
-    "progress",
-    "eval_every_epochs",
-    "max_eval_steps",
-    "checkpoint_every_steps",
-    "keep_checkpoints",
-    "async_checkpointing",
-    "on_nonfinite",
-    "max_consecutive_nonfinite",
-    "force_resume",
-  }
-)
+# The config group that controls how a run is executed or reported, not what it computes
+# (``config.run``): it may change between a run and its resumption; every other field must match.
+RUN_GROUP = "run"
 
 
 class CheckpointMismatchError(ValueError):
@@ -67,15 +52,22 @@ def _normalized(value: Any) -> Any:
 
 
 def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-  """``"field: saved -> current"`` for every field that changes what a run computes."""
+  """``"field: saved -> current"`` for every field that changes what a run computes: all but
+  the ``run`` group, compared field by field (nested groups as ``group.field``)."""
   saved, current = _normalized(dict(saved)), _normalized(dict(current))
+  saved.pop(RUN_GROUP, None)
+  current.pop(RUN_GROUP, None)
+  return _diff(saved, current, prefix="")
+
+
+def _diff(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str) -> list[str]:
   lines = []
   for key in sorted(set(saved) | set(current)):
-    if key in RUN_CONTROL_FIELDS:
-      continue
     a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
-    if a != b:
-      lines.append(f"{key}: {a!r} (workdir) -> {b!r} (this run)")
+    if isinstance(a, dict) and isinstance(b, dict):
+      lines += _diff(a, b, prefix=f"{prefix}{key}.")
+    elif a != b:
+      lines.append(f"{prefix}{key}: {a!r} (workdir) -> {b!r} (this run)")
   return lines
 
 
@@ -93,7 +85,7 @@ def check_config(saved: Mapping[str, Any], current: Mapping[str, Any], *, force:
     return
   raise CheckpointMismatchError(
     f"{what} holds another experiment; these fields differ:\n  - {text}\n"
-    "Use a new --workdir, or --config.force_resume=True to continue it with this config."
+    "Use a new --workdir, or --config.run.force_resume=True to continue it with this config."
   )
 
 

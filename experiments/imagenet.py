@@ -1,7 +1,7 @@
 """Train and evaluate ResNet-50 on ImageNet (config: ``experiments/configs/imagenet.py``).
 
   python -m experiments.imagenet --accelerator=tpu --workdir=gs://bucket/rn50 \
-      --config.data_dir=gs://bucket/tensorflow_datasets
+      --config.run.data_dir=gs://bucket/tensorflow_datasets
 """
 
 import os

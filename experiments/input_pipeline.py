@@ -227,12 +227,6 @@ def steps_per_epoch(dataset: str, global_batch_size: int, data_dir: str | None =
   return num_examples(dataset, get_info(dataset).train_split, data_dir) // global_batch_size
 
 
-def eval_steps(dataset: str, global_batch_size: int, data_dir: str | None = None) -> int:
-  """Eval steps for one full pass: the last batch is padded (see ``mask``)."""
-  n = num_examples(dataset, get_info(dataset).eval_split, data_dir)
-  return -(-n // global_batch_size)
-
-
 # --------------------------------------------------------------------------------------------
 # Transforms (numpy / PIL; uint8 in, uint8 out, then `normalize`)
 
@@ -458,35 +452,6 @@ def _layout(
 def _permutation(num_records: int, seed: int) -> grain.MapDataset:
   """``order[e * n + i]``: record at position ``i`` of epoch ``e`` (a new permutation per epoch)."""
   return grain.MapDataset.range(num_records).shuffle(seed=_derived_seed(seed, 0))
-
-
-def train_indices(
-  num_records: int,
-  *,
-  global_batch_size: int,
-  seed: int,
-  epoch: int = 0,
-  process_index: int = 0,
-  process_count: int = 1,
-) -> np.ndarray:
-  """The record keys one process reads in one train epoch, in order (batches of local_batch)."""
-  layout = _layout(num_records, global_batch_size, process_index, process_count)
-  steps = layout.train_steps()
-  order = _permutation(num_records, seed)
-  per_epoch = steps * layout.local_batch
-  js = range(epoch * per_epoch, (epoch + 1) * per_epoch)
-  return np.array([order[layout.position(j, steps)] for j in js], dtype=np.int64)
-
-
-def eval_indices(
-  num_records: int, *, global_batch_size: int, process_index: int = 0, process_count: int = 1
-) -> tuple[np.ndarray, np.ndarray]:
-  """``(keys, mask)`` one process reads in the eval pass; padding rows have key -1, mask False."""
-  layout = _layout(num_records, global_batch_size, process_index, process_count)
-  steps = layout.eval_steps()
-  pos = np.array([layout.position(j, steps) for j in range(steps * layout.local_batch)])
-  mask = pos < num_records
-  return np.where(mask, pos, -1), mask
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ overridable as ``--config.x=...``), plus ``--accelerator`` (platform and its def
 
 Exit codes: 0 finished; 2 bad input (config, accelerator, data, workdir, or a checkpoint of
 another experiment: one message says what to change); 3 a NaN/Inf step with
-``--config.on_nonfinite=stop``; 75 stopped by SIGTERM/SIGINT after writing a checkpoint (run the
+``--config.run.on_nonfinite=stop``; 75 stopped by SIGTERM/SIGINT after writing a checkpoint (run the
 same command to continue); 128 + signal number for a second signal (exit at once); 1 anything
 else (a bug: please report it with the traceback).
 """
@@ -20,13 +20,7 @@ from collections.abc import Sequence
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-ACCELERATORS = ("tpu", "gpu", "cpu")
-# What --accelerator sets unless the config says otherwise.
-ACCELERATOR_DEFAULTS = {
-  "tpu": {"dtype": "bfloat16"},
-  "gpu": {"dtype": "bfloat16"},
-  "cpu": {"dtype": "float32"},
-}
+ACCELERATORS = ("tpu", "gpu", "cpu")  # dtype defaults per platform: experiments.resolve
 # jax_platforms values. None for gpu: naming "cuda,rocm" (or the "gpu" alias) fails on any
 # machine that lacks one of them, so the GPU is found by JAX's own search and then checked.
 PLATFORMS = {"tpu": "tpu", "gpu": None, "cpu": "cpu"}
@@ -34,7 +28,7 @@ EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 3
 
 
-def _fail(code: int, error: BaseException) -> None:
+def fail(code: int, error: BaseException) -> None:
   """One clear message, no traceback, a documented exit code."""
   print(f"error: {error}", file=sys.stderr)
   sys.exit(code)
@@ -50,6 +44,12 @@ def define_flags(config_file: str) -> None:
     "Experiment config file (path[:arg]); override with --config.x=...",
     lock_config=True,
   )
+  define_platform_flags()
+  flags.mark_flags_as_required(["workdir"])
+
+
+def define_platform_flags() -> None:
+  """``--accelerator`` and ``--distributed``, for every entry point (see :func:`start`)."""
   flags.DEFINE_enum(
     "accelerator",
     None,
@@ -64,7 +64,6 @@ def define_flags(config_file: str) -> None:
     "Call jax.distributed.initialize() (multi-host). auto: on TPU, and where a coordinator, "
     "SLURM or Open MPI environment says there are several processes.",
   )
-  flags.mark_flags_as_required(["workdir"])
 
 
 def multi_process_env() -> bool:
@@ -101,7 +100,9 @@ def started_platform(accelerator: str | None) -> str:
       "matching JAX build (jax[tpu] on a TPU VM, jax[cuda12] for NVIDIA GPUs), or pick another "
       "--accelerator."
     ) from e
-  platform = "gpu" if backend in ("cuda", "rocm", "gpu") else backend
+  from experiments import resolve
+
+  platform = resolve.platform_name(backend)
   if accelerator is not None and platform != accelerator:
     raise RuntimeError(
       f"--accelerator={accelerator} but JAX found no {accelerator} (it runs on {platform}). "
@@ -133,45 +134,58 @@ def initialize_distributed(setting: str, accelerator: str | None) -> None:
     logging.warning("Running as a single process: jax.distributed.initialize() failed: %s", e)
 
 
-def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+def start(accelerator: str | None, distributed: str) -> str:
+  """What every entry point does first: a calm console (WARNING unless ``--verbosity`` is
+  given: orbax logs every save, and JAX an INFO line for each platform it does not find), the
+  platform chosen, the distributed runtime started where asked, and the platform checked.
+
+  Returns ``"tpu"``, ``"gpu"`` or ``"cpu"``; exits with code 2 and one message if the asked
+  platform is not there. ``experiments.resolve.resolve_config`` takes the dtype from it.
+  """
   import jax
 
-  from experiments import checkpoints, input_pipeline, preemption, train
-
-  f = flags.FLAGS
-  if not f["verbosity"].present:  # orbax and JAX log every save at INFO: keep the console calm
+  if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  select_platform(f.accelerator)
-  initialize_distributed(f.distributed, f.accelerator)  # before anything touches the devices
+  select_platform(accelerator)
+  initialize_distributed(distributed, accelerator)  # before anything touches the devices
   try:
-    platform = started_platform(f.accelerator)
+    platform = started_platform(accelerator)
   except RuntimeError as e:
-    _fail(EXIT_BAD_INPUT, e)
-  config = f.config
-  with config.unlocked():
-    for name, value in ACCELERATOR_DEFAULTS.get(platform, {}).items():
-      if config[name] is None:
-        config[name] = value
+    fail(EXIT_BAD_INPUT, e)
   if jax.process_count() > 1:
     print(f"process {jax.process_index()} of {jax.process_count()} on {platform}", file=sys.stderr)
-  bad_input = (
-    train.BadConfigError,
+  return platform
+
+
+def bad_input_errors() -> tuple[type[BaseException], ...]:
+  """The exceptions that mean bad input (exit code 2, one message, no traceback)."""
+  from experiments import checkpoints, input_pipeline, resolve, train
+
+  return (
+    resolve.BadConfigError,
     train.WorkdirError,
     checkpoints.CheckpointMismatchError,
     input_pipeline.DataNotPreparedError,
     MemoryError,
   )
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from experiments import preemption, train
+
+  f = flags.FLAGS
+  start(f.accelerator, f.distributed)
   try:
-    train.train_and_evaluate(config, f.workdir)
+    train.train_and_evaluate(f.config, f.workdir)
   except preemption.Preempted as e:
     logging.warning("%s", e)
     sys.exit(preemption.PREEMPTED_EXIT_CODE)
-  except bad_input as e:
-    _fail(EXIT_BAD_INPUT, e)
+  except bad_input_errors() as e:
+    fail(EXIT_BAD_INPUT, e)
   except FloatingPointError as e:
-    _fail(EXIT_NONFINITE, e)
+    fail(EXIT_NONFINITE, e)
 
 
 def run(config_file: str) -> None:

@@ -643,6 +643,21 @@ def _pruning_figure(
   return True
 
 
+def training_curves_figure(sweep: Sweep, path: str) -> bool:
+  """Test top-1 (sparse path) during training, one panel per sparsity: the report's training
+  curves figure, which the quickstart writes as ``curves.png``."""
+  return _pruning_figure(
+    sweep,
+    path,
+    "eval",
+    "top1",
+    percent=True,
+    log=False,
+    ylabel="test top-1 (sparse path)",
+    title="test top-1 during training",
+  )
+
+
 def _short_layer(key: str) -> str:
   """``"['BasicBlock_0']['Conv_1']['kernel']"`` -> ``"BasicBlock_0/Conv_1"``."""
   parts = [p.strip("'\"") for p in key.strip("[]").split("][")]

@@ -6,7 +6,9 @@
       --config.model=resnet20 --sparsities=0.9,0.95 --seeds=0,1,2 --shard=1/4
 
 Each run trains the base ``--config`` with ``method``, ``sparsity`` and ``seed`` set, through the
-same loop as ``experiments.cifar`` (:func:`experiments.train.train_and_evaluate`), into
+same loop and the same config resolution as ``experiments.cifar``
+(:func:`experiments.train.train_and_evaluate`; ``--accelerator`` and ``--distributed`` as there,
+so a sweep on TPU runs in bfloat16 like a single run), into
 ``WORKDIR/<run name>/``. ``dense`` runs once per seed (it has no sparsity). A run whose
 ``summary.json`` exists is finished and skipped, and an interrupted run continues from its
 newest checkpoint, so the same command continues an interrupted sweep exactly (on SIGTERM it
@@ -28,7 +30,8 @@ from typing import Any, NamedTuple
 from absl import app, flags
 from ml_collections import ConfigDict, config_flags
 
-from dcil_jax.train import METHODS
+from experiments import launch
+from experiments.state import METHODS
 
 DEFAULT_SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.98)
 SUMMARY = "summary.json"
@@ -84,7 +87,7 @@ def run_config(base: ConfigDict, run: Run) -> ConfigDict:
   config = ConfigDict(base.to_dict())
   with config.unlocked():
     config.method, config.sparsity, config.seed = run.method, run.sparsity, run.seed
-    config.progress = False
+    config.run.progress = False
   return config
 
 
@@ -96,11 +99,12 @@ def run_steps(config: ConfigDict) -> int:
   """Train steps of one run (for the sweep's progress bar)."""
   import jax
 
-  from experiments import input_pipeline, train
+  from experiments import input_pipeline, resolve
 
-  resolved = train.resolve_config(config, data_parallelism=jax.device_count())
+  platform = resolve.platform_name(jax.default_backend())
+  resolved = resolve.resolve_config(config, jax.device_count(), platform)
   per_epoch = resolved.steps_per_epoch or input_pipeline.steps_per_epoch(
-    resolved.dataset, resolved.batch_size, resolved.data_dir
+    resolved.dataset, resolved.batch_size, resolved.run.data_dir
   )
   return resolved.num_train_steps or round(resolved.num_epochs * per_epoch)
 
@@ -181,6 +185,7 @@ def define_flags() -> None:
   flags.DEFINE_string("seeds", "0,1,2", "Seeds (model init, data order and augmentation).")
   flags.DEFINE_string("shard", "0/1", "k/n: run only runs k, k+n, k+2n, ... of the grid.")
   flags.DEFINE_bool("progress", True, "Show the progress bar.")
+  launch.define_platform_flags()
   flags.mark_flags_as_required(["workdir"])
 
 
@@ -188,22 +193,29 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  if not f["verbosity"].present:  # orbax logs every checkpoint at INFO
-    from absl import logging
-
-    logging.set_verbosity(logging.WARNING)
   try:
     runs = make_grid(f.methods, _floats(f.sparsities), _ints(f.seeds))
     shard = parse_shard(f.shard)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
+  launch.start(f.accelerator, f.distributed)
+  run_or_exit(f.config, f.workdir, runs, shard=shard, progress=f.progress)
+
+
+def run_or_exit(base: ConfigDict, workdir: str, runs: Sequence[Run], **kwargs: Any):
+  """:func:`run_sweep` with the exit codes of ``experiments.launch`` (75 on a signal, 2 and one
+  message for bad input, 3 for a NaN/Inf step); returns the summaries."""
   from experiments import preemption
 
   try:
-    run_sweep(f.config, f.workdir, runs, shard=shard, progress=f.progress)
+    return run_sweep(base, workdir, runs, **kwargs)
   except preemption.Preempted as e:
     print(f"{e} The same sweep command continues it.", file=sys.stderr)
     sys.exit(preemption.PREEMPTED_EXIT_CODE)
+  except launch.bad_input_errors() as e:
+    launch.fail(launch.EXIT_BAD_INPUT, e)
+  except FloatingPointError as e:
+    launch.fail(launch.EXIT_NONFINITE, e)
 
 
 if __name__ == "__main__":

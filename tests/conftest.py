@@ -1,4 +1,13 @@
-"""Shared tiny model and data: small shapes keep compiles to a few seconds on 2 CPU cores."""
+"""Shared tiny model and data: small shapes keep compiles to a few seconds on 2 CPU cores.
+
+The tests of the experiments layer compile many small programs and run each for a few steps, so
+XLA's optimisations cost more than they save (as in Flax's ``train_test.py``): they are turned
+off for those test modules (``FAST_COMPILE_MODULES``) and the processes they start. Every
+comparison such a test makes is between runs under the same setting. The library's own tests
+keep XLA's default, since some of them compare values at tolerances tuned to it. The same
+programs (the tiny models' steps) are compiled by many tests and processes: a persistent
+compilation cache, private to this test session, compiles each once.
+"""
 
 import os
 import socket
@@ -6,11 +15,48 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import pytest
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import atexit
+  import shutil
+  import tempfile
 
-from dcil_jax.models import SmallCNN
+  _cache = tempfile.mkdtemp(prefix="dcil-jax-test-cache.")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import pytest  # noqa: E402
+
+from dcil_jax.models import SmallCNN  # noqa: E402
+
+FAST_COMPILE_MODULES = {
+  "test_benchmarks",
+  "test_checkpoints",
+  "test_experiments",
+  "test_input_pipeline",
+  "test_loop",
+  "test_quickstart",
+  "test_report",
+  "test_sweep",
+}
+# For the processes the experiments tests start (see `subprocess_env`).
+FAST_COMPILE_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compile_for_the_experiments_tests(request):
+  fast = request.module.__name__.rpartition(".")[2] in FAST_COMPILE_MODULES
+  jax.config.update("jax_disable_most_optimizations", fast)
+  yield
+  jax.config.update("jax_disable_most_optimizations", False)
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+  """The environment of a process an experiments test starts: this one's, compiled fast."""
+  return dict(os.environ, **FAST_COMPILE_ENV, **extra)
+
 
 NUM_CLASSES = 5
 
@@ -56,8 +102,7 @@ def start_processes(argv, *, count: int = 2, merge_output: bool = False) -> list
     subprocess.Popen(
       [sys.executable, *argv],
       cwd=Path(__file__).parent.parent,
-      env=dict(
-        os.environ,
+      env=subprocess_env(
         JAX_PLATFORMS="cpu",
         JAX_COORDINATOR_ADDRESS=coordinator,
         JAX_NUM_PROCESSES=str(count),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks import step_time, throughput
+from benchmarks import common, throughput, throughput_report
 
 
 def _record(label: str, group: str, times: list[float], **extra: Any) -> dict[str, Any]:
@@ -105,7 +105,7 @@ def test_ratios_targets_and_report():
   targets = {(t["group"], t["target"].split()[0]): t["pass"] for t in result["targets"]}
   assert targets[("resnet50/pipeline", "dcil/unrolled")] is True
   assert targets[("resnet20/2-dev", "dcil/data+path")] is False
-  text = throughput.render_markdown(result)
+  text = throughput_report.render_markdown(result)
   assert text.startswith("# Training throughput on CPU")
   assert by_label["dcil/unrolled"]["speed_of_medians"] == 1 / 2.4
   assert "dcil/unrolled 3.33 images/s (0.50x dense)" in text
@@ -123,7 +123,7 @@ def test_collective_stats_counts_tuple_results():
       "  %conv = f32[1,8]{1,0} convolution(%e, %f)",
     ]
   )
-  stats = step_time.collective_stats(hlo)
+  stats = common.collective_stats(hlo)
   assert stats["counts"] == {"all-reduce": 1, "collective-permute": 1, "all-gather": 1}
   assert stats["megabytes"]["all-reduce"] == 2 * 32 * 4 / 2**20
   assert stats["megabytes"]["collective-permute"] == 16 * 2 / 2**20

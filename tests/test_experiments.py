@@ -2,9 +2,6 @@
 through the real TFDS code path under ``tfds.testing.mock_data``."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -12,7 +9,8 @@ import numpy as np
 import pytest
 from conftest import start_processes
 
-from experiments import recipes, train
+from experiments import recipes, resolve, train
+from experiments import state as lib
 from experiments.configs import cifar, imagenet
 from experiments.metric_writers import read_jsonl
 
@@ -20,11 +18,11 @@ ROOT = Path(__file__).parent.parent
 
 
 def resolved(config_module, arg=None, **overrides):
-  return train.resolve_config(_with(config_module.get_config(arg), **overrides))
+  return resolve.resolve_config(_with(config_module.get_config(arg), **overrides))
 
 
 def lr_at_epochs(config, epochs, steps_per_epoch=100):
-  schedule = train.learning_rate_schedule(config, steps_per_epoch)
+  schedule = lib.learning_rate_schedule(config, steps_per_epoch)
   return [float(schedule(round(e * steps_per_epoch))) for e in epochs]
 
 
@@ -76,7 +74,7 @@ def test_bad_configs_fail_at_start_with_a_clear_message(overrides, message):
     resolved(cifar, **overrides)
 
 
-def test_optimizer_has_masked_update_last_except_for_dense():
+def test_optimizer_has_masked_update_except_for_dense():
   import jax
   import jax.numpy as jnp
 
@@ -85,7 +83,7 @@ def test_optimizer_has_masked_update_last_except_for_dense():
   params = {"Conv_0": {"kernel": jnp.ones((3, 3, 2, 4))}}
   for method in ("dcil", "dpf", "dense"):
     config = resolved(cifar, method=method, sparsity=0.0 if method == "dense" else 0.9)
-    tx = train.make_optimizer(config, steps_per_epoch=10)
+    tx = lib.make_optimizer(config, steps_per_epoch=10)
     lifted = dcil_jax.paths.lift(params, dcil_jax.rules.all_kernels)
     state = tx.init(lifted)
     if method == "dense":
@@ -96,7 +94,7 @@ def test_optimizer_has_masked_update_last_except_for_dense():
       assert jax.tree.leaves(dcil_jax.get_masks(state, lifted))[0].dtype == jnp.bool_
 
 
-# A subprocess runs the real command line inside tfds.testing.mock_data.
+# The real command line inside tfds.testing.mock_data, for the tests that need processes.
 CLI = textwrap.dedent(
   """
   import runpy, sys
@@ -108,33 +106,32 @@ CLI = textwrap.dedent(
   """
 )
 
+# A run of 4 steps, 2 per epoch, on the mock data.
+SMOKE = {
+  "batch_size": 8,
+  "steps_per_epoch": 2,
+  "num_train_steps": 4,
+  "ramp_end_epoch": 1.0,
+  "kd_start_epoch": 1.0,
+  "warmup_epochs": 0.5,
+  "log_every_steps": 1,
+  "update_every": 2,
+  "run.progress": False,
+  "run.worker_count": 0,
+}
 
-def run_cli(module, workdir, *flags):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  result = subprocess.run(
-    [sys.executable, "-c", CLI, module, f"--workdir={workdir}", *flags],
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-    cwd=ROOT,
-  )
-  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-  return result
+
+def as_flags(overrides):
+  return [f"--config.{k}={v}" for k, v in overrides.items()]
 
 
-SMOKE = [
-  "--config.batch_size=8",
-  "--config.steps_per_epoch=2",
-  "--config.num_train_steps=4",
-  "--config.ramp_end_epoch=1",
-  "--config.kd_start_epoch=1",
-  "--config.warmup_epochs=0.5",
-  "--config.log_every_steps=1",
-  "--config.update_every=2",
-  "--config.progress=False",
-  "--config.worker_count=0",
-]
+def run_mocked(config_module, workdir, **overrides):
+  """``train_and_evaluate`` in this process on TFDS's mock data (the real reading code)."""
+  import tensorflow_datasets as tfds
+
+  config = _with(config_module.get_config(), **SMOKE, **overrides)
+  with tfds.testing.mock_data(num_examples=24):
+    return train.train_and_evaluate(config, str(workdir))
 
 
 def check_run(workdir, method, steps=4, evals=2):
@@ -155,36 +152,22 @@ def check_run(workdir, method, steps=4, evals=2):
   return summary, eval_records
 
 
-def test_cifar_command_trains_and_evaluates_both_paths(tmp_path):
-  result = run_cli(
-    "experiments.cifar",
-    tmp_path,
-    "--config.model=resnet20",
-    "--config.method=dcil",
-    "--config.sparsity=0.9",
-    *SMOKE,
-  )
+def test_cifar_run_trains_and_evaluates_both_paths(tmp_path, capsys):
+  run_mocked(cifar, tmp_path, model="resnet8", method="dcil", sparsity=0.9)
   summary, evals = check_run(tmp_path, "dcil")
   assert "dense_top1" in evals[-1]  # DCIL's dense path is monitored too
   assert summary["sparsity"] == pytest.approx(0.9, abs=1e-3)  # ramp over after one epoch
-  assert len(summary["layer_sparsity"]) == 21  # the first conv, 18 in blocks, 2 shortcuts
-  # Refreshes before steps 2 (0-indexed; step 0's masks come from init) and not 4: a run of 4
-  # steps never trains with the masks a refresh at step 4 would make.
+  assert len(summary["layer_sparsity"]) == 9  # the first conv, 6 in blocks, 2 shortcuts
+  # One refresh before the 3rd step; the 4-step run never trains with one before a 5th.
   assert summary["flip_rate"]["refreshes"] == 1
-  assert "layer sparsity" in result.stdout and "final sparse-path top-1" in result.stdout
+  out = capsys.readouterr().out
+  assert "layer sparsity" in out and "final sparse-path top-1" in out
+  # The resolved milestones, printed at start (the run is cut at 4 of the recipe's 600 steps).
+  assert "schedule: 300 epochs of 2 steps" in out and "ends at epoch 1 (step 2)" in out
 
 
-def test_imagenet_command_runs_on_cpu_with_a_tiny_model(tmp_path):
-  run_cli(
-    "experiments.imagenet",
-    tmp_path,
-    "--accelerator=cpu",
-    "--config.model=resnet_tiny",
-    "--config.image_size=32",
-    "--config.method=dpf",
-    "--config.sparsity=0.5",
-    *SMOKE,
-  )
+def test_imagenet_run_on_cpu_with_a_tiny_model(tmp_path):
+  run_mocked(imagenet, tmp_path, model="resnet_tiny", image_size=32, method="dpf", sparsity=0.5)
   summary, evals = check_run(tmp_path, "dpf")
   assert "dense_top1" not in evals[-1]
   config = json.loads((tmp_path / "config.json").read_text())
@@ -228,24 +211,40 @@ def test_local_configs_are_short_and_resolve(config_module):
 
 
 def test_default_worker_count_leaves_cores_for_the_step():
-  assert [train.default_worker_count(n) for n in (1, 2, 4, 8, 96, 240)] == [0, 0, 0, 4, 64, 64]
-  assert resolved(cifar).worker_count == train.default_worker_count()
-  assert resolved(cifar, worker_count=3).worker_count == 3
+  assert [resolve.default_worker_count(n) for n in (1, 2, 4, 8, 96, 240)] == [0, 0, 0, 4, 64, 64]
+  assert resolved(cifar).run.worker_count == resolve.default_worker_count()
+  assert resolved(cifar, **{"run.worker_count": 3}).run.worker_count == 3
 
 
-def test_two_processes_train_like_one(tmp_path):
-  """Two local processes (jax.distributed on CPU, gloo collectives) run the real command: each
-  reads its half of every global batch, and the run equals the one-process run."""
-  flags = ["--config.model=small_cnn", "--config.method=dcil", "--config.sparsity=0.9", *SMOKE]
-  run_cli("experiments.cifar", tmp_path / "single", *flags)
-  single = read_jsonl(tmp_path / "single" / "metrics.jsonl")
+TWO_PROCESS_RUN = {"model": "small_cnn", "method": "dcil", "sparsity": 0.9}
 
-  workdir = tmp_path / "multi"
-  argv = ["-c", CLI, "experiments.cifar", f"--workdir={workdir}", *flags]
-  procs = start_processes(argv)
+
+def start_two(workdir):
+  argv = ["-c", CLI, "experiments.cifar", f"--workdir={workdir}"]
+  return start_processes([*argv, *as_flags(SMOKE | TWO_PROCESS_RUN)])
+
+
+def finish(procs):
   outputs = [p.communicate(timeout=600) for p in procs]
   for p, (out, err) in zip(procs, outputs):
     assert p.returncode == 0, out[-2000:] + err[-4000:]
+  return outputs
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+  """The CIFAR command as two local processes (jax.distributed on CPU, gloo collectives)."""
+  workdir = tmp_path_factory.mktemp("two_processes")
+  return workdir, finish(start_two(workdir))
+
+
+@pytest.mark.slow  # the default run checks two processes on digits (test_checkpoints.py)
+def test_two_processes_train_like_one_on_mock_cifar(tmp_path, two_process_run):
+  """Each process reads its half of every global batch, and the run equals the one-process
+  run (in this process)."""
+  workdir, outputs = two_process_run
+  run_mocked(cifar, tmp_path / "single", **TWO_PROCESS_RUN)
+  single = read_jsonl(tmp_path / "single" / "metrics.jsonl")
   assert "process 0 of 2" in outputs[0][1] and "process 1 of 2" in outputs[1][1]
   assert "final sparse-path top-1" in outputs[0][0]
   assert "final sparse-path top-1" not in outputs[1][0]  # only process 0 reports and writes
@@ -257,12 +256,13 @@ def test_two_processes_train_like_one(tmp_path):
       if key in b:
         np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=key)
 
-  # Both processes restore the final checkpoint (saved by both) and write the same summary.
+
+@pytest.mark.slow  # two processes resuming is tested, with SIGTERM, in test_checkpoints.py
+def test_two_processes_rerun_on_a_finished_workdir_rewrite_the_same_summary(two_process_run):
+  """Both processes restore the final checkpoint (saved by both) and write the same summary."""
+  workdir, _ = two_process_run
   summary = (workdir / "summary.json").read_text()
-  procs = start_processes(argv)
-  outputs = [p.communicate(timeout=600) for p in procs]
-  for p, (out, err) in zip(procs, outputs):
-    assert p.returncode == 0, out[-2000:] + err[-4000:]
+  outputs = finish(start_two(workdir))
   assert "resumed at step" in outputs[0][0]
   timing = ("train_seconds", "images_per_second")
   strip = lambda text: {k: v for k, v in json.loads(text).items() if k not in timing}
@@ -270,17 +270,17 @@ def test_two_processes_train_like_one(tmp_path):
 
 
 def test_per_device_batch_sets_the_global_batch_and_the_scaled_lr():
-  config = train.resolve_config(_with(imagenet.get_config(), per_device_batch_size=128), 8)
+  config = resolve.resolve_config(_with(imagenet.get_config(), per_device_batch_size=128), 8)
   assert config.batch_size == 1024
   assert lr_at_epochs(config, [5])[0] == pytest.approx(0.4)
   with pytest.raises(ValueError, match="not both"):
-    train.resolve_config(_with(cifar.get_config(), per_device_batch_size=16, batch_size=64), 2)
+    resolve.resolve_config(_with(cifar.get_config(), per_device_batch_size=16, batch_size=64), 2)
 
 
 def _with(config, **overrides):
+  """``config`` with ``overrides`` (``"run.x"`` for the run group)."""
   with config.unlocked():
-    for name, value in overrides.items():
-      config[name] = value
+    config.update_from_flattened_dict(overrides)
   return config
 
 

@@ -22,6 +22,45 @@ from experiments import input_pipeline as ip
 CIFAR = ip.DATASETS["cifar10"]
 
 
+# The record keys each process should read, computed from the layout directly (the pipeline
+# itself reads them through grain).
+
+
+def train_indices(
+  num_records: int,
+  *,
+  global_batch_size: int,
+  seed: int,
+  epoch: int = 0,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> np.ndarray:
+  """The record keys one process reads in one train epoch, in order (batches of local_batch)."""
+  layout = ip._layout(num_records, global_batch_size, process_index, process_count)
+  steps = layout.train_steps()
+  order = ip._permutation(num_records, seed)
+  per_epoch = steps * layout.local_batch
+  js = range(epoch * per_epoch, (epoch + 1) * per_epoch)
+  return np.array([order[layout.position(j, steps)] for j in js], dtype=np.int64)
+
+
+def eval_indices(
+  num_records: int, *, global_batch_size: int, process_index: int = 0, process_count: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+  """``(keys, mask)`` one process reads in the eval pass; padding rows have key -1, mask False."""
+  layout = ip._layout(num_records, global_batch_size, process_index, process_count)
+  steps = layout.eval_steps()
+  pos = np.array([layout.position(j, steps) for j in range(steps * layout.local_batch)])
+  mask = pos < num_records
+  return np.where(mask, pos, -1), mask
+
+
+def eval_steps(dataset: str, global_batch_size: int, data_dir: str | None = None) -> int:
+  """Eval steps for one full pass: the last batch is padded (see ``mask``)."""
+  n = ip.num_examples(dataset, ip.get_info(dataset).eval_split, data_dir)
+  return -(-n // global_batch_size)
+
+
 def indexed_cifar(n: int) -> list[dict]:
   """CIFAR-format records; image and label both identify the record."""
   rng = np.random.default_rng(n)
@@ -72,7 +111,7 @@ def test_train_and_eval_batches(dataset, image_size):
       )
     )
     assert ip.steps_per_epoch(dataset, 8) == 2
-    assert ip.eval_steps(dataset, 8) == 3 == len(evals)
+    assert eval_steps(dataset, 8) == 3 == len(evals)
   assert batch["image"].shape == (8, size, size, 3) and batch["image"].dtype == np.float32
   assert batch["label"].shape == (8,) and batch["label"].dtype == np.int32
   assert np.all((batch["label"] >= 0) & (batch["label"] < ip.DATASETS[dataset].num_classes))
@@ -156,7 +195,7 @@ def test_cifar_train_batches_are_augmented_records():
       "cifar10", global_batch_size=8, seed=0, source=records, process_index=0, process_count=1
     )
   )
-  keys = ip.train_indices(16, global_batch_size=8, seed=0)[:8]
+  keys = train_indices(16, global_batch_size=8, seed=0)[:8]
   np.testing.assert_array_equal(batch["label"], keys)
   for image, key in zip(batch["image"], keys, strict=True):
     pixels = to_uint8(image, CIFAR)
@@ -239,9 +278,7 @@ def test_epochs_are_reshuffled_and_get_state_resumes():
   ]
   for e in range(3):
     assert sorted(labels[e]) == list(range(8))
-    np.testing.assert_array_equal(
-      labels[e], ip.train_indices(8, global_batch_size=4, seed=1, epoch=e)
-    )
+    np.testing.assert_array_equal(labels[e], train_indices(8, global_batch_size=4, seed=1, epoch=e))
   assert not np.array_equal(labels[0], labels[1])
   resumed = ip.create_train_iterator("cifar10", num_epochs=3, **kwargs)
   resumed.set_state(state)
@@ -256,7 +293,7 @@ def test_train_split_over_four_processes():
   n, global_batch, count = 50, 8, 4  # 6 steps per epoch; 2 examples per epoch dropped
   for epoch in range(2):
     parts = [
-      ip.train_indices(
+      train_indices(
         n, global_batch_size=global_batch, seed=0, epoch=epoch, process_index=p, process_count=count
       )
       for p in range(count)
@@ -266,7 +303,7 @@ def test_train_split_over_four_processes():
     assert len(set(union.tolist())) == 48 and set(union.tolist()) <= set(range(n))
     # Row p of each global batch is process p's local batch: the global batches do not depend
     # on the number of processes.
-    single = ip.train_indices(n, global_batch_size=global_batch, seed=0, epoch=epoch)
+    single = train_indices(n, global_batch_size=global_batch, seed=0, epoch=epoch)
     interleaved = np.stack([p.reshape(6, 2) for p in parts], axis=1).reshape(-1)
     np.testing.assert_array_equal(single, interleaved)
   # The iterators read exactly these records.
@@ -277,7 +314,7 @@ def test_train_split_over_four_processes():
       process_index=p, process_count=count,
     )  # fmt: skip
     labels = np.concatenate([b["label"] for b in it])
-    want = ip.train_indices(
+    want = train_indices(
       n, global_batch_size=global_batch, seed=0, process_index=p, process_count=count
     )
     np.testing.assert_array_equal(labels, want)
@@ -298,7 +335,7 @@ def test_eval_split_over_four_processes_counts_each_example_once():
       )  # fmt: skip
     )
     assert len(batches) == 2 and all(b["mask"].shape == (2,) for b in batches)
-    keys, mask = ip.eval_indices(
+    keys, mask = eval_indices(
       n, global_batch_size=global_batch, process_index=p, process_count=count
     )
     got_mask = np.concatenate([b["mask"] for b in batches])

@@ -11,12 +11,13 @@ def base_config() -> ConfigDict:
   """Defaults for every run; recipe fields stay ``None`` until the recipe fills them."""
   config = ConfigDict()
   config.dataset = "cifar10"
-  config.data_dir = config_dict.placeholder(str)  # TFDS data dir (default ~/tensorflow_datasets)
   config.model = "resnet32"
   config.image_size = config_dict.placeholder(int)  # default: the dataset's (32 or 224)
   config.method = "dcil"  # dcil | dpf | dense
   config.sparsity = 0.9  # final fraction of conv weights pruned
   config.distribution = "global"  # global (official) | layerwise | erk
+  config.granularity = "weight"  # weight (official) | filter (official structured mode)
+  config.filter_score = "l1"  # filter masks: l1 (mean |w|) | l2 (mean w^2)
   config.update_every = 16  # mask refresh period in steps (official: 16)
   config.temperature = 2.0  # distillation temperature (official: 2)
   config.momentum = 0.9
@@ -45,30 +46,38 @@ def base_config() -> ConfigDict:
 
   # Instead of batch_size: this many examples per data-parallel device (batch_size follows).
   config.per_device_batch_size = config_dict.placeholder(int)
-  config.dtype = config_dict.placeholder(str)  # compute dtype; default: by --accelerator
+  config.dtype = config_dict.placeholder(str)  # compute dtype; default: the platform's
   config.path_parallel = False  # DCIL: a mesh axis of 2 devices, one path each
   config.strategy = config_dict.placeholder(str)  # path strategy: unrolled | vmap | sharded
   config.seed = 0
   config.num_train_steps = config_dict.placeholder(int)  # cut the run short (smoke runs)
   config.steps_per_epoch = config_dict.placeholder(int)  # default: split size // batch_size
-  config.max_eval_steps = config_dict.placeholder(int)  # default: the whole eval split
-  config.eval_every_epochs = 1
-  config.log_every_steps = 100
+  config.log_every_steps = 100  # train metrics (and, on several hosts, agreeing to stop)
+  config.run = run_config()
+  return config
+
+
+def run_config() -> ConfigDict:
+  """``config.run``: how a run is executed, not what it computes. A workdir may be resumed with
+  other values here (every other field must match its checkpoint's)."""
+  run = ConfigDict()
+  run.data_dir = config_dict.placeholder(str)  # TFDS data dir (default ~/tensorflow_datasets)
   # grain worker processes that decode and augment; None: all but 4 cores, at most 64 (0 below
   # 5 cores: threads in the main process). About 380 ImageNet train images/s per core.
-  config.worker_count = config_dict.placeholder(int)
-  config.prefetch = 2  # batches put on the devices ahead of the step
-  config.progress = True  # tqdm progress bar (process 0 only)
-
+  run.worker_count = config_dict.placeholder(int)
+  run.prefetch = 2  # batches put on the devices ahead of the step
+  run.progress = True  # tqdm progress bar (process 0 only)
+  run.eval_every_epochs = 1
+  run.max_eval_steps = config_dict.placeholder(int)  # default: the whole eval split
   # Checkpoints (WORKDIR/checkpoints): at every eval, at the end, on SIGTERM/SIGINT, and every
   # checkpoint_every_steps if set. The newest keep_checkpoints are kept, plus the best by
   # sparse-path eval top-1. A workdir with checkpoints is continued by the same command.
-  config.checkpoint_every_steps = config_dict.placeholder(int)
-  config.keep_checkpoints = 2
-  config.async_checkpointing = True  # write while training goes on
-  config.force_resume = False  # continue a workdir whose checkpoint has a different config
+  run.checkpoint_every_steps = config_dict.placeholder(int)
+  run.keep_checkpoints = 2
+  run.async_checkpointing = True  # write while training goes on
+  run.force_resume = False  # continue a workdir whose checkpoint has a different config
   # A NaN/Inf loss, gradient or parameter: the step is never applied; then "stop" the run (and
   # name the step) or "skip" it and go on, up to max_consecutive_nonfinite steps in a row.
-  config.on_nonfinite = "stop"
-  config.max_consecutive_nonfinite = 100
-  return config
+  run.on_nonfinite = "stop"
+  run.max_consecutive_nonfinite = 100
+  return run

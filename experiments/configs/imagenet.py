@@ -1,7 +1,7 @@
 """ImageNet (ILSVRC-2012) with ResNet-50: the standard recipe (``experiments/recipes.py``).
 
   python -m experiments.imagenet --accelerator=tpu --workdir=gs://bucket/rn50 \
-      --config.data_dir=gs://bucket/tensorflow_datasets
+      --config.run.data_dir=gs://bucket/tensorflow_datasets
   python -m experiments.imagenet --accelerator=cpu --workdir=runs/in-local \
       --config=experiments/configs/imagenet.py:local
 
@@ -28,11 +28,11 @@ def get_config(arg: str | None = None) -> ConfigDict:
     config.batch_size = 16
     config.num_epochs = 1
     config.steps_per_epoch = 50
-    config.max_eval_steps = 10
+    config.run.max_eval_steps = 10
     config.ramp_end_epoch = 0.75
     config.kd_start_epoch = 0.25
     config.warmup_epochs = 0.1
-    config.worker_count = 0
+    config.run.worker_count = 0
     config.log_every_steps = 10
   elif arg:
     raise ValueError(f"Unknown ImageNet config {arg!r}; expected none or 'local'.")

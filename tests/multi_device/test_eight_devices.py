@@ -140,21 +140,20 @@ def test_path_axis_needs_sharded_strategy(tiny_model, tiny_variables):
 def test_checkpoint_of_a_sharded_state_restores_values_and_shardings(
   tiny_model, tiny_variables, global_batch, tmp_path
 ):
-  from experiments import checkpoints, train
+  from experiments import checkpoints
+  from experiments import state as lib
 
   mesh = sharding.make_mesh(path_parallel=True)
   state, _, _ = run(tiny_model, tiny_variables, global_batch, "dcil", mesh)
   saver = checkpoints.RunCheckpointer(tmp_path)
-  saver.save(STEPS, train._checkpoint_tree(state, None), {"data": None})
+  saver.save(STEPS, lib.checkpoint_tree(state, None), {"data": None})
   saver.close()  # waits for the asynchronous write
   fresh = dcil_jax.TrainState.create(
     tiny_model, tiny_variables, make_tx(), mesh=mesh, example_input=global_batch["image"][:1]
   )
-  restored = checkpoints.RunCheckpointer(tmp_path).restore_latest(
-    train._checkpoint_tree(fresh, None)
-  )
+  restored = checkpoints.RunCheckpointer(tmp_path).restore_latest(lib.checkpoint_tree(fresh, None))
   assert restored.step == STEPS
-  expected = jax.tree.leaves(train._checkpoint_tree(state, None))
+  expected = jax.tree.leaves(lib.checkpoint_tree(state, None))
   for got, want in zip(jax.tree.leaves(restored.state), expected, strict=True):
     assert got.sharding == want.sharding  # replicated
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

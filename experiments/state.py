@@ -1,0 +1,242 @@
+"""The experiments layer's one door to the library's training state.
+
+Everything ``experiments/`` does with a ``dcil_jax.TrainState`` goes through this module: build it
+(model, optimizer with the recipe's schedules, ``TrainState.create`` on a mesh), compile its step,
+turn it into the arrays a checkpoint holds and back, evaluate one exported path, measure a mask
+refresh, and read the masks for the summary. The rest of the layer (loop, checkpoints, sweep,
+report) sees only the functions below, so a change of the library's state API is ported here.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+import dcil_jax
+from dcil_jax import sharding, stability
+from dcil_jax.models import create_model
+from dcil_jax.transform import find_masked_state
+from experiments import input_pipeline
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+METHODS = tuple(dcil_jax.METHODS)
+
+
+def check_method(method: str) -> None:
+  """Raises ``ValueError`` naming the methods for an unknown ``method``."""
+  dcil_jax.get_method(method)
+
+
+# --------------------------------------------------------------------------------------------
+# Building: schedules, optimizer, state
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int):
+  """The recipe's learning rate per step: linear warm-up, then steps or cosine."""
+  peak = config.learning_rate
+  if config.lr_reference_batch:
+    peak *= config.batch_size / config.lr_reference_batch  # the linear scaling rule
+  warmup = round(config.warmup_epochs * steps_per_epoch)
+  total = round(config.num_epochs * steps_per_epoch)
+  if config.lr_schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+      config.warmup_init_lr, peak, warmup_steps=warmup, decay_steps=total, end_value=0.0
+    )
+  after = optax.piecewise_constant_schedule(
+    peak,
+    {round(b * steps_per_epoch) - warmup: config.lr_decay for b in config.lr_boundaries},
+  )
+  if not warmup:
+    return after
+  ramp = optax.linear_schedule(config.warmup_init_lr, peak, warmup)
+  return optax.join_schedules([ramp, after], [warmup])
+
+
+def ramp_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  """The step at which the cubic sparsity ramp reaches its target."""
+  return max(1, round(config.ramp_end_epoch * steps_per_epoch))
+
+
+def make_optimizer(
+  config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> optax.GradientTransformation:
+  """SGD (Nesterov) with weight decay on every parameter, as the official code, and for DCIL and
+  DPF ``masked_update`` (no rule given: ``TrainState.create`` prunes the model's convolutions,
+  found from its module types)."""
+  parts = [
+    optax.add_decayed_weights(config.weight_decay),
+    optax.sgd(
+      learning_rate_schedule(config, steps_per_epoch),
+      momentum=config.momentum,
+      nesterov=config.nesterov,
+    ),
+  ]
+  if config.method != "dense":
+    ramp = ramp_steps(config, steps_per_epoch)
+    # Official: the ramp is evaluated at the integer epoch. A ramp shorter than an epoch (smoke
+    # configs) is evaluated every step instead.
+    stage = steps_per_epoch if ramp >= steps_per_epoch else 1
+    schedule = dcil_jax.cubic_sparsity(config.sparsity, ramp, steps_per_stage=stage)
+    parts.append(
+      dcil_jax.masked_update(
+        schedule,
+        update_every=config.update_every,
+        distribution=config.distribution,
+        granularity=config.granularity,
+        score=config.filter_score,
+      )
+    )
+  return optax.chain(*parts)
+
+
+def create_train_state(
+  config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, steps_per_epoch: int
+) -> dcil_jax.TrainState:
+  """The model's variables lifted into a ``TrainState`` placed on ``mesh``."""
+  info = input_pipeline.DATASETS[config.dataset]
+  model = create_model(config.model, info.num_classes, dtype=DTYPES[config.dtype])
+  init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  shape = (1, config.image_size, config.image_size, info.channels)
+  dummy = jnp.zeros(shape, DTYPES[config.dtype])
+  variables = jax.jit(functools.partial(model.init, train=False))(init_rng, dummy)
+  method = dcil_jax.get_method(config.method)
+  if isinstance(method, dcil_jax.DCIL):
+    method = dcil_jax.DCIL(
+      kd_start_step=round(config.kd_start_epoch * steps_per_epoch),
+      temperature=config.temperature,
+      strategy=config.strategy,
+    )
+  return dcil_jax.TrainState.create(
+    model,
+    variables,
+    make_optimizer(config, steps_per_epoch),
+    method=method,
+    example_input=dummy,
+    mesh=mesh,
+    rng=state_rng,
+  )
+
+
+def create_tracker(state: dcil_jax.TrainState, mesh: jax.sharding.Mesh) -> Any:
+  """The revival tracker of a sparse method, on the mesh like the state (a checkpoint restores
+  it there); ``None`` for dense training."""
+  if not state.method.uses_masks:
+    return None
+  return sharding.place_state(stability.RevivalTracker.create(state.trained_masks), mesh)
+
+
+def describe(state: dcil_jax.TrainState) -> dict[str, Any]:
+  """``method``, ``strategy`` and the number of deployable parameters, for the run's header."""
+  params = jax.eval_shape(dcil_jax.export_variables, state)["params"]  # shapes only
+  return {
+    "method": state.method.name,
+    "strategy": getattr(state.method, "strategy", None),
+    "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
+  }
+
+
+def compile_train_step(state: dcil_jax.TrainState, batch: dict[str, jax.Array]) -> Any:
+  """``dcil_jax.train_step`` compiled for these shapes: ``(state, batch) -> (state, metrics)``,
+  the state donated. Compiling up front lets a step that cannot fit fail before training."""
+  return dcil_jax.train_step.lower(state, batch).compile()
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints: the arrays of a state, and back
+
+
+def checkpoint_tree(state: dcil_jax.TrainState, tracker: Any) -> dict[str, Any]:
+  """The arrays a checkpoint holds (the static parts of the state come from the config)."""
+  tree = {
+    "step": state.step,
+    "params": state.params,
+    "model_state": state.model_state,
+    "opt_state": state.opt_state,
+    "rng": state.rng,
+  }
+  return tree if tracker is None else tree | {"tracker": tracker}
+
+
+def from_checkpoint_tree(state: dcil_jax.TrainState, tree: dict[str, Any]) -> tuple[Any, Any]:
+  """``(state, tracker)`` with the arrays of a restored :func:`checkpoint_tree`."""
+  return state.replace(**{k: v for k, v in tree.items() if k != "tracker"}), tree.get("tracker")
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation, refresh measurements, the final masks
+
+
+def eval_paths(state: dcil_jax.TrainState) -> tuple[str, ...]:
+  """The paths an evaluation reports: the sparse (deployable) one, and DCIL's dense one."""
+  return state.method.path_names
+
+
+def eval_counts(state: dcil_jax.TrainState, batch: dict[str, jax.Array], path: str = "sparse"):
+  """Summed loss and top-1/top-5 hits of one exported path over the unpadded examples
+  (``batch["mask"]``): the library's ``eval_step``."""
+  return dcil_jax.eval_step(state, batch, path)
+
+
+@jax.jit
+def track_refresh(
+  tracker: stability.RevivalTracker, state: dcil_jax.TrainState
+) -> tuple[stability.RevivalTracker, dict[str, Any]]:
+  """Mask churn of the refresh the next step makes (``state.trained_masks`` -> ``state.masks``),
+  if it makes one; called before the step, which donates the old masks.
+
+  Runs on the devices, without a host sync; the loop fetches the results when it logs and keeps
+  those of the steps whose ``mask_refreshed`` metric is set. A skipped (non-finite) step
+  refreshes again at the next one, to the same masks: the tracker's update is idempotent.
+  """
+  masked = find_masked_state(state.opt_state)
+  due = masked.refresh.due(masked.count) & (masked.count > 0)  # step 0's masks are init's
+
+  def measure(tracker):
+    old, new = state.trained_masks, state.masks
+    tracker = tracker.update(old, new)
+    return tracker, {
+      "flip_rate": masked.refresh.flip_rate(old, new),
+      "revived": stability.fraction(stability.revived(old, new)),
+      "ever_revived": tracker.ever_revived_fraction,
+      "layer_flip_rate": stability.layer_flip_rates(old, new),
+    }
+
+  skip = lambda tracker: (
+    tracker,
+    jax.tree.map(jnp.zeros_like, jax.eval_shape(measure, tracker)[1]),
+  )
+  return jax.lax.cond(due, measure, skip, tracker)
+
+
+def ever_revived(tracker: stability.RevivalTracker) -> float:
+  """The fraction of weights revived at least once so far (one explicit host transfer)."""
+  return float(jax.device_get(tracker.ever_revived_fraction))
+
+
+def trained_sparsity(state: dcil_jax.TrainState) -> float:
+  """The pruned fraction of the masks the last step trained with (what evaluation uses)."""
+  return float(jax.device_get(dcil_jax.sparsity(state.trained_masks)))
+
+
+def mask_report(state: dcil_jax.TrainState) -> dict[str, Any]:
+  """The final masks: overall and per-layer sparsity, and the fraction of exact zeros in the
+  exported (deployable) conv kernels, which is what the masks promise."""
+  masks = jax.device_get(state.trained_masks)
+  exported = jax.device_get(dcil_jax.export_variables(state)["params"])
+  flat = jax.tree_util.tree_flatten_with_path(exported)[0]
+  pruned = {
+    jax.tree_util.keystr(p)
+    for p, _ in jax.tree_util.tree_flatten_with_path(masks[dcil_jax.paths.PRUNABLE])[0]
+  }
+  conv = [np.asarray(x) for path, x in flat if jax.tree_util.keystr(path) in pruned]
+  return {
+    "sparsity": float(dcil_jax.sparsity(masks)),
+    "layer_sparsity": {k: float(v) for k, v in dcil_jax.layer_sparsities(masks).items()},
+    "exported_zero_fraction": float(sum((x == 0).sum() for x in conv) / sum(x.size for x in conv)),
+  }
