@@ -30,7 +30,7 @@ NUM_PATHS = 2
 PATH_NAMES = ("sparse", "dense")
 PRUNABLE, SHARED = "prunable", "shared"
 LAYOUT_KEYS = frozenset({PRUNABLE, SHARED, *PATH_NAMES})
-STRATEGIES = ("vmap", "unrolled", "sharded")
+STRATEGIES = ("vmap", "unrolled", "sharded", "sequential")
 PATH_AXIS = "path"
 
 
@@ -184,7 +184,12 @@ def map_paths(
     shared_args: pytrees used unchanged by every path (e.g. the input batch).
     strategy: ``"unrolled"`` — ``fn`` called once per path; ``"vmap"`` — one ``jax.vmap``
       over the stacked paths; ``"sharded"`` — ``jax.shard_map`` over the ``path`` axis of
-      ``mesh``, so each device runs one path with ordinary convolutions.
+      ``mesh``, so each device runs one path with ordinary convolutions; ``"sequential"`` —
+      ``fn`` called once per path, each path's inputs behind an ``optimization_barrier`` with
+      the previous path's outputs, so XLA runs the paths one after the other. (Under
+      ``jax.grad`` the backward passes still wait for both forwards; the memory saving of
+      DCIL's ``"sequential"`` comes from :func:`dcil_jax.dcil_loss`, which also splits the
+      loss per path.)
     mesh: a mesh with a ``path`` axis of size 2 (``strategy="sharded"`` only).
 
   Returns:
@@ -193,6 +198,14 @@ def map_paths(
   n = len(per_path_args)
   if strategy == "unrolled":
     return [fn(i, *args, *shared_args) for i, args in enumerate(per_path_args)]
+  if strategy == "sequential":
+    out: list[Any] = []
+    for i, args in enumerate(per_path_args):
+      shared = shared_args
+      if out:  # this path's inputs exist only once the previous path's outputs do
+        _, args, shared = jax.lax.optimization_barrier((out[-1], args, shared_args))
+      out.append(fn(i, *args, *shared))
+    return out
   if strategy not in STRATEGIES:
     raise ValueError(f"Unknown path strategy {strategy!r}; expected one of {STRATEGIES}.")
   stacked = (jnp.arange(n), *_stack(*per_path_args))
