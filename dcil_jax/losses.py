@@ -198,6 +198,37 @@ def _static_weight(weight: float | jax.Array) -> float | None:
     return None
 
 
+def _after(tree: Any, done: Any) -> tuple[Any, Any]:
+  """``(tree, done)`` with the same values, where every array of ``tree`` can only be computed
+  once every array of ``done`` is: the next stage's inputs wait for the previous stage.
+
+  An ``optimization_barrier`` keeps XLA from merging or overlapping the stages where barriers
+  survive until scheduling, but XLA:CPU expands (erases) them before it schedules, so each leaf
+  also gets a data dependency on ``done``: ``+ 0·max|done|``. XLA does not fold ``0·x`` for
+  floats (it is NaN for an infinite or NaN ``x``), so the dependency stays; the values are
+  unchanged unless ``done`` is not finite, and then the step is not finite anyway.
+  """
+  tree, done = jax.lax.optimization_barrier((tree, done))
+  scales = [
+    jnp.max(jnp.abs(x)).astype(jnp.float32)
+    for x in jax.tree.leaves(done)
+    if jnp.issubdtype(x.dtype, jnp.inexact) and x.size
+  ]
+  if not scales:
+    return tree, done
+  zero = 0.0 * jnp.max(jnp.stack(scales))
+
+  def tie(x):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      data = tie(jax.random.key_data(x))
+      return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    if x.dtype == jnp.bool_:
+      return x | zero.astype(jnp.bool_)
+    return x + zero.astype(x.dtype)
+
+  return jax.tree.map(tie, tree), done
+
+
 def _sequential_dcil_loss(
   model, params, masks, batch, model_state, kd_weight, temperature, rngs, task_loss
 ):
@@ -210,10 +241,10 @@ def _sequential_dcil_loss(
   forward: (1) with distillation, a forward-only pass of the dense path gives the teacher
   ``z_d``; (2) the sparse path's forward and backward (teacher ``z_d``) give ``z_s`` and its
   gradient; (3) the dense path's forward and backward (teacher ``z_s``). The gradients are the
-  residuals; the backward returns ``cotangent · grads``. Optimization barriers make each
-  stage's inputs depend on the previous stage's outputs, so XLA can neither overlap the stages
-  nor merge the teacher forward with step (3)'s forward (which would keep the dense
-  activations alive during step 2).
+  residuals; the backward returns ``cotangent · grads``. Each stage's inputs depend on the
+  previous stage's outputs (:func:`_after`), so XLA can neither overlap the stages nor merge
+  the teacher forward with step (3)'s forward (which would keep the dense activations alive
+  during step 2).
 
   Whether step (1) runs is decided statically when ``kd_weight`` is a concrete number (0: skip
   it, so the step costs what unrolled costs) and under ``lax.cond(kd_weight != 0)`` when it is
@@ -269,12 +300,12 @@ def _sequential_dcil_loss(
         )
       else:
         z_teacher = teacher(params, *args)
-      params_s, args, z_teacher = jax.lax.optimization_barrier((params, args, z_teacher))
+      (params_s, args), z_teacher = _after((params, args), z_teacher)
     else:
       params_s = params
     g_s, (z_s, state_s) = grad_fn(paths.SPARSE, params_s, z_teacher, kd, *args)
     # The dense path's inputs exist only once the sparse gradient does.
-    params_d, args, z_s, g_s = jax.lax.optimization_barrier((params, args, z_s, g_s))
+    (params_d, args), (z_s, g_s) = _after((params, args), (z_s, g_s))
     teacher_s = None if z_teacher is None else z_s
     g_d, (z_d, state_d) = grad_fn(paths.DENSE, params_d, teacher_s, kd, *args)
     grads = jax.tree.map(jnp.add, g_s, g_d)

@@ -16,6 +16,7 @@ from test_losses import lifted
 
 import dcil_jax
 from dcil_jax import paths
+from dcil_jax.models import SmallCNN
 
 
 class DropoutCNN(nn.Module):
@@ -168,7 +169,7 @@ def test_train_state_takes_the_strategy_by_name(tiny_model, tiny_variables, tiny
 
 def step_memory(strategy: str | None, method: str = "dcil", kd_start_step: int = 0) -> dict:
   """Compile-only ``memory_analysis()`` of ``train_step`` for a small conv net, batch 32."""
-  model = dcil_jax.models.SmallCNN(num_classes=5, widths=(16, 32, 32))
+  model = SmallCNN(num_classes=5, widths=(16, 32, 32))
   x = jnp.zeros((32, 16, 16, 3))
   variables = model.init(jax.random.PRNGKey(0), x[:1])
   if method == "dcil":
