@@ -191,3 +191,20 @@ def test_sequential_step_needs_about_the_memory_of_a_dense_step():
     sequential = step_memory("sequential", kd_start_step=kd_start_step)
     assert sequential < 0.7 * unrolled, (sequential, unrolled)
     assert sequential < 1.15 * dense, (sequential, dense)
+
+
+def test_default_strategy_is_sequential_on_accelerators_only():
+  assert paths.default_strategy("cpu") == "unrolled"
+  assert paths.default_strategy("gpu") == paths.default_strategy("tpu") == "sequential"
+  assert paths.default_strategy() == paths.default_strategy(jax.default_backend())
+
+
+def test_experiment_config_selects_sequential():
+  from experiments import train
+  from experiments.configs import cifar
+
+  config = cifar.get_config()
+  config.model, config.strategy = "resnet8", "sequential"
+  config = train.resolve_config(config)
+  state = train.create_train_state(config, dcil_jax.sharding.make_mesh(), steps_per_epoch=10)
+  assert state.method.strategy == "sequential"
