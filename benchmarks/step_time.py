@@ -54,12 +54,41 @@ UPDATE_EVERY = 16
 PROBE_UPDATE_EVERY = 2
 BATCH = 128
 NUM_CLASSES = 10
-MODELS = {"resnet20": (models.resnet20, (32, 32, 3)), "small_cnn": (models.SmallCNN, (8, 8, 1))}
-TARGETS = {"dcil_ratio": 2.1, "dpf_ratio": 1.1, "refresh_pct": 2.0}
+MODELS = {
+  "resnet20": (models.resnet20, (32, 32, 3)),
+  "small_cnn": (models.SmallCNN, (8, 8, 1)),
+  "resnet50": (models.resnet50, (224, 224, 3)),  # compile-only memory (--memory-models)
+}
+TARGETS = {
+  "dcil_ratio": 2.1,
+  "dpf_ratio": 1.1,
+  "refresh_pct": 2.0,
+  # issue 14: DCIL "sequential" against today's default DCIL step, and its memory against dense
+  "sequential_vs_unrolled_kd": 1.2,
+  "sequential_vs_unrolled_no_kd": 1.05,
+  "sequential_memory_vs_dense": 1.1,
+}
+KD_OFF_STEP = 10**9  # kd_start_step that keeps distillation off for the whole benchmark
 DEVICE_FLAG = "--xla_force_host_platform_device_count=2"
 MAIN, TWO_DEV = "main", "2-dev"
-MAIN_CONFIGS = (("dense", None), ("dpf", None), ("dcil", "unrolled"), ("dcil", "vmap"))
-WORKER_CONFIGS = (("dense", None), ("dcil", "unrolled"), ("dcil", "sharded"))
+# (method, strategy, distillation on): DCIL's kd_weight is traced (on from step 0, or off for the
+# whole run), as in training, so "sequential" decides on its teacher forward under lax.cond.
+MAIN_CONFIGS = (
+  ("dense", None, True),
+  ("dpf", None, True),
+  ("dcil", "unrolled", True),
+  ("dcil", "vmap", True),
+  ("dcil", "sequential", True),
+  ("dcil", "sequential", False),
+)
+WORKER_CONFIGS = (("dense", None, True), ("dcil", "unrolled", True), ("dcil", "sharded", True))
+MEMORY_CONFIGS = (
+  ("dense", None, True),
+  ("dpf", None, True),
+  ("dcil", "unrolled", True),
+  ("dcil", "sequential", True),
+  ("dcil", "sequential", False),
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,14 +110,14 @@ def make_tx(update_every: int = UPDATE_EVERY, masked: bool = True) -> optax.Grad
   return optax.chain(*parts)
 
 
-def make_problem(model_name: str) -> tuple[Any, Any, dict[str, jax.Array]]:
-  """``(model, variables, batch)``: a random batch of ``BATCH`` images and integer labels."""
+def make_problem(model_name: str, batch_size: int = BATCH) -> tuple[Any, Any, dict[str, jax.Array]]:
+  """``(model, variables, batch)``: a random batch of ``batch_size`` images and integer labels."""
   model_fn, shape = MODELS[model_name]
   model = model_fn(num_classes=NUM_CLASSES)
   rng = np.random.default_rng(0)
   batch = {
-    "image": jnp.asarray(rng.normal(size=(BATCH, *shape)).astype(np.float32)),
-    "label": jnp.asarray(rng.integers(0, NUM_CLASSES, BATCH).astype(np.int32)),
+    "image": jnp.asarray(rng.normal(size=(batch_size, *shape)).astype(np.float32)),
+    "label": jnp.asarray(rng.integers(0, NUM_CLASSES, batch_size).astype(np.int32)),
   }
   variables = model.init(jax.random.PRNGKey(0), batch["image"][:1], train=False)
   return model, variables, batch
@@ -158,6 +187,36 @@ def prunable(params: Any, masks: Any) -> list[jax.Array]:
   ]
 
 
+def config_label(method: str, strategy: str | None, kd: bool = True) -> str:
+  """``"dense"``, ``"dcil/unrolled"``, ``"dcil/sequential (kd off)"``, ..."""
+  label = method if strategy is None else f"{method}/{strategy}"
+  return label if kd else f"{label} (kd off)"
+
+
+def create_state(
+  model_name: str,
+  method: str,
+  strategy: str | None,
+  kd: bool = True,
+  update_every: int = UPDATE_EVERY,
+  batch_size: int = BATCH,
+) -> tuple[dcil_jax.TrainState, dict[str, jax.Array]]:
+  """The benchmark's train state for one config, and its batch."""
+  model, variables, batch = make_problem(model_name, batch_size)
+  tx = make_tx(update_every) if method != "dense" else make_tx(update_every, masked=False)
+  extra = {} if kd or method != "dcil" else {"kd_start_step": KD_OFF_STEP}
+  state = dcil_jax.TrainState.create(
+    model,
+    variables,
+    tx,
+    method=method,
+    strategy=strategy,
+    example_input=batch["image"][:1],
+    **extra,
+  )
+  return state, batch
+
+
 def prepare_config(
   model_name: str,
   method: str,
@@ -165,23 +224,20 @@ def prepare_config(
   args: argparse.Namespace,
   process: str,
   update_every: int = UPDATE_EVERY,
+  kd: bool = True,
 ) -> Config:
   """Compiles and analyses one train step, then runs its warm-up steps.
 
   The number of timed steps is ``args.steps`` unless the last warm-up step predicts more than
   ``args.budget_s`` seconds; then it is ``max(args.min_steps, budget / step)``.
   """
-  label = method if strategy is None else f"{method}/{strategy}"
+  label = config_label(method, strategy, kd)
   if update_every != UPDATE_EVERY:
     label += f" (update_every={update_every})"
   log(f"{model_name} {label} [{process}]: compile + warm-up")
   gc.collect()
   reset_peak_rss()
-  model, variables, batch = make_problem(model_name)
-  tx = make_tx(update_every) if method != "dense" else make_tx(update_every, masked=False)
-  state = dcil_jax.TrainState.create(
-    model, variables, tx, method=method, strategy=strategy, example_input=batch["image"][:1]
-  )
+  state, batch = create_state(model_name, method, strategy, kd, update_every)
   t0 = time.perf_counter()
   lowered = dcil_jax.train_step.lower(state, batch)
   t1 = time.perf_counter()
@@ -193,6 +249,7 @@ def prepare_config(
     "method": method,
     "strategy": getattr(state.method, "strategy", None),
     "label": label,
+    "kd": kd,
     "update_every": update_every,
     "devices": jax.device_count(),
     "lower_s": t1 - t0,
@@ -307,16 +364,146 @@ def bench_conv(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
+# Compile-only memory: step memory at a batch size, and the largest batch under a budget
+
+
+def batch_shapes(model_name: str, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """Abstract batch for ``train_step.lower`` (compile-only: no images are allocated)."""
+  shape = MODELS[model_name][1]
+  return {
+    "image": jax.ShapeDtypeStruct((batch_size, *shape), jnp.float32),
+    "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+  }
+
+
+def step_memory(state: dcil_jax.TrainState, model_name: str, batch_size: int) -> dict[str, int]:
+  """``memory_stats`` of ``train_step`` compiled for ``batch_size`` (never executed)."""
+  compiled = dcil_jax.train_step.lower(state, batch_shapes(model_name, batch_size)).compile()
+  return memory_stats(compiled)
+
+
+def memory_at_batch(args: argparse.Namespace) -> list[dict[str, Any]]:
+  """Compile-only step memory of every ``MEMORY_CONFIGS`` entry at ``--memory-batch``."""
+  records = []
+  for model_name in args.memory_models:
+    for method, strategy, kd in MEMORY_CONFIGS:
+      label = config_label(method, strategy, kd)
+      log(f"{model_name} {label}: compile-only memory at batch {args.memory_batch}")
+      state, _ = create_state(model_name, method, strategy, kd, batch_size=1)
+      t = time.perf_counter()
+      memory = step_memory(state, model_name, args.memory_batch)
+      records.append(
+        {
+          "model": model_name,
+          "label": label,
+          "batch": args.memory_batch,
+          "memory": memory,
+          "compile_s": time.perf_counter() - t,
+        }
+      )
+      del state
+      gc.collect()
+  for r in records:
+    dense = next(d for d in records if d["model"] == r["model"] and d["label"] == "dense")
+    r["total_vs_dense"] = r["memory"]["total_bytes"] / dense["memory"]["total_bytes"]
+    r["temp_vs_dense"] = r["memory"]["temp_bytes"] / dense["memory"]["temp_bytes"]
+  return records
+
+
+def largest_batch(fits: Any, guess: int, step: int) -> tuple[int, list[int]]:
+  """The largest multiple of ``step`` for which ``fits(batch)`` holds, searched from ``guess``
+  (memory grows with the batch, so ``fits`` is monotone): a doubling bracket, then bisection.
+
+  Returns:
+    ``(batch, batches checked)``; batch 0 if even ``step`` does not fit.
+  """
+  checked = []
+
+  def check(b):
+    checked.append(b)
+    return fits(b)
+
+  lo = max(step, guess // step * step)
+  if check(lo):
+    hi = lo + step
+    while check(hi):
+      lo, hi = hi, hi + 2 * (hi - lo)
+  else:
+    hi = lo
+    lo = max(step, (hi // 2) // step * step)
+    while lo < hi and not check(lo):
+      hi, lo = lo, max(step, (lo // 2) // step * step)
+      if hi == step:
+        return 0, checked
+  while hi - lo > step:
+    mid = (lo + hi) // 2 // step * step
+    if check(mid):
+      lo = mid
+    else:
+      hi = mid
+  return lo, checked
+
+
+def batch_fit(args: argparse.Namespace) -> list[dict[str, Any]]:
+  """Largest per-device batch whose compiled step memory (temp + argument + output) fits
+  ``--fit-budget-gib``, for every ``MEMORY_CONFIGS`` entry: compile-only, never executed.
+
+  Two compiles (batch 32 and 64) give a linear fit of memory against batch to start from;
+  exact compiles then bracket and bisect to a multiple of ``--fit-step``.
+  """
+  budget = args.fit_budget_gib * 2**30
+  records = []
+  for model_name in args.fit_models:
+    for method, strategy, kd in MEMORY_CONFIGS:
+      label = config_label(method, strategy, kd)
+      log(f"{model_name} {label}: largest batch under {args.fit_budget_gib} GiB")
+      state, _ = create_state(model_name, method, strategy, kd, batch_size=1)
+      t = time.perf_counter()
+      cache: dict[int, int] = {}
+
+      def total(b, state=state, model_name=model_name, cache=cache):
+        if b not in cache:
+          cache[b] = step_memory(state, model_name, b)["total_bytes"]
+        return cache[b]
+
+      per_image = (total(64) - total(32)) / 32
+      guess = int((budget - total(32)) / per_image) + 32 if per_image > 0 else 32
+      batch, checked = largest_batch(
+        lambda b, total=total: total(b) <= budget, guess, args.fit_step
+      )
+      records.append(
+        {
+          "model": model_name,
+          "label": label,
+          "budget_gib": args.fit_budget_gib,
+          "batch": batch,
+          "memory_at_batch": cache.get(batch),
+          "linear_guess": guess,
+          "per_image_bytes": per_image,
+          "compiles": len(cache),
+          "checked": checked,
+          "seconds": time.perf_counter() - t,
+        }
+      )
+      log(f"  batch {batch} ({len(cache)} compiles)")
+      del state
+      gc.collect()
+  return records
+
+
+# --------------------------------------------------------------------------------------------
 # Processes
 
 
 def run_process(args: argparse.Namespace, process: str) -> dict[str, Any]:
   """Every model's configs (and refresh timer) of one process, each model interleaved."""
   configs = MAIN_CONFIGS if process == MAIN else WORKER_CONFIGS
+  if args.only:
+    configs = [c for c in configs if config_label(*c) in args.only]
   out: dict[str, Any] = {"records": [], "refresh": {}, "cpu_usage": {}}
-  for model_name in args.models:
-    items = [prepare_config(model_name, m, s, args, process) for m, s in configs]
-    if process == MAIN and model_name in args.probe_models:
+  for model_name in args.models if configs else []:
+    items = [prepare_config(model_name, m, s, args, process, kd=kd) for m, s, kd in configs]
+    if process == MAIN and model_name in args.probe_models and not args.only:
       items.append(
         prepare_config(model_name, "dcil", None, args, process, update_every=PROBE_UPDATE_EVERY)
       )
@@ -355,6 +542,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     cmd += ["--models", ",".join(args.models), "--steps", str(args.steps)]
     cmd += ["--warmup", str(args.warmup), "--budget-s", str(args.budget_s)]
     cmd += ["--min-steps", str(args.min_steps)]
+    if args.only:
+      cmd += ["--only", ",".join(args.only)]
     subprocess.run(cmd, env=env, check=True)
     return json.loads(out.read_text())
 
@@ -387,9 +576,15 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
   Also ``ratio_of_medians`` (median over dense median). Both use the same model and process.
   """
   for r in records:
+    if "previous_run" in r:  # paired with the dense steps of its own run
+      continue
     dense = find(records, r["model"], "dense", r["process"])
     r["ratio_to_dense"] = paired_median(r["times_s"], dense["times_s"])
     r["ratio_of_medians"] = r["median_s"] / dense["median_s"]
+    r["memory_vs_dense"] = r["memory"]["total_bytes"] / dense["memory"]["total_bytes"]
+    unrolled = find(records, r["model"], "dcil/unrolled", r["process"])
+    if r.get("strategy") == "sequential" and unrolled and "previous_run" not in unrolled:
+      r["ratio_to_unrolled"] = paired_median(r["times_s"], unrolled["times_s"])
 
 
 def analyse_refresh(result: dict[str, Any]) -> None:
@@ -401,6 +596,7 @@ def analyse_refresh(result: dict[str, Any]) -> None:
       for r in result["records"]
       if (r["model"], r["process"], r["method"]) == (model, process, "dcil")
       and r["update_every"] == UPDATE_EVERY
+      and ("previous_run" in r) == ("previous_run" in ref)
     }
 
 
@@ -419,6 +615,31 @@ def evaluate(result: dict[str, Any]) -> list[dict[str, Any]]:
         "value": r["ratio_to_dense"],
         "limit": TARGETS[key],
         "pass": r["ratio_to_dense"] <= TARGETS[key],
+      }
+    )
+  for r in result["records"]:
+    if r.get("strategy") != "sequential" or "ratio_to_unrolled" not in r:
+      continue
+    key = "sequential_vs_unrolled_kd" if r.get("kd", True) else "sequential_vs_unrolled_no_kd"
+    checks.append(
+      {
+        "target": f"{r['label']} <= {TARGETS[key]}x dcil/unrolled (KD on) step time",
+        "model": r["model"],
+        "process": r["process"],
+        "value": r["ratio_to_unrolled"],
+        "limit": TARGETS[key],
+        "pass": r["ratio_to_unrolled"] <= TARGETS[key],
+      }
+    )
+    limit = TARGETS["sequential_memory_vs_dense"]
+    checks.append(
+      {
+        "target": f"{r['label']} step memory <= {limit}x dense",
+        "model": r["model"],
+        "process": r["process"],
+        "value": r["memory_vs_dense"],
+        "limit": limit,
+        "pass": r["memory_vs_dense"] <= limit,
       }
     )
   for key, ref in result["refresh"].items():
@@ -465,6 +686,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   )
   p.add_argument("--no-sharded", action="store_true", help="skip the 2-device subprocess")
   p.add_argument(
+    "--only",
+    default="",
+    help="comma-separated config labels to time (e.g. 'dense,dcil/unrolled,dcil/sequential,"
+    "dcil/sequential (kd off)'); also skips the conv microbenchmark and the probe rows",
+  )
+  p.add_argument(
+    "--merge",
+    action="store_true",
+    help="keep the rows of <out>/step_time_cpu.json that this run does not measure (marked as "
+    "from a previous run, with their own ratios)",
+  )
+  p.add_argument(
+    "--memory-models", default="", help="models for compile-only step memory at --memory-batch"
+  )
+  p.add_argument("--memory-batch", type=int, default=32, help="batch of --memory-models")
+  p.add_argument(
+    "--fit-models", default="", help="models for the largest-batch-under-a-budget table"
+  )
+  p.add_argument("--fit-budget-gib", type=float, default=16.0, help="memory budget per device")
+  p.add_argument("--fit-step", type=int, default=8, help="batch granularity of the fit")
+  p.add_argument(
     "--render-only",
     action="store_true",
     help="rewrite the report from <out>/step_time_cpu.json without measuring",
@@ -474,7 +716,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   args = p.parse_args(argv)
   args.models = [m.strip() for m in args.models.split(",") if m.strip()]
   args.probe_models = [m.strip() for m in args.probe_models.split(",") if m.strip()]
-  unknown = sorted(set(args.models + args.probe_models) - set(MODELS))
+  args.only = [c.strip() for c in args.only.split(",") if c.strip()]
+  args.memory_models = [m.strip() for m in args.memory_models.split(",") if m.strip()]
+  args.fit_models = [m.strip() for m in args.fit_models.split(",") if m.strip()]
+  known = {config_label(*c) for c in (*MAIN_CONFIGS, *WORKER_CONFIGS)}
+  if set(args.only) - known:
+    p.error(f"unknown configs {sorted(set(args.only) - known)}; choose from {sorted(known)}")
+  names = args.models + args.probe_models + args.memory_models + args.fit_models
+  unknown = sorted(set(names) - set(MODELS))
   if unknown:
     p.error(f"unknown models {unknown}; choose from {sorted(MODELS)}")
   if args.steps < 1 or args.min_steps < 1 or args.warmup < 1:
@@ -498,11 +747,12 @@ def main(argv: list[str] | None = None) -> None:
   if jax.device_count() != 1:
     notes.append(f"The main process saw {jax.device_count()} devices (XLA_FLAGS was set).")
   main_out = run_process(args, MAIN)
-  conv = bench_conv(args)
+  conv = None if args.only else bench_conv(args)
   records, refresh, usage = main_out["records"], main_out["refresh"], main_out["cpu_usage"]
   peaks = {MAIN: main_out["peak_rss_mb"]}
   worker_info = None
-  if not args.no_sharded:
+  worker_labels = {config_label(*c) for c in WORKER_CONFIGS} - {"dense"}
+  if not args.no_sharded and (not args.only or worker_labels & set(args.only)):
     worker_info = run_worker(args)
     records += worker_info.pop("records")
     refresh |= worker_info.pop("refresh")
@@ -534,8 +784,45 @@ def main(argv: list[str] | None = None) -> None:
     "process_peak_rss_mb": peaks,
     "notes": notes,
   }
+  result["memory_at_batch"] = memory_at_batch(args)
+  result["batch_fit"] = batch_fit(args)
   result["wall_s"] = time.perf_counter() - start
+  if args.merge:
+    merge_previous(result, out / "step_time_cpu.json")
   finish(result, out)
+
+
+def merge_previous(result: dict[str, Any], path: Path) -> None:
+  """Adds the rows of the previous results file that this run did not measure."""
+  previous = json.loads(path.read_text())
+  stamp = {
+    "date_utc": previous["machine"]["date_utc"],
+    "commit": previous["library"]["start"]["commit"],
+  }
+  measured = {(r["model"], r["process"], r["label"]) for r in result["records"]}
+  kept = []
+  for r in previous["records"]:
+    if (r["model"], r["process"], r["label"]) not in measured:
+      kept.append(r | {"previous_run": r.get("previous_run", stamp)})
+  result["records"] += kept
+  for key, ref in previous["refresh"].items():
+    result["refresh"].setdefault(key, ref | {"previous_run": ref.get("previous_run", stamp)})
+  for key in ("conv", "worker"):
+    if result.get(key) is None and previous.get(key) is not None:
+      result[key] = previous[key]
+  for key, value in previous.get("cpu_usage", {}).items():
+    result["cpu_usage"].setdefault(key, value)
+  for key, value in previous.get("process_peak_rss_mb", {}).items():
+    result["process_peak_rss_mb"].setdefault(key, value)
+  for key in ("memory_at_batch", "batch_fit"):
+    if not result.get(key) and previous.get(key):
+      result[key] = previous[key]
+  labels = sorted({f"{m}/{p}: {lab}" for m, p, lab in measured})
+  result["notes"].append(
+    f"Rows measured in this run: {', '.join(labels) or 'none'}. The other rows are kept from "
+    f"the previous run ({stamp['date_utc']}, commit `{stamp['commit']}`; marked †), with the "
+    "ratios of that run."
+  )
 
 
 def finish(result: dict[str, Any], out: Path) -> None:

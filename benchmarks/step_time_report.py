@@ -156,7 +156,8 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
   for r in result["records"]:
     mem = r["memory"]
     lines.append(
-      f"| {r['model']} | {r['process']} | {r['label']} | {r['steps']}{'*' if r['capped'] else ''} "
+      f"| {r['model']} | {r['process']} | {r['label']}{' †' if 'previous_run' in r else ''} | "
+      f"{r['steps']}{'*' if r['capped'] else ''} "
       f"| {fmt_ms(r['median_s'])} | {fmt_ms(r['iqr_s'])} | **{r['ratio_to_dense']:.2f}** | "
       f"{r['ratio_of_medians']:.2f} | {r['lower_s']:.1f} | {r['compile_s']:.1f} | "
       f"{r['first_call_s']:.1f} | {mem['total_bytes'] / MB:.0f} ({mem['temp_bytes'] / MB:.0f} / "
@@ -240,4 +241,77 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
       f"{conv['vmap']['median_s'] * 1e3:.1f} ms ({conv['vmap']['hlo']['grouped_convolutions']} "
       f"grouped convolutions): {conv['vmap_over_unrolled']:.1f}x.",
     ]
+  lines += sequential_section(result)
   path.write_text("\n".join(lines) + "\n")
+
+
+def sequential_section(result: dict[str, Any]) -> list[str]:
+  """Issue 14: DCIL "sequential" against unrolled and dense, and the compile-only tables."""
+  rows = [r for r in result["records"] if r.get("strategy") == "sequential"]
+  lines = []
+  if rows:
+    lines += [
+      "",
+      "## DCIL `sequential`: time and memory",
+      "",
+      "*x unrolled* = median over rounds of (sequential step / `dcil/unrolled` step of the same "
+      "round): `dcil/unrolled` with distillation on is today's default DCIL step (its cost does "
+      "not depend on the distillation weight). Memory as in the step-time table.",
+      "",
+      "| model | process | config | median ms | x unrolled | x dense | step memory MB | "
+      "memory x dense | temp memory x dense |",
+      "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+      dense = find(result["records"], r["model"], "dense", r["process"])
+      temp = r["memory"]["temp_bytes"] / dense["memory"]["temp_bytes"]
+      lines.append(
+        f"| {r['model']} | {r['process']} | {r['label']} | {fmt_ms(r['median_s'])} | "
+        f"**{r.get('ratio_to_unrolled', float('nan')):.2f}** | {r['ratio_to_dense']:.2f} | "
+        f"{r['memory']['total_bytes'] / MB:.0f} | **{r['memory_vs_dense']:.2f}** | {temp:.2f} |"
+      )
+  at_batch = result.get("memory_at_batch") or []
+  if at_batch:
+    lines += [
+      "",
+      "### Compile-only step memory",
+      "",
+      "`train_step.lower(state, abstract batch).compile().memory_analysis()`; nothing is run.",
+      "",
+      "| model | batch | config | step memory MB (temp / arg / out) | x dense | temp x dense |",
+      "|---|---:|---|---|---:|---:|",
+    ]
+    for r in at_batch:
+      m = r["memory"]
+      lines.append(
+        f"| {r['model']} | {r['batch']} | {r['label']} | {m['total_bytes'] / MB:.0f} "
+        f"({m['temp_bytes'] / MB:.0f} / {m['argument_bytes'] / MB:.0f} / "
+        f"{m['output_bytes'] / MB:.0f}) | **{r['total_vs_dense']:.2f}** | "
+        f"{r['temp_vs_dense']:.2f} |"
+      )
+  fit = result.get("batch_fit") or []
+  if fit:
+    budget = fit[0]["budget_gib"]
+    lines += [
+      "",
+      f"### Largest per-device batch within {budget:g} GiB",
+      "",
+      f"The largest batch (a multiple of {result['args'].get('fit_step', 8)}) whose compiled "
+      f"step memory (temp + argument + output, XLA:CPU's estimate) is at most {budget:g} GiB: "
+      "compile-only, never executed. A linear fit of two compiles (batch 32 and 64) gives the "
+      "starting guess; exact compiles bracket and bisect. An accelerator's compiler lays out "
+      "memory differently, so read the ratios between the methods, not the absolute batch.",
+      "",
+      "| model | config | largest batch | x dense | memory at that batch MB | MB per image | "
+      "compiles |",
+      "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in fit:
+      dense = next(d for d in fit if d["model"] == r["model"] and d["label"] == "dense")
+      share = r["batch"] / dense["batch"] if dense["batch"] else float("nan")
+      at = "-" if r["memory_at_batch"] is None else f"{r['memory_at_batch'] / MB:.0f}"
+      lines.append(
+        f"| {r['model']} | {r['label']} | **{r['batch']}** | {share:.2f} | {at} | "
+        f"{r['per_image_bytes'] / MB:.2f} | {r['compiles']} |"
+      )
+  return lines

@@ -128,7 +128,12 @@ def dcil_loss(
       statistics, ...), or ``None`` for a model without mutable collections.
     kd_weight: weight of the mutual distillation terms (official: 0 before epoch 70, then 1).
     temperature: distillation temperature ``T`` (official: 2).
-    strategy: ``"unrolled"``, ``"vmap"`` or ``"sharded"`` — same values and gradients.
+    strategy: ``"unrolled"``, ``"vmap"``, ``"sharded"`` or ``"sequential"`` — same values,
+      gradients and model state. ``"sequential"`` runs the sparse path's forward and backward,
+      then the dense path's, so only one path's activations are alive (about the memory of
+      dense training; one extra forward of the dense path when ``kd_weight`` is not 0); it is
+      reverse-mode only, and differentiates ``params`` and ``kd_weight`` only (see
+      ``_sequential_dcil_loss``).
     mesh: mesh with a ``path`` axis, for ``strategy="sharded"``.
     rngs: Flax rngs (e.g. ``{"dropout": key}``); each path folds in its index.
     task_loss: ``(logits, batch) -> scalar`` of each path (default: cross-entropy).
@@ -140,6 +145,10 @@ def dcil_loss(
   """
   model = as_model(model)
   kernel_masks = _check_lifted(params, masks, "dcil_loss")
+  if strategy == "sequential":
+    return _sequential_dcil_loss(
+      model, params, masks, batch, model_state, kd_weight, temperature, rngs, task_loss
+    )
   names = paths.PATH_NAMES
   own = [params.get(name, {}) for name in names]
   states = [None if model_state is None else model_state[name] for name in names]
@@ -159,6 +168,15 @@ def dcil_loss(
     strategy=strategy,
     mesh=mesh,
   )
+  return _dcil_outputs(
+    z_s, z_d, state_s, state_d, model_state, batch, kd_weight, temperature, task_loss
+  )
+
+
+def _dcil_outputs(
+  z_s, z_d, state_s, state_d, model_state, batch, kd_weight, temperature, task_loss
+):
+  """``(loss, aux)`` of :func:`dcil_loss` from both paths' logits and new model states."""
   task = jnp.stack([task_loss(z_s, batch), task_loss(z_d, batch)])
   kl = jnp.stack([distillation_kl(z_s, z_d, temperature), distillation_kl(z_d, z_s, temperature)])
   loss = jnp.sum(task) + kd_weight * jnp.sum(kl)
@@ -167,9 +185,142 @@ def dcil_loss(
     "ce": task,
     "kl": kl,
     "accuracy": jnp.stack([accuracy(z_s, batch["label"]), accuracy(z_d, batch["label"])]),
-    "model_state": None if model_state is None else dict(zip(names, (state_s, state_d))),
+    "model_state": None if model_state is None else dict(zip(paths.PATH_NAMES, (state_s, state_d))),
   }
   return loss, aux
+
+
+def _static_weight(weight: float | jax.Array) -> float | None:
+  """``weight`` as a Python float when it is known at trace time, else ``None`` (traced)."""
+  try:
+    return float(weight)
+  except TypeError:  # a tracer (ConcretizationTypeError and friends are TypeErrors)
+    return None
+
+
+def _after(tree: Any, done: Any) -> tuple[Any, Any]:
+  """``(tree, done)`` with the same values, where every array of ``tree`` can only be computed
+  once every array of ``done`` is: the next stage's inputs wait for the previous stage.
+
+  An ``optimization_barrier`` keeps XLA from merging or overlapping the stages where barriers
+  survive until scheduling, but XLA:CPU expands (erases) them before it schedules, so each leaf
+  also gets a data dependency on ``done``: ``+ 0·max|done|``. XLA does not fold ``0·x`` for
+  floats (it is NaN for an infinite or NaN ``x``), so the dependency stays; the values are
+  unchanged unless ``done`` is not finite, and then the step is not finite anyway.
+  """
+  tree, done = jax.lax.optimization_barrier((tree, done))
+  scales = [
+    jnp.max(jnp.abs(x)).astype(jnp.float32)
+    for x in jax.tree.leaves(done)
+    if jnp.issubdtype(x.dtype, jnp.inexact) and x.size
+  ]
+  if not scales:
+    return tree, done
+  zero = 0.0 * jnp.max(jnp.stack(scales))
+
+  def tie(x):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      data = tie(jax.random.key_data(x))
+      return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    if x.dtype == jnp.bool_:
+      return x | zero.astype(jnp.bool_)
+    return x + zero.astype(x.dtype)
+
+  return jax.tree.map(tie, tree), done
+
+
+def _sequential_dcil_loss(
+  model, params, masks, batch, model_state, kd_weight, temperature, rngs, task_loss
+):
+  """:func:`dcil_loss` with ``strategy="sequential"``: one path's activations alive at a time.
+
+  The loss splits per path once each path sees the other's logits as a constant (the KL target
+  is detached anyway): ``L = [CE(z_s) + w·KL(z_s‖sg z_d)] + [CE(z_d) + w·KL(z_d‖sg z_s)]``, and
+  the sparse bracket's gradient reaches only ``W⊙M`` and BN_s/FC_s, the dense one's only
+  ``W⊙(1−M)`` and BN_d/FC_d. So a ``jax.custom_vjp`` computes the parameter gradients in its
+  forward: (1) with distillation, a forward-only pass of the dense path gives the teacher
+  ``z_d``; (2) the sparse path's forward and backward (teacher ``z_d``) give ``z_s`` and its
+  gradient; (3) the dense path's forward and backward (teacher ``z_s``). The gradients are the
+  residuals; the backward returns ``cotangent · grads``. Each stage's inputs depend on the
+  previous stage's outputs (:func:`_after`), so XLA can neither overlap the stages nor merge
+  the teacher forward with step (3)'s forward (which would keep the dense activations alive
+  during step 2).
+
+  Whether step (1) runs is decided statically when ``kd_weight`` is a concrete number (0: skip
+  it, so the step costs what unrolled costs) and under ``lax.cond(kd_weight != 0)`` when it is
+  traced: ``DCIL.kd_weight_at(step)`` turns distillation on at ``kd_start_step`` inside one
+  compiled ``train_step``, and a static flag would need a second compile and a second method
+  object. Each path draws its own dropout keys (:func:`path_rngs`), the same in the teacher
+  forward as in step (3), so the teacher logits equal the dense path's logits.
+
+  Differentiable with reverse mode only (no ``jax.jvp``), and only with respect to ``params``
+  and ``kd_weight``: the batch, model state, masks and ``aux`` get no gradient.
+  """
+  names = paths.PATH_NAMES
+  static_kd = _static_weight(kd_weight)
+  kd_weight = jnp.asarray(kd_weight, jnp.float32)
+  states = None if model_state is None else tuple(model_state[name] for name in names)
+
+  def forward(i, params, masks, batch, states, rngs):
+    kernels = dcil_kernels(params[paths.PRUNABLE], masks[paths.PRUNABLE], i)
+    weights = paths.path_params(params, names[i], kernels)
+    state = None if states is None else states[i]
+    return model.apply_train(_variables(weights, state), batch["image"], path_rngs(rngs, i))
+
+  def outputs(z_s, z_d, new_states, kd, batch):
+    return _dcil_outputs(z_s, z_d, *new_states, model_state, batch, kd, temperature, task_loss)
+
+  def primal(params, kd, masks, batch, states, rngs):
+    (z_s, state_s), (z_d, state_d) = paths.map_paths(
+      lambda i, *args: forward(i, *args),
+      [(), ()],
+      (params, masks, batch, states, rngs),
+      strategy="sequential",
+    )
+    return outputs(z_s, z_d, (state_s, state_d), kd, batch)
+
+  def path_objective(i, params, teacher, kd, masks, batch, states, rngs):
+    z, new_state = forward(i, params, masks, batch, states, rngs)
+    objective = task_loss(z, batch)
+    if teacher is not None:
+      objective = objective + kd * distillation_kl(z, teacher, temperature)
+    return objective, (z, new_state)
+
+  grad_fn = jax.grad(path_objective, argnums=1, has_aux=True)
+
+  def fwd(params, kd, masks, batch, states, rngs):
+    args = (masks, batch, states, rngs)
+    z_teacher = None
+    if static_kd != 0.0:
+      teacher = lambda *a: forward(paths.DENSE, *a)[0]  # noqa: E731
+      if static_kd is None:
+        shape = jax.eval_shape(teacher, params, *args)
+        z_teacher = jax.lax.cond(
+          kd != 0, teacher, lambda *a: jnp.zeros(shape.shape, shape.dtype), params, *args
+        )
+      else:
+        z_teacher = teacher(params, *args)
+      (params_s, args), z_teacher = _after((params, args), z_teacher)
+    else:
+      params_s = params
+    g_s, (z_s, state_s) = grad_fn(paths.SPARSE, params_s, z_teacher, kd, *args)
+    # The dense path's inputs exist only once the sparse gradient does.
+    (params_d, args), (z_s, g_s) = _after((params, args), (z_s, g_s))
+    teacher_s = None if z_teacher is None else z_s
+    g_d, (z_d, state_d) = grad_fn(paths.DENSE, params_d, teacher_s, kd, *args)
+    grads = jax.tree.map(jnp.add, g_s, g_d)
+    loss, aux = outputs(z_s, z_d, (state_s, state_d), kd, batch)
+    return (loss, aux), (grads, jnp.sum(aux["kl"]))
+
+  def bwd(residuals, cotangents):
+    grads, kl_sum = residuals
+    ct = cotangents[0]  # aux gets no gradient
+    scaled = jax.tree.map(lambda g: (ct * g).astype(g.dtype), grads)
+    return scaled, ct * kl_sum, None, None, None, None
+
+  loss_fn = jax.custom_vjp(primal)
+  loss_fn.defvjp(fwd, bwd)
+  return loss_fn(params, kd_weight, masks, batch, states, rngs)
 
 
 def _single_path_loss(model, weights, batch, model_state, rngs, task_loss):

@@ -76,8 +76,10 @@ class DCIL(Dense):
       weight`` (official: 0 before epoch 70, then 1; see ``kd_start_step``).
     kd_start_step: first optimizer step with distillation (``kd_weight`` applies from there).
     temperature: distillation temperature ``T`` (official: 2).
-    strategy: how the path axis runs: ``"unrolled"``, ``"vmap"`` or ``"sharded"`` (``None``:
-      ``"sharded"`` on a mesh with a ``path`` axis, else :func:`paths.default_strategy`).
+    strategy: how the path axis runs: ``"unrolled"``, ``"vmap"``, ``"sharded"`` or
+      ``"sequential"`` (one path's activations alive at a time: the memory of dense training)
+      (``None``: ``"sharded"`` on a mesh with a ``path`` axis, else
+      :func:`paths.default_strategy`: sequential on accelerators, unrolled on CPU).
     share_non_prunable: ablation: one BatchNorm/head for both paths (default: per path, as the
       official code).
 

@@ -30,7 +30,7 @@ NUM_PATHS = 2
 PATH_NAMES = ("sparse", "dense")
 PRUNABLE, SHARED = "prunable", "shared"
 LAYOUT_KEYS = frozenset({PRUNABLE, SHARED, *PATH_NAMES})
-STRATEGIES = ("vmap", "unrolled", "sharded")
+STRATEGIES = ("vmap", "unrolled", "sharded", "sequential")
 PATH_AXIS = "path"
 
 
@@ -149,15 +149,29 @@ def path_mesh(devices: Any = None) -> Mesh:
   )
 
 
-def default_strategy() -> str:
-  """How to run the path axis when the caller does not say: ``"unrolled"``.
+def default_strategy(backend: str | None = None) -> str:
+  """How to run the path axis when the caller does not say: ``"sequential"`` on accelerators,
+  ``"unrolled"`` on CPU.
 
-  Measured on CPU (``benchmarks/results/step_time_cpu.md``): unrolled costs 1.6-1.9x a dense
-  step, while ``vmap`` turns the per-path kernels into grouped convolutions and costs 10-19x.
-  GPU/TPU are not measured here yet; unrolled runs two ordinary applies, the floor of the method
-  on one device. On several devices ``"sharded"`` runs one path per device.
+  Measured on CPU (``benchmarks/results/step_time_cpu.md``, ResNet-20, batch 128):
+  ``"sequential"`` needs the step memory of dense training (1.0x dense against unrolled's 2.0x),
+  so on an accelerator, where memory bounds the batch, it fits about twice unrolled's
+  per-device batch (7040 vs 3584 images in 16 GiB). Its step took 0.98x unrolled's with
+  distillation on and off (per-round medians, on a shared and loaded CPU); with distillation
+  on it does one extra forward of the dense path (about a sixth more FLOPs), which an
+  accelerator will show more clearly. On CPU host memory rarely binds, so unrolled stays the
+  default there. ``vmap`` turns the per-path kernels into grouped convolutions (10-19x a
+  dense step on CPU); on several devices ``"sharded"`` runs one path per device. GPU/TPU
+  times are not measured in this project yet.
+
+  Args:
+    backend: the JAX backend to choose for (default ``jax.default_backend()``).
+
+  Returns:
+    A name in :data:`STRATEGIES`.
   """
-  return "unrolled"
+  backend = jax.default_backend() if backend is None else backend
+  return "unrolled" if backend == "cpu" else "sequential"
 
 
 def _stack(*trees: Any) -> Any:
@@ -184,7 +198,12 @@ def map_paths(
     shared_args: pytrees used unchanged by every path (e.g. the input batch).
     strategy: ``"unrolled"`` — ``fn`` called once per path; ``"vmap"`` — one ``jax.vmap``
       over the stacked paths; ``"sharded"`` — ``jax.shard_map`` over the ``path`` axis of
-      ``mesh``, so each device runs one path with ordinary convolutions.
+      ``mesh``, so each device runs one path with ordinary convolutions; ``"sequential"`` —
+      ``fn`` called once per path, each path's inputs behind an ``optimization_barrier`` with
+      the previous path's outputs, so XLA runs the paths one after the other. (Under
+      ``jax.grad`` the backward passes still wait for both forwards; the memory saving of
+      DCIL's ``"sequential"`` comes from :func:`dcil_jax.dcil_loss`, which also splits the
+      loss per path.)
     mesh: a mesh with a ``path`` axis of size 2 (``strategy="sharded"`` only).
 
   Returns:
@@ -193,6 +212,14 @@ def map_paths(
   n = len(per_path_args)
   if strategy == "unrolled":
     return [fn(i, *args, *shared_args) for i, args in enumerate(per_path_args)]
+  if strategy == "sequential":
+    out: list[Any] = []
+    for i, args in enumerate(per_path_args):
+      shared = shared_args
+      if out:  # this path's inputs exist only once the previous path's outputs do
+        _, args, shared = jax.lax.optimization_barrier((out[-1], args, shared_args))
+      out.append(fn(i, *args, *shared))
+    return out
   if strategy not in STRATEGIES:
     raise ValueError(f"Unknown path strategy {strategy!r}; expected one of {STRATEGIES}.")
   stacked = (jnp.arange(n), *_stack(*per_path_args))

@@ -127,3 +127,14 @@ def test_collective_stats_counts_tuple_results():
   assert stats["counts"] == {"all-reduce": 1, "collective-permute": 1, "all-gather": 1}
   assert stats["megabytes"]["all-reduce"] == 2 * 32 * 4 / 2**20
   assert stats["megabytes"]["collective-permute"] == 16 * 2 / 2**20
+
+
+def test_largest_batch_brackets_and_bisects():
+  from benchmarks import step_time
+
+  for limit in (8, 100, 1000, 4096):
+    for guess in (8, 64, 800, 9000):
+      fits = lambda b, limit=limit: b <= limit  # noqa: E731
+      batch, checked = step_time.largest_batch(fits, guess, 8)
+      assert batch == limit // 8 * 8, (limit, guess, batch, checked)
+  assert step_time.largest_batch(lambda b: b <= 3, 64, 8)[0] == 0

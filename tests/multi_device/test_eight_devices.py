@@ -37,7 +37,9 @@ def make_tx():
 
 
 def run(model, variables, batch, method, mesh=None):
-  method = dcil_jax.DCIL(kd_start_step=1) if method == "dcil" else method
+  if method.startswith("dcil"):  # "dcil" (default strategy) or "dcil/<strategy>"
+    strategy = method.partition("/")[2] or None
+    method = dcil_jax.DCIL(kd_start_step=1, strategy=strategy)
   tx = make_tx() if method != "dense" else optax.sgd(1.0)
   state = dcil_jax.TrainState.create(
     model, variables, tx, method=method, mesh=mesh, example_input=batch["image"][:1]
@@ -66,12 +68,15 @@ def one_device(tiny_model, tiny_variables, global_batch):
 
 
 @pytest.mark.parametrize(
-  "method, path_parallel", [("dcil", False), ("dcil", True), ("dpf", False), ("dense", False)]
+  "method, path_parallel",
+  [("dcil", False), ("dcil", True), ("dcil/sequential", False), ("dpf", False), ("dense", False)],
 )
 def test_sharded_step_equals_one_device_step(
   one_device, method, path_parallel, tiny_model, tiny_variables, global_batch
 ):
-  ref_state, ref_losses, ref_masks = one_device(method)
+  # The reference is always the one-device step of the default strategy; "dcil/sequential"
+  # (KD off in step 0, on from step 1) on the data mesh must match it.
+  ref_state, ref_losses, ref_masks = one_device(method.partition("/")[0])
   mesh = sharding.make_mesh(path_parallel=path_parallel)
   state, losses, masks = run(tiny_model, tiny_variables, global_batch, method, mesh)
 
