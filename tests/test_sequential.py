@@ -200,11 +200,12 @@ def test_default_strategy_is_sequential_on_accelerators_only():
 
 
 def test_experiment_config_selects_sequential():
-  from experiments import train
+  from experiments import resolve
+  from experiments import state as lib
   from experiments.configs import cifar
 
   config = cifar.get_config()
   config.model, config.strategy = "resnet8", "sequential"
-  config = train.resolve_config(config)
-  state = train.create_train_state(config, dcil_jax.sharding.make_mesh(), steps_per_epoch=10)
+  config = resolve.resolve_config(config)
+  state = lib.create_train_state(config, dcil_jax.sharding.make_mesh(), steps_per_epoch=10)
   assert state.method.strategy == "sequential"
