@@ -156,10 +156,10 @@ def default_strategy(backend: str | None = None) -> str:
   Measured on CPU (``benchmarks/results/step_time_cpu.md``, ResNet-20, batch 128):
   ``"sequential"`` needs the step memory of dense training (1.0x dense against unrolled's 2.0x),
   so on an accelerator, where memory bounds the batch, it fits about twice unrolled's
-  per-device batch (7040 vs 3584 images in 16 GiB). Its step took 0.98x unrolled's with
-  distillation on and off (per-round medians, on a shared and loaded CPU); with distillation
-  on it does one extra forward of the dense path (about a sixth more FLOPs), which an
-  accelerator will show more clearly. On CPU host memory rarely binds, so unrolled stays the
+  per-device batch (7040 vs 3584 images in 16 GiB). Its step took 1.12x unrolled's with
+  distillation on (one extra forward of the dense path) and 1.00x with it off (per-round
+  medians on a quiet CPU). For ResNet-50 at batch 32 its memory is 1.14x dense (unrolled:
+  1.94x). On CPU host memory rarely binds, so unrolled stays the
   default there. ``vmap`` turns the per-path kernels into grouped convolutions (10-19x a
   dense step on CPU); on several devices ``"sharded"`` runs one path per device. GPU/TPU
   times are not measured in this project yet.
