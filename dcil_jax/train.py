@@ -75,15 +75,24 @@ def lift(
     ``(params, model_state)``; pass ``params`` to ``tx.init``.
   """
   method = get_method(method)
-  if "params" not in variables:
+  model = None if model is None else as_model(model)
+  params, collections, rule = _split_variables(variables, tx, method, model, example_input)
+  return method.lift(params, collections, rule)
+
+
+def _split_variables(variables, tx, method, model, example_input):
+  """``(params, other collections or None, prunable rule or None)``, after the checks that
+  ``lift`` and ``TrainState.create`` share."""
+  if not isinstance(variables, dict) or "params" not in variables:
     raise TypeError("`variables` must be a Flax variables dict with a 'params' collection.")
   params = variables["params"]
-  model_state = {k: v for k, v in variables.items() if k != "params"} or None
   rule = None
   if method.uses_masks:
-    model = None if model is None else as_model(model)
     rule = prunable_rule(tx, params, model, example_input)
-  return method.lift(params, model_state, rule)
+  elif _has_masked_update(tx, params):
+    raise ValueError("Dense training takes no masked_update; remove it from the chain.")
+  collections = {k: v for k, v in variables.items() if k != "params"} or None
+  return params, collections, rule
 
 
 class TrainState(struct.PyTreeNode):
@@ -200,14 +209,7 @@ class TrainState(struct.PyTreeNode):
         )
     elif path_parallel:
       raise ValueError(f"A mesh with a {paths.PATH_AXIS!r} axis is for DCIL, not {method.name}.")
-    if not isinstance(variables, dict) or "params" not in variables:
-      raise TypeError("`variables` must be a Flax variables dict with a 'params' collection.")
-    rule = None
-    if method.uses_masks:
-      rule = prunable_rule(tx, variables["params"], model, example_input)
-    elif _has_masked_update(tx, variables["params"]):
-      raise ValueError("Dense training takes no masked_update; remove it from the chain.")
-    collections = {k: v for k, v in variables.items() if k != "params"} or None
+    params, collections, rule = _split_variables(variables, tx, method, model, example_input)
 
     def build(params, collections):
       params, model_state = method.lift(params, collections, rule)
@@ -215,7 +217,7 @@ class TrainState(struct.PyTreeNode):
 
     # One compile instead of many small eager ops; the outputs are new buffers, so donating the
     # state to train_step never deletes `variables`.
-    params, model_state, opt_state = jax.jit(build)(variables["params"], collections)
+    params, model_state, opt_state = jax.jit(build)(params, collections)
     state = cls(
       step=jnp.zeros([], jnp.int32),
       params=params,

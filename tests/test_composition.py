@@ -113,6 +113,8 @@ def test_the_rule_is_given_once(tiny_model, tiny_variables, tiny_batch):
   params, _ = dcil_jax.lift(tiny_variables, tx)
   assert set(params["prunable"]) == {"Conv_0", "Conv_1", "Dense_0"}
   assert "kernel" not in params["sparse"].get("Dense_0", {})
+  with pytest.raises(ValueError, match="takes no masked_update"):  # as TrainState.create
+    dcil_jax.lift(tiny_variables, tx, "dense")
 
 
 def test_a_hand_written_loop_trains_exports_and_evaluates(tiny_model, tiny_variables, tiny_batch):
