@@ -11,9 +11,10 @@ from dcil_jax.masks import (
   masks_like,
   sparsity,
 )
-from dcil_jax.methods import DCIL, DPF, METHODS, Dense, get_method
+from dcil_jax.methods import DCIL, DPF, GMP, METHODS, Dense, RigL, get_method
 from dcil_jax.model import FlaxModel, NNXModel, as_model, from_nnx, to_nnx
 from dcil_jax.paths import is_lifted, map_paths, path_mesh, path_params
+from dcil_jax.rigl import RigLState, rigl, rigl_masks
 from dcil_jax.schedules import constant_sparsity, cubic_sparsity
 from dcil_jax.sharding import make_mesh, shard_batch
 from dcil_jax.train import TrainState, eval_step, export_variables, lift, train_step
@@ -24,6 +25,9 @@ __all__ = [
   "DPF",
   "METHODS",
   "Dense",
+  "GMP",
+  "RigL",
+  "RigLState",
   "FlaxModel",
   "NNXModel",
   "MaskedUpdateState",
@@ -54,6 +58,8 @@ __all__ = [
   "masks_like",
   "path_mesh",
   "path_params",
+  "rigl",
+  "rigl_masks",
   "rules",
   "shard_batch",
   "sparsity",

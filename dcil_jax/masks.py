@@ -150,6 +150,9 @@ def check_sparsity(sparsity: Any) -> None:
 def _keep_top(scores: jax.Array, num_pruned: jax.Array) -> jax.Array:
   """Boolean mask keeping all but the ``num_pruned`` lowest scores; ties pruned by lower index.
 
+  Scores are non-negative, except that negative ones mark entries to prune first: there must be
+  at most ``num_pruned`` of them.
+
   No sort: the pruning threshold is found by bisection on the bit patterns of the (non-negative)
   float32 scores, which order like the floats themselves — 32 counting passes, about 10x faster
   than an argsort on CPU and friendly to TPUs. Entries tied at the threshold are pruned in index
@@ -210,15 +213,20 @@ def magnitude_masks(
   masks: Masks,
   sparsity: Any,
   distribution: Distribution = "global",
+  *,
+  keep_pruned: bool = False,
 ) -> Masks:
   """New masks from the magnitudes of the (dense) ``params``, at an exact ``sparsity``.
 
   Args:
     params: the weights ``W`` whose magnitudes rank the entries.
-    masks: a masks tree; only its structure (which leaves are prunable) is used.
+    masks: a masks tree; only its structure (which leaves are prunable) is used, unless
+      ``keep_pruned``.
     sparsity: fraction of prunable entries to prune, in [0, 1); may be traced.
     distribution: ``"global"`` — one threshold over all prunable leaves (the official default);
       ``"layerwise"`` — the same sparsity in every leaf; ``"erk"`` — Erdős–Rényi-Kernel.
+    keep_pruned: entries pruned in ``masks`` rank below every kept one, so they stay pruned
+      while the sparsity does not fall (GMP: no regrowth).
 
   Returns:
     A masks tree like ``masks`` with ``round(sparsity * n)`` zeros (overall for ``global``, per
@@ -227,6 +235,8 @@ def magnitude_masks(
   check_sparsity(sparsity)
   pairs = check_masks(masks, params)
   scores = [jnp.square(p.astype(jnp.float32)) for _, _, p in pairs]
+  if keep_pruned:
+    scores = [jnp.where(m, s, -1.0) for (_, m, _), s in zip(pairs, scores)]
   if distribution == "global":
     sizes = [s.size for s in scores]
     flat = jnp.concatenate([s.reshape(-1) for s in scores])

@@ -52,6 +52,7 @@ class DPF(Dense):
 
   name = "dpf"
   uses_masks = True
+  mask_kind = "dynamic"  # masked_update's masks (``refresh.kind``); checked by TrainState.create
 
   def lift(self, params: Any, model_state: Any, prunable: Any) -> tuple[Any, Any]:
     names = ("sparse",)
@@ -95,6 +96,7 @@ class DCIL(Dense):
   name = "dcil"
   path_names = paths.PATH_NAMES
   uses_masks = True
+  mask_kind = "dynamic"
 
   def lift(self, params: Any, model_state: Any, prunable: Any) -> tuple[Any, Any]:
     return (
@@ -133,8 +135,52 @@ class DCIL(Dense):
     }
 
 
-METHODS = {"dcil": DCIL, "dpf": DPF, "dense": Dense}
-Method = Dense | DPF | DCIL
+@dataclasses.dataclass(frozen=True)
+class GMP(DPF):
+  """Gradual magnitude pruning (Zhu & Gupta 2017), the standard non-dynamic baseline.
+
+  One pruned path as DPF, with ``masked_update(..., regrow=False)``: the cubic ramp prunes the
+  smallest kept weights at each refresh and a pruned weight never comes back. The forward pass
+  and the export use ``W ⊙ M``, so a pruned weight is zero wherever it counts; the gradient it
+  gets through DPF's estimator moves only a value nothing reads (the masks rank pruned weights
+  below every kept one), so the kept weights train exactly as with GMP's masked gradient.
+  """
+
+  name = "gmp"
+  mask_kind = "gmp"
+
+
+@dataclasses.dataclass(frozen=True)
+class RigL(DPF):
+  """RigL (Evci et al. 2020): constant sparsity, drop by magnitude, grow by dense gradient.
+
+  The loss is DPF's (the forward at ``W ⊙ M``, and every entry of the kernels gets the gradient
+  at ``W ⊙ M``: the dense gradient RigL grows by); the optimizer is wrapped by
+  :func:`dcil_jax.rigl`, which trains only kept weights and keeps pruned ones at zero.
+  """
+
+  name = "rigl"
+  mask_kind = "rigl"
+
+
+METHODS = {"dcil": DCIL, "dpf": DPF, "gmp": GMP, "rigl": RigL, "dense": Dense}
+Method = Dense | DPF | DCIL | GMP | RigL
+
+MASK_TRANSFORMS = {
+  "dynamic": "dcil_jax.masked_update(schedule, ...)",
+  "gmp": "dcil_jax.masked_update(schedule, ..., regrow=False)",
+  "rigl": "dcil_jax.rigl(optimizer, sparsity, ..., end_step=...) around the whole optimizer",
+}
+
+
+def check_mask_kind(method: Method, kind: str) -> None:
+  """Raises unless the optimizer's masks (``refresh.kind``) are those ``method`` trains with: a
+  DPF loss with RigL's masks, or GMP with regrowth, would train silently as something else."""
+  if kind != method.mask_kind:
+    raise ValueError(
+      f"method={method.name!r} trains with {MASK_TRANSFORMS[method.mask_kind]}, but the "
+      f"optimizer holds {MASK_TRANSFORMS[kind]}."
+    )
 
 
 def get_method(method: str | Method) -> Method:

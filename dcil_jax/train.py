@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 
 from dcil_jax import masks as masks_lib
 from dcil_jax import paths, rules, sharding
-from dcil_jax.methods import DCIL, METHODS, Method, get_method
+from dcil_jax.methods import DCIL, METHODS, Method, check_mask_kind, get_method
 from dcil_jax.model import FlaxModel, ModeFn, NNXModel, as_model
 from dcil_jax.transform import find_masked_state, get_masks, get_trained_masks, has_masks
 
@@ -218,6 +218,8 @@ class TrainState(struct.PyTreeNode):
     # One compile instead of many small eager ops; the outputs are new buffers, so donating the
     # state to train_step never deletes `variables`.
     params, model_state, opt_state = jax.jit(build)(params, collections)
+    if method.uses_masks:
+      check_mask_kind(method, find_masked_state(opt_state).refresh.kind)
     state = cls(
       step=jnp.zeros([], jnp.int32),
       params=params,

@@ -28,6 +28,12 @@ class MaskRefresh:
   granularity: str = "weight"
   score: str = "l1"
   n_m: tuple[int, int] = (2, 4)
+  regrow: bool = True
+
+  @property
+  def kind(self) -> str:
+    """Which methods these masks are for: ``"dynamic"`` (DCIL, DPF) or ``"gmp"``."""
+    return "dynamic" if self.regrow else "gmp"
 
   def due(self, count: jax.Array) -> jax.Array:
     return count % self.update_every == 0
@@ -49,7 +55,9 @@ class MaskRefresh:
     if self.granularity == "filter":
       masks = granularity_lib.filter_masks(params, template, target, self.score, self.distribution)
     else:
-      masks = masks_lib.magnitude_masks(params, template, target, self.distribution)
+      masks = masks_lib.magnitude_masks(
+        params, template, target, self.distribution, keep_pruned=not self.regrow
+      )
     return masks, target, out_of_range
 
   def flip_rate(self, old: Any, new: Any) -> jax.Array:
@@ -72,6 +80,8 @@ class MaskedUpdateState(NamedTuple):
     last_refresh: the step whose forward pass first used ``masks``.
     out_of_range: the schedule left [0, 1) at the last refresh (its last valid value was used).
     refresh: how masks are computed (static, no leaves).
+    next_masks: the masks of the next forward pass, for transforms that decide them in the
+      update (:func:`dcil_jax.rigl`); ``None`` when they are computed from ``W_t`` on the fly.
   """
 
   count: jax.Array
@@ -81,6 +91,7 @@ class MaskedUpdateState(NamedTuple):
   last_refresh: jax.Array
   out_of_range: jax.Array
   refresh: MaskRefresh
+  next_masks: Any = None
 
 
 def masked_update(
@@ -92,6 +103,7 @@ def masked_update(
   granularity: str = "weight",
   score: str = "l1",
   n_m: tuple[int, int] = (2, 4),
+  regrow: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """Keeps magnitude masks in the optimizer state and refreshes them every ``update_every`` steps.
 
@@ -127,6 +139,9 @@ def masked_update(
       along the input channels; its sparsity is ``1 - n/m`` and ignores the schedule).
     score: filter score, ``"l1"`` (mean ``|w|``) or ``"l2"`` (mean ``w²``).
     n_m: ``(n, m)`` for ``granularity="nm"`` (e.g. 2:4).
+    regrow: ``False`` for GMP (Zhu & Gupta 2017): a pruned weight stays pruned (it ranks below
+      every kept one at later refreshes), so masks only shrink under a rising schedule. Weight
+      granularity only.
 
   Returns:
     An optax transform whose state is a :class:`MaskedUpdateState`.
@@ -148,8 +163,10 @@ def masked_update(
     )
   if granularity == "nm":
     granularity_lib._check_nm(*n_m)
+  if not regrow and granularity != "weight":
+    raise ValueError(f"regrow=False (GMP) takes granularity='weight', got {granularity!r}.")
   refresh = MaskRefresh(
-    sparsity_schedule, int(update_every), distribution, granularity, score, tuple(n_m)
+    sparsity_schedule, int(update_every), distribution, granularity, score, tuple(n_m), regrow
   )
 
   def init_fn(params):
@@ -225,6 +242,8 @@ def get_masks(opt_state: Any, params: Any) -> Any:
     A masks tree mirroring ``params`` (``None`` at leaves that are not pruned).
   """
   state = find_masked_state(opt_state)
+  if state.next_masks is not None:
+    return masks_lib.plain_masks(state.next_masks)
   trained = masks_lib.plain_masks(state.masks)
   return jax.lax.cond(
     state.refresh.due(state.count),

@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import queue
+import random
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple, TypeVar
@@ -71,9 +72,17 @@ class DatasetInfo(NamedTuple):
   std: tuple[float, float, float]
   needs_manual_download: bool = False
   jpeg_bytes: bool = False  # read undecoded JPEG bytes and decode in the pipeline
-  # "cifar": pad-crop + flip; "imagenet": random-resized crop + flip; "none": as stored
+  # "cifar": pad-crop + flip; "imagenet": random-resized crop + flip; "none": as stored;
+  # "signal": float records used as stored (already standardised), no /255
   preprocessing: str = "cifar"
   channels: int = 3
+  signal_length: int | None = None  # 1-D data: examples are [length, channels], not images
+
+  def input_shape(self, image_size: int) -> tuple[int, ...]:
+    """The shape of one model input (``image_size`` applies to images only)."""
+    if self.signal_length is not None:
+      return (self.signal_length, self.channels)
+    return (image_size, image_size, self.channels)
 
 
 # scikit-learn's 8x8 digits, the real images that ship offline (``pip install scikit-learn``):
@@ -84,6 +93,12 @@ DIGITS_STD = (0.37596,)
 DIGITS_SPLIT_SEED = 0
 DIGITS_TEST_FRACTION = 0.2
 
+# MNIST-1D (Greydanus 2020), generated offline by the `mnist1d` package's own code with its
+# published defaults: 5,000 signals of length 40 from seed 42, the first 4,000 for training and
+# the last 1,000 for test (the split of the paper's 32 % / 68 % / 94 % logistic / MLP / CNN
+# numbers). The generator already standardises the signals (mean 0, sd 1 over the whole set).
+MNIST1D_LENGTH = 40
+
 DATASETS: dict[str, DatasetInfo] = {
   "cifar10": DatasetInfo(10, 32, "train", "test", CIFAR_MEAN, CIFAR_STD),
   "cifar100": DatasetInfo(100, 32, "train", "test", CIFAR_MEAN, CIFAR_STD),
@@ -92,6 +107,17 @@ DATASETS: dict[str, DatasetInfo] = {
   ),
   "digits": DatasetInfo(
     10, 8, "train", "test", DIGITS_MEAN, DIGITS_STD, preprocessing="none", channels=1
+  ),
+  "mnist1d": DatasetInfo(
+    10,
+    MNIST1D_LENGTH,
+    "train",
+    "test",
+    (0.0,),
+    (1.0,),
+    preprocessing="signal",
+    channels=1,
+    signal_length=MNIST1D_LENGTH,
   ),
 }
 
@@ -160,6 +186,8 @@ def data_source(dataset: str, split: str, data_dir: str | None = None) -> Sequen
   info = get_info(dataset)
   if dataset == "digits":
     return digits_source(split)
+  if dataset == "mnist1d":
+    return mnist1d_source(split)
   decoders = {"image": tfds.decode.SkipDecoding()} if info.jpeg_bytes else None
   try:
     source = tfds.data_source(
@@ -215,6 +243,32 @@ def digits_source(split: str) -> list[Record]:
   )
   x, y = (train_x, train_y) if split == "train" else (test_x, test_y)
   return [{"image": image, "label": np.int64(label)} for image, label in zip(x, y)]
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist1d_arrays() -> dict[str, np.ndarray]:
+  from mnist1d.data import get_dataset_args, make_dataset
+
+  # The generator seeds numpy's and Python's global random state: keep the caller's.
+  np_state, py_state = np.random.get_state(), random.getstate()
+  try:
+    data = make_dataset(get_dataset_args())  # never downloads (get_dataset would)
+  finally:
+    np.random.set_state(np_state)
+    random.setstate(py_state)
+  return {k: data[k] for k in ("x", "y", "x_test", "y_test")}
+
+
+@functools.lru_cache(maxsize=2)
+def mnist1d_source(split: str) -> list[Record]:
+  """MNIST-1D as TFDS-style records: ``image`` float32 [40, 1] (the signal, under the key the
+  loop reads) and ``label``; about 3 s to generate, once per process."""
+  if split not in ("train", "test"):
+    raise ValueError(f"mnist1d has splits 'train' and 'test', got {split!r}.")
+  data = _mnist1d_arrays()
+  x, y = (data["x"], data["y"]) if split == "train" else (data["x_test"], data["y_test"])
+  x = x.astype(np.float32)[..., None]
+  return [{"image": signal, "label": np.int64(label)} for signal, label in zip(x, y)]
 
 
 def num_examples(dataset: str, split: str, data_dir: str | None = None) -> int:
@@ -374,6 +428,8 @@ def preprocess(
 ) -> dict[str, np.ndarray]:
   """One TFDS record to ``{"image": [H, W, C] dtype, "label": int32}``."""
   image = record["image"]
+  if info.preprocessing == "signal":
+    return {"image": np.asarray(image, dtype), "label": np.int32(record["label"])}
   if info.preprocessing == "none":
     image = np.asarray(image)
   elif info.preprocessing == "cifar":  # augment at the native size
@@ -488,8 +544,7 @@ class _EvalElement:
   def __call__(self, j: int, _: Any) -> dict[str, np.ndarray]:
     i = self.layout.position(j, self.steps)
     if i >= self.layout.num_records:
-      shape = (self.image_size, self.image_size, self.info.channels)
-      image = np.zeros(shape, self.dtype)
+      image = np.zeros(self.info.input_shape(self.image_size), self.dtype)
       return {"image": image, "label": np.int32(0), "mask": np.bool_(False)}
     out = preprocess(
       self.source[i], self.info, train=False, rng=None, image_size=self.image_size, dtype=self.dtype
@@ -516,7 +571,7 @@ def _to_iterator(ds: grain.MapDataset, worker_count: int) -> grain.DatasetIterat
 def _resolve(dataset: str, image_size: int | None) -> tuple[DatasetInfo, int]:
   info = get_info(dataset)
   image_size = info.image_size if image_size is None else image_size
-  if info.preprocessing != "imagenet" and image_size != info.image_size:
+  if info.preprocessing not in ("imagenet", "signal") and image_size != info.image_size:
     size = info.image_size
     raise ValueError(
       f"{dataset} images are {size}x{size}; image_size={image_size} is not supported."

@@ -91,6 +91,23 @@ RECIPES: dict[str, dict[str, Any]] = {
     ramp_end_epoch=45.0,
     kd_start_epoch=14.0,
   ),
+  # MNIST-1D (experiments/configs/mnist1d.py): the same official recipe scaled to 30 epochs
+  # (warm-up 1, lr x0.1 at 15 and 22, ramp end 22, distillation from 7); 31 steps of 128 per
+  # epoch. RigL's mask updates end at 75 % of training, as in its paper.
+  "mnist1d": dict(
+    num_epochs=30,
+    batch_size=128,
+    learning_rate=0.2,
+    lr_reference_batch=0,
+    lr_schedule="step",
+    warmup_epochs=1.0,
+    warmup_init_lr=0.1,
+    lr_boundaries=(15, 22),
+    lr_decay=0.1,
+    weight_decay=1e-4,
+    ramp_end_epoch=22.0,
+    kd_start_epoch=7.0,
+  ),
 }
 
 # The recipe of each model for "auto".
@@ -105,6 +122,8 @@ MODEL_RECIPES = {
   "resnet18": "imagenet_resnet",
   "resnet50": "imagenet_resnet",
   "resnet_tiny": "imagenet_resnet",
+  "mnist1d_cnn": "mnist1d",
+  "resnet1d": "mnist1d",
 }
 
 

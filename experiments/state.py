@@ -24,6 +24,10 @@ from dcil_jax.models import create_model
 from dcil_jax.transform import find_masked_state
 from experiments import input_pipeline
 
+# RigL's published settings: replace 30 % of the kept weights at first (cosine-decayed), and stop
+# updating the masks at 75 % of training. Its update period is the config's update_every.
+RIGL_DROP_FRACTION = 0.3
+RIGL_END_FRACTION = 0.75
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 METHODS = tuple(dcil_jax.METHODS)
 
@@ -66,9 +70,10 @@ def ramp_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
 def make_optimizer(
   config: ml_collections.ConfigDict, steps_per_epoch: int
 ) -> optax.GradientTransformation:
-  """SGD (Nesterov) with weight decay on every parameter, as the official code, and for DCIL and
-  DPF ``masked_update`` (no rule given: ``TrainState.create`` prunes the model's convolutions,
-  found from its module types)."""
+  """SGD (Nesterov) with weight decay on every parameter, as the official code; for DCIL, DPF and
+  GMP (no regrowth) ``masked_update``, and for RigL the whole optimizer wrapped in ``rigl`` (no
+  rule given: ``TrainState.create`` prunes the model's convolutions, found from its module
+  types)."""
   parts = [
     optax.add_decayed_weights(config.weight_decay),
     optax.sgd(
@@ -77,6 +82,16 @@ def make_optimizer(
       nesterov=config.nesterov,
     ),
   ]
+  if config.method == "rigl":  # constant ERK sparsity; wraps the whole optimizer
+    total = round(config.num_epochs * steps_per_epoch)
+    return dcil_jax.rigl(
+      optax.chain(*parts),
+      config.sparsity,
+      update_every=config.update_every,
+      end_step=max(1, round(RIGL_END_FRACTION * total)),
+      drop_fraction=RIGL_DROP_FRACTION,
+      distribution="erk",
+    )
   if config.method != "dense":
     ramp = ramp_steps(config, steps_per_epoch)
     # Official: the ramp is evaluated at the integer epoch. A ramp shorter than an epoch (smoke
@@ -90,6 +105,7 @@ def make_optimizer(
         distribution=config.distribution,
         granularity=config.granularity,
         score=config.filter_score,
+        regrow=config.method != "gmp",
       )
     )
   return optax.chain(*parts)
@@ -102,7 +118,7 @@ def create_train_state(
   info = input_pipeline.DATASETS[config.dataset]
   model = create_model(config.model, info.num_classes, dtype=DTYPES[config.dtype])
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  shape = (1, config.image_size, config.image_size, info.channels)
+  shape = (1, *info.input_shape(config.image_size))
   dummy = jnp.zeros(shape, DTYPES[config.dtype])
   variables = jax.jit(functools.partial(model.init, train=False))(init_rng, dummy)
   method = dcil_jax.get_method(config.method)

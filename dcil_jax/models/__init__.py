@@ -1,5 +1,6 @@
 """Plain Flax linen models: nothing DCIL-specific inside (the library lifts them from outside)."""
 
+from dcil_jax.models.mnist1d import MNIST1DCNN, ResNet1D
 from dcil_jax.models.resnet_cifar import ResNetCifar, resnet8, resnet20, resnet32, resnet56
 from dcil_jax.models.resnet_imagenet import ResNet, resnet18, resnet50, resnet_tiny
 from dcil_jax.models.small_cnn import SmallCNN
@@ -17,6 +18,8 @@ MODELS = {
   "resnet50": resnet50,
   "resnet_tiny": resnet_tiny,
   "small_cnn": SmallCNN,
+  "mnist1d_cnn": MNIST1DCNN,
+  "resnet1d": ResNet1D,
 }
 
 
@@ -28,9 +31,11 @@ def create_model(name: str, num_classes: int, **kwargs):
 
 
 __all__ = [
+  "MNIST1DCNN",
   "MODELS",
   "VGG",
   "ResNet",
+  "ResNet1D",
   "ResNetCifar",
   "SmallCNN",
   "WideResNet",
