@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -63,7 +64,10 @@ class Plan(NamedTuple):
 
 
 def prepare_workdir(workdir: str, lead: bool) -> epath.Path:
-  """Creates ``workdir`` and checks that it can be written, before any work is done."""
+  """Creates ``workdir`` and checks that it can be written, before any work is done. A local
+  relative path is made absolute (orbax writes only to absolute paths)."""
+  if "://" not in str(workdir):
+    workdir = os.path.abspath(os.path.expanduser(workdir))
   workpath = epath.Path(workdir)
   if not lead:
     return workpath
