@@ -359,7 +359,7 @@ def test_batch_not_divisible_by_process_count():
 
 
 def test_unknown_dataset():
-  with pytest.raises(ValueError, match="cifar10, cifar100, digits, imagenet2012"):
+  with pytest.raises(ValueError, match="cifar10, cifar100, digits, imagenet2012, mnist1d"):
     ip.create_train_iterator("mnist", global_batch_size=8, seed=0)
 
 
@@ -381,6 +381,27 @@ def test_digits_is_a_fixed_stratified_split_with_its_own_statistics():
   np.testing.assert_allclose(image, expected, atol=1e-5)  # no augmentation, normalised
   with pytest.raises(ValueError, match="'train' and 'test'"):
     ip.digits_source("validation")
+
+
+def test_mnist1d_is_the_published_split_generated_offline():
+  state = np.random.get_state()
+  train, test = ip.mnist1d_source("train"), ip.mnist1d_source("test")
+  assert np.array_equal(np.random.get_state()[1], state[1])  # the caller's RNG is untouched
+  assert (len(train), len(test)) == (4000, 1000)  # the paper's 4,000 / 1,000 split
+  assert train[0]["image"].shape == (40, 1) and train[0]["image"].dtype == np.float32
+  signals = np.stack([r["image"] for r in train + test])
+  assert abs(signals.mean()) < 0.01 and abs(signals.std() - 1.0) < 0.01  # standardised
+  assert np.bincount([r["label"] for r in test], minlength=10).min() >= 80
+  it = ip.create_eval_iterator("mnist1d", global_batch_size=128)
+  batches = list(it)
+  assert len(batches) == 8 and batches[-1]["image"].shape == (128, 40, 1)
+  assert sum(int(b["mask"].sum()) for b in batches) == 1000
+  np.testing.assert_array_equal(batches[0]["image"][0], test[0]["image"])  # used as stored
+  train_it = ip.create_train_iterator("mnist1d", global_batch_size=100, seed=0)
+  assert next(iter(train_it))["image"].shape == (100, 40, 1)
+  assert ip.steps_per_epoch("mnist1d", 128) == 31
+  with pytest.raises(ValueError, match="'train' and 'test'"):
+    ip.mnist1d_source("validation")
 
 
 def test_missing_data_says_how_to_prepare_it(tmp_path):

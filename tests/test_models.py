@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+import dcil_jax
 from dcil_jax.models import MODELS, VGG, WideResNet, create_model, resnet_tiny
 from dcil_jax.models.wrn import PreActBlock
 
@@ -47,7 +48,10 @@ def test_param_counts(name, num_classes, expected):
     assert count == pytest.approx(published, rel=0.01)
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+SIGNAL_MODELS = ("mnist1d_cnn", "resnet1d")  # 1-D inputs [batch, length, channels]
+
+
+@pytest.mark.parametrize("name", sorted(set(MODELS) - set(SIGNAL_MODELS)))
 def test_create_model_output_shape(name):
   model = create_model(name, 7)
   assert model.num_classes == 7
@@ -185,3 +189,30 @@ def test_batch_stats_update_in_train_mode_only():
   _, updates = model.apply(variables, x, mutable=["batch_stats"])
   for old, new in zip(jax.tree.leaves(stats), jax.tree.leaves(updates), strict=True):
     np.testing.assert_array_equal(old, new)
+
+
+@pytest.mark.parametrize("name", SIGNAL_MODELS)
+def test_mnist1d_models_take_signals_and_the_rule_finds_their_1d_convs(name):
+  signals = jax.ShapeDtypeStruct((2, 40, 1), jnp.float32)
+  model = create_model(name, 10)
+  variables = jax.eval_shape(model.init, KEY, signals)
+  logits = jax.eval_shape(model.apply, variables, signals)
+  assert logits.shape == (2, 10) and logits.dtype == jnp.float32
+  kernels = dcil_jax.rules.conv_kernels(model, jnp.zeros(signals.shape))
+  flat = jax.tree_util.tree_flatten_with_path(variables["params"])[0]
+  chosen = [x.shape for path, x in flat if kernels(path, x)]
+  assert chosen and all(len(shape) == 3 for shape in chosen)  # (taps, in, out)
+  assert not any(kernels(path, x) for path, x in flat if len(x.shape) != 3)  # not the head
+
+
+def test_mnist1d_cnn_is_the_papers_convbase():
+  """25 channels, kernels 5/3/3 with stride 2: 40 -> 19 -> 10 -> 5, a 125 -> 10 linear head."""
+  variables = jax.eval_shape(create_model("mnist1d_cnn", 10).init, KEY, jnp.zeros((1, 40, 1)))
+  shapes = {k: v.shape for k, v in traverse_util.flatten_dict(variables["params"]).items()}
+  assert [shapes[(f"Conv_{i}", "kernel")] for i in range(3)] == [
+    (5, 1, 25),
+    (3, 25, 25),
+    (3, 25, 25),
+  ]
+  assert shapes[("Dense_0", "kernel")] == (125, 10)
+  assert num_params(variables["params"]) == 5_210  # 3,875 conv weights, 75 biases, 1,260 head
