@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Reproduces results/: the digits study, its follow-up ablations, then the report.
-#   study: small CNN and ResNet-8; dense, DPF, DCIL; sparsities 0.5-0.98; seeds 0-2 (66 runs)
+# Reproduces results/: the digits study, its follow-up ablations, the MNIST-1D study, then the
+# report.
+#   digits: small CNN and ResNet-8; dense, DPF, DCIL; sparsities 0.5-0.98; seeds 0-2 (66 runs)
 #   ablations at 98 %: layer-wise sparsity (DPF and DCIL), and DCIL without distillation
-# About 45 minutes on 2 CPU cores. Rerun to continue: finished runs are skipped and an
-# interrupted one continues from its checkpoint.
+#   MNIST-1D: the paper's CNN and a 1-D ResNet; dense, GMP, RigL, DPF, DCIL; sparsities
+#   0.8-0.98; seeds 0-4 (170 runs); filter DPF vs filter DCIL at 30/40/50 % of filters (30 runs)
+# About 45 minutes (digits) + 90 minutes (MNIST-1D, two shards in parallel) on 2 CPU cores.
+# Rerun to continue: finished runs are skipped and an interrupted one continues from its
+# checkpoint. SHARDS=1 runs the MNIST-1D grid in one process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 config=experiments/configs/digits.py
@@ -17,5 +21,24 @@ python -m experiments.sweep --workdir=results/ablation_layerwise \
 python -m experiments.sweep --workdir=results/ablation_no_kd \
   --config="${config}:small_cnn" --config.kd_start_epoch=60 \
   --methods=dcil --sparsities=0.98 --seeds=0,1,2
+m1d=experiments/configs/mnist1d.py
+mnist1d_sweeps() {  # shard k of n
+  for model in cnn resnet1d; do
+    python -m experiments.sweep --workdir="results/mnist1d_${model}" --config="${m1d}:${model}" \
+      --methods=dense,gmp,rigl,dpf,dcil --sparsities=0.8,0.9,0.95,0.98 --seeds=0,1,2,3,4 \
+      --shard="$1/$2" --progress=false
+  done
+  python -m experiments.sweep --workdir=results/mnist1d_filter --config="${m1d}:resnet1d" \
+    --config.granularity=filter --methods=dpf,dcil --sparsities=0.3,0.4,0.5 \
+    --seeds=0,1,2,3,4 --shard="$1/$2" --progress=false
+}
+shards=${SHARDS:-2}
+pids=()
+for ((k = 0; k < shards; k++)); do
+  mnist1d_sweeps "$k" "$shards" &
+  pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid"; done  # a failed shard fails the script
 python -m experiments.report results/digits_small_cnn results/digits_resnet8 \
-  results/ablation_layerwise results/ablation_no_kd --out=results --notes=results/NOTES.md
+  results/ablation_layerwise results/ablation_no_kd results/mnist1d_cnn \
+  results/mnist1d_resnet1d results/mnist1d_filter --out=results --notes=results/NOTES.md
