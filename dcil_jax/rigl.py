@@ -47,8 +47,14 @@ class RigLRefresh:
     t = jnp.minimum(jnp.asarray(step, jnp.float32), self.end_step)
     return 0.5 * self.drop_fraction * (1.0 + jnp.cos(math.pi * t / self.end_step))
 
+  def view(self, masks: Any) -> Any:
+    return masks
+
   def flip_rate(self, old: Any, new: Any) -> jax.Array:
     return masks_lib.flip_rate(old, new)
+
+  def pruned_fraction(self, masks: Any) -> jax.Array:
+    return masks_lib.sparsity(masks)
 
 
 def rigl_masks(params: Any, grads: Any, masks: Any, drop_fraction: jax.Array) -> Any:

@@ -338,7 +338,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainSta
     before, after = find_masked_state(state.opt_state), find_masked_state(new_state.opt_state)
     stepped = after.count != before.count  # False on micro-steps and skipped steps
     metrics |= {
-      "sparsity": masks_lib.sparsity(masks),
+      "sparsity": before.refresh.pruned_fraction(masks),  # in filters for filter masks
       "target_sparsity": after.target_sparsity,
       # Step 0's masks are the ones init computed from W_0: not counted as a refresh.
       "mask_refreshed": stepped & (after.last_refresh == before.count) & (before.count > 0),

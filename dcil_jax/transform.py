@@ -60,11 +60,18 @@ class MaskRefresh:
       )
     return masks, target, out_of_range
 
+  def view(self, masks: Any) -> Any:
+    """``masks`` in the unit that is pruned: one bit per filter for filter masks, else as is.
+    Flip rates, sparsities and revival counts are taken on this view."""
+    return granularity_lib.filter_view(masks) if self.granularity == "filter" else masks
+
   def flip_rate(self, old: Any, new: Any) -> jax.Array:
     """Flips in the unit that is pruned: filters for filter masks, weights otherwise."""
-    if self.granularity == "filter":
-      old, new = granularity_lib.filter_view(old), granularity_lib.filter_view(new)
-    return masks_lib.flip_rate(old, new)
+    return masks_lib.flip_rate(self.view(old), self.view(new))
+
+  def pruned_fraction(self, masks: Any) -> jax.Array:
+    """The pruned fraction in the unit the schedule counts (filters for filter masks)."""
+    return masks_lib.sparsity(self.view(masks))
 
 
 class MaskedUpdateState(NamedTuple):

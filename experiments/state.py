@@ -144,7 +144,13 @@ def create_tracker(state: dcil_jax.TrainState, mesh: jax.sharding.Mesh) -> Any:
   it there); ``None`` for dense training."""
   if not state.method.uses_masks:
     return None
-  return sharding.place_state(stability.RevivalTracker.create(state.trained_masks), mesh)
+  view = _refresh(state).view(state.trained_masks)  # filters for filter masks
+  return sharding.place_state(stability.RevivalTracker.create(view), mesh)
+
+
+def _refresh(state: dcil_jax.TrainState) -> Any:
+  """The static refresh rule in the state's optimizer: its ``view`` counts in the pruned unit."""
+  return find_masked_state(state.opt_state).refresh
 
 
 def describe(state: dcil_jax.TrainState) -> dict[str, Any]:
@@ -214,10 +220,11 @@ def track_refresh(
   due = masked.refresh.due(masked.count) & (masked.count > 0)  # step 0's masks are init's
 
   def measure(tracker):
-    old, new = state.trained_masks, state.masks
+    # Counted in the pruned unit: filters for filter masks, weights otherwise.
+    old, new = masked.refresh.view(state.trained_masks), masked.refresh.view(state.masks)
     tracker = tracker.update(old, new)
     return tracker, {
-      "flip_rate": masked.refresh.flip_rate(old, new),
+      "flip_rate": dcil_jax.flip_rate(old, new),
       "revived": stability.fraction(stability.revived(old, new)),
       "ever_revived": tracker.ever_revived_fraction,
       "layer_flip_rate": stability.layer_flip_rates(old, new),
@@ -236,22 +243,28 @@ def ever_revived(tracker: stability.RevivalTracker) -> float:
 
 
 def trained_sparsity(state: dcil_jax.TrainState) -> float:
-  """The pruned fraction of the masks the last step trained with (what evaluation uses)."""
-  return float(jax.device_get(dcil_jax.sparsity(state.trained_masks)))
+  """The pruned fraction of the masks the last step trained with (what evaluation uses), in
+  the pruned unit (filters for filter masks)."""
+  return float(jax.device_get(_refresh(state).pruned_fraction(state.trained_masks)))
 
 
 def mask_report(state: dcil_jax.TrainState) -> dict[str, Any]:
-  """The final masks: overall and per-layer sparsity, and the fraction of exact zeros in the
-  exported (deployable) conv kernels, which is what the masks promise."""
-  masks = jax.device_get(state.trained_masks)
+  """The final masks: overall and per-layer sparsity in the pruned unit (filters for filter
+  masks; then also the fraction of weights), and the fraction of exact zeros in the exported
+  (deployable) conv kernels, which is what the masks promise."""
+  refresh = _refresh(state)
+  weights = jax.device_get(state.trained_masks)
+  masks = jax.device_get(refresh.view(state.trained_masks))
   exported = jax.device_get(dcil_jax.export_variables(state)["params"])
   flat = jax.tree_util.tree_flatten_with_path(exported)[0]
   pruned = {
     jax.tree_util.keystr(p)
-    for p, _ in jax.tree_util.tree_flatten_with_path(masks[dcil_jax.paths.PRUNABLE])[0]
+    for p, _ in jax.tree_util.tree_flatten_with_path(weights[dcil_jax.paths.PRUNABLE])[0]
   }
   conv = [np.asarray(x) for path, x in flat if jax.tree_util.keystr(path) in pruned]
   return {
+    "sparsity_unit": refresh.granularity if refresh.granularity == "filter" else "weight",
+    "weight_sparsity": float(dcil_jax.sparsity(weights)),
     "sparsity": float(dcil_jax.sparsity(masks)),
     "layer_sparsity": {k: float(v) for k, v in dcil_jax.layer_sparsities(masks).items()},
     "exported_zero_fraction": float(sum((x == 0).sum() for x in conv) / sum(x.size for x in conv)),

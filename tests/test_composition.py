@@ -396,6 +396,24 @@ def test_filter_granularity_trains_whole_filters(method, tiny_model, tiny_variab
   assert granularity.is_filter_structured(masks)
   assert float(granularity.filter_sparsity(masks)) == pytest.approx(0.5)  # 6 of 12 filters
   assert 0.0 <= float(metrics["flip_rate"]) <= 1.0
+  assert float(metrics["sparsity"]) == pytest.approx(0.5)  # counted in filters, not weights
+  assert float(dcil_jax.sparsity(masks)) != pytest.approx(0.5)  # (in weights it is not 0.5)
+  _check_experiments_count_filters(state)
+
+
+def _check_experiments_count_filters(state):
+  """The experiments layer's summary and revival tracking count filters for filter masks."""
+  from experiments import state as lib
+
+  report = lib.mask_report(state)
+  assert report["sparsity_unit"] == "filter" and report["sparsity"] == pytest.approx(0.5)
+  assert report["weight_sparsity"] == pytest.approx(float(dcil_jax.sparsity(state.trained_masks)))
+  for fraction in report["layer_sparsity"].values():  # whole filters of 4 and 8
+    assert fraction * 8 == pytest.approx(round(fraction * 8))
+  tracker = lib.create_tracker(state, dcil_jax.make_mesh())
+  assert [x.shape for x in jax.tree.leaves(tracker.ever_revived)] == [(4,), (8,)]  # one per filter
+  _, measured = lib.track_refresh(tracker, state)
+  assert 0.0 <= float(measured["flip_rate"]) <= 1.0
 
 
 def conv_1_only(path, leaf):
