@@ -5,13 +5,15 @@
       --notes=report/notes.md
 
 Each ``SWEEP_DIR`` is one model/dataset grid written by ``experiments.sweep``; it becomes one
-section: which runs are there, final sparse-path test top-1 per method and sparsity (the
-headline; best-epoch accuracy is picked on the test set, so it is only shown as secondary),
-DCIL vs DPF with a Welch t-test and a stated rule for the verdict, stability measures (mask
-flip rate, revived weights, accuracy jumps) and figures. Unfinished runs (no ``summary.json``)
-are listed as missing, so a report of a sweep in progress works. ``--notes`` is hand-written
-markdown appended under "Discussion", so the analysis survives regenerating the report. The
-output depends only on the inputs (no timestamps), so it can be committed.
+section: which runs are there (and the pruning granularity), final sparse-path test top-1 per
+method and sparsity (the headline; best-epoch accuracy is picked on the test set, so it is only
+shown as secondary), DCIL vs each baseline present (GMP, RigL, DPF, ...) with a Welch t-test
+and a stated rule for the verdict, stability measures (mask flip rate, revived weights, accuracy
+jumps), the deployable model (kept parameters, MACs, bytes on disk) and figures. Unfinished
+runs (no ``summary.json``) are listed as missing, so a report of a sweep in progress works.
+``--notes`` is hand-written markdown appended under "Discussion", so the analysis survives
+regenerating the report. The output depends only on the inputs (no timestamps), so it can be
+committed.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 import re
 import shlex
 import warnings
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,10 +37,20 @@ from experiments.metric_writers import read_jsonl
 
 REPORT = "REPORT.md"
 FIGURES = "figures"
-METHOD_ORDER = ("dense", "dpf", "dcil")
-LABELS = {"dense": "Dense", "dpf": "DPF", "dcil": "DCIL"}
-COLORS = {"dense": "0.35", "dpf": "tab:orange", "dcil": "tab:blue"}
-# DCIL vs DPF is "clear" when both hold; stated in the report.
+METHOD_ORDER = ("dense", "gmp", "rigl", "dpf", "dcil")
+LABELS = {"dense": "Dense", "gmp": "GMP", "rigl": "RigL", "dpf": "DPF", "dcil": "DCIL"}
+COLORS = {
+  "dense": "0.35",
+  "gmp": "tab:purple",
+  "rigl": "tab:red",
+  "dpf": "tab:orange",
+  "dcil": "tab:blue",
+}
+# Colours of methods not in COLORS, picked by a stable hash of the name (the same in every run).
+OTHER_COLORS = ("tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
+# The method compared with every other pruning method present (its baselines).
+MAIN_METHOD = "dcil"
+# A difference to a baseline is "clear" when both hold; stated in the report.
 P_THRESHOLD = 0.05
 # Layer-sparsity bars are drawn at the highest sparsity and at this one (if in the grid).
 LAYER_SPARSITY_ALSO = 0.9
@@ -231,6 +244,32 @@ def _label(method: str) -> str:
   return LABELS.get(method, method)
 
 
+def _color(method: str) -> str:
+  if method in COLORS:
+    return COLORS[method]
+  return OTHER_COLORS[zlib.crc32(method.encode()) % len(OTHER_COLORS)]
+
+
+def _pruning_methods(sweep: Sweep) -> list[str]:
+  return [m for m in sweep.methods if m != "dense"]
+
+
+def _baselines(sweep: Sweep) -> list[str]:
+  """The pruning methods DCIL is compared with, in METHOD_ORDER."""
+  return [m for m in _pruning_methods(sweep) if m != MAIN_METHOD]
+
+
+def _granularities(sweep: Sweep) -> list[str]:
+  """The pruning granularities of the sweep's runs (``"weight"`` where the config names none)."""
+  configs = [r.config for r in sweep.runs] or [sweep.base_config]
+  return sorted({c.get("granularity") or "weight" for c in configs})
+
+
+def _unit(sweep: Sweep) -> str:
+  """What a sparsity is a fraction of: ``"weights"`` or ``"filters"``."""
+  return "filters" if _granularities(sweep) == ["filter"] else "weights"
+
+
 def _spread(values: Sequence[float | None]) -> dict[str, float] | None:
   """:func:`stability.seed_spread` of the values that exist, or None."""
   kept = [v for v in values if v is not None]
@@ -289,11 +328,11 @@ def _accuracy_table(sweep: Sweep, value: Callable[[RunData], float | None]) -> l
   return _table(header, rows)
 
 
-def compare(dcil: Sequence[float], dpf: Sequence[float]) -> dict[str, Any]:
-  """DCIL vs DPF final accuracies (fractions): difference of means in percentage points, the
-  larger seed sd, the Welch t-test p-value (None with fewer than 2 seeds a side) and the
-  verdict."""
-  a, b = stability.seed_spread(dcil), stability.seed_spread(dpf)
+def compare(dcil: Sequence[float], other: Sequence[float]) -> dict[str, Any]:
+  """DCIL vs a baseline's final accuracies (fractions): difference of means (DCIL − baseline)
+  in percentage points, the larger seed sd, the Welch t-test p-value (None with fewer than 2
+  seeds a side) and the verdict ("DCIL higher", "DCIL lower" or "no clear difference")."""
+  a, b = stability.seed_spread(dcil), stability.seed_spread(other)
   diff = 100 * (a["mean"] - b["mean"])
   larger_sd = 100 * max(a["sd"], b["sd"]) if min(a["n"], b["n"]) >= 2 else None
   p = None
@@ -302,39 +341,38 @@ def compare(dcil: Sequence[float], dpf: Sequence[float]) -> dict[str, Any]:
 
     with warnings.catch_warnings(), np.errstate(all="ignore"):
       warnings.simplefilter("ignore", RuntimeWarning)
-      p = float(stats.ttest_ind(dcil, dpf, equal_var=False).pvalue)
+      p = float(stats.ttest_ind(dcil, other, equal_var=False).pvalue)
     p = p if math.isfinite(p) else None
   if p is not None and larger_sd is not None and abs(diff) > larger_sd and p < P_THRESHOLD:
-    verdict = "DCIL higher" if diff > 0 else "DPF higher"
+    verdict = "DCIL higher" if diff > 0 else "DCIL lower"
   elif larger_sd is None:
     verdict = "no clear difference (fewer than 2 seeds a side)"
   else:
     verdict = "no clear difference"
-  return {"diff": diff, "larger_sd": larger_sd, "p": p, "verdict": verdict, "dcil": a, "dpf": b}
+  return {"diff": diff, "larger_sd": larger_sd, "p": p, "verdict": verdict, "dcil": a, "other": b}
 
 
-def _comparison_section(sweep: Sweep) -> list[str]:
-  lines = [
-    "### DCIL vs DPF",
-    "",
-    "Final sparse-path test top-1. Difference = DCIL mean − DPF mean in percentage points (pp);"
-    " p = Welch's t-test (unequal variances) over seeds, n/a with fewer than 2 seeds a side."
-    f" **Rule:** a difference is clear when |difference| > the larger of the two seed sds"
-    f' **and** p < {P_THRESHOLD}; otherwise the verdict is "no clear difference".',
-    "",
-  ]
-  rows = []
+def _comparisons(sweep: Sweep, baseline: str) -> list[tuple[float, dict[str, Any] | None, Any]]:
+  """Per sparsity: ``(s, compare(...) or None, (DCIL spread, baseline spread))``."""
+  out = []
   for s in sweep.sparsities:
-    dcil = [v for v in map(_final_top1, sweep.cell("dcil", s)) if v is not None]
-    dpf = [v for v in map(_final_top1, sweep.cell("dpf", s)) if v is not None]
-    if not dcil or not dpf:
-      rows.append([_sp(s), _cell(_spread(dpf)), _cell(_spread(dcil)), "—", "—", NA, NA])
+    dcil = [v for v in map(_final_top1, sweep.cell(MAIN_METHOD, s)) if v is not None]
+    other = [v for v in map(_final_top1, sweep.cell(baseline, s)) if v is not None]
+    c = compare(dcil, other) if dcil and other else None
+    out.append((s, c, (_spread(dcil), _spread(other))))
+  return out
+
+
+def _comparison_table(sweep: Sweep, baseline: str) -> list[str]:
+  rows = []
+  for s, c, (dcil, other) in _comparisons(sweep, baseline):
+    if c is None:
+      rows.append([_sp(s), _cell(other), _cell(dcil), "—", "—", NA, NA])
       continue
-    c = compare(dcil, dpf)
     rows.append(
       [
         _sp(s),
-        _cell(c["dpf"]),
+        _cell(c["other"]),
         _cell(c["dcil"]),
         f"{c['diff']:+.2f}",
         NA if c["larger_sd"] is None else f"{c['larger_sd']:.2f}",
@@ -342,8 +380,42 @@ def _comparison_section(sweep: Sweep) -> list[str]:
         c["verdict"],
       ]
     )
-  header = ["Sparsity", "DPF (%)", "DCIL (%)", "Difference (pp)", "Larger sd (pp)", "p"]
-  return lines + _table(header + ["Verdict"], rows)
+  label = _label(baseline)
+  header = ["Sparsity", f"{label} (%)", "DCIL (%)", "Difference (pp)", "Larger sd (pp)", "p"]
+  return _table(header + ["Verdict"], rows)
+
+
+def _comparison_section(sweep: Sweep) -> list[str]:
+  """DCIL vs each baseline: one Welch-test table per baseline, and with several baselines a
+  table of the verdicts at a glance."""
+  baselines = _baselines(sweep)
+  names = ", ".join(_label(b) for b in baselines)
+  lines = [
+    "### DCIL vs each baseline",
+    "",
+    f"Baselines: {names}. Final sparse-path test top-1. Difference = DCIL mean − baseline"
+    " mean in percentage points (pp); p = Welch's t-test (unequal variances) over seeds, n/a"
+    " with fewer than 2 seeds a side. **Rule:** a difference is clear when |difference| > the"
+    f" larger of the two seed sds **and** p < {P_THRESHOLD}; otherwise the verdict is"
+    ' "no clear difference". Each baseline and sparsity is tested on its own (no correction'
+    " for multiple testing).",
+    "",
+  ]
+  if len(baselines) > 1:
+    results = {b: _comparisons(sweep, b) for b in baselines}
+    rows = []
+    for i, s in enumerate(sweep.sparsities):
+      row = [_sp(s)]
+      for b in baselines:
+        c = results[b][i][1]
+        verdict = None if c is None else c["verdict"].split(" (")[0]  # the reason is below
+        row.append("—" if c is None else f"{verdict} ({c['diff']:+.2f} pp)")
+      rows.append(row)
+    header = ["Sparsity"] + [f"DCIL vs {_label(b)}" for b in baselines]
+    lines += ["Verdicts at a glance (difference in pp):", ""] + _table(header, rows) + [""]
+  for b in baselines:
+    lines += [f"#### DCIL vs {_label(b)}", ""] + _comparison_table(sweep, b) + [""]
+  return lines[:-1]
 
 
 def _stability_values(runs: Sequence[RunData]) -> dict[str, Any]:
@@ -366,26 +438,26 @@ def _largest_drop(run: RunData) -> float | None:
   return stability.largest_drop(curve) if len(curve) >= 2 else None
 
 
-def _compared(name: str, dcil: float, dpf: float, fmt: Callable[[float | None], str]) -> str:
-  word = "lower" if dcil < dpf else "higher" if dcil > dpf else "equal"
-  return f"{name} {word} ({fmt(dcil)} vs {fmt(dpf)})"
+def _compared(name: str, dcil: float, other: float, fmt: Callable[[float | None], str]) -> str:
+  word = "lower" if dcil < other else "higher" if dcil > other else "equal"
+  return f"{name} {word} ({fmt(dcil)} vs {fmt(other)})"
 
 
-def _stability_verdict(dcil: dict[str, Any], dpf: dict[str, Any]) -> str:
+def _stability_verdict(dcil: dict[str, Any], other: dict[str, Any]) -> str:
   """yes: DCIL's seed means of flip rate after the ramp, step sd and largest drop are all lower
-  than DPF's; no: none is; mixed otherwise."""
+  than the baseline's; no: none is; mixed otherwise. The word, then the three comparisons."""
   keys = ("flip", "step_std", "drop")
-  if any(d[k] is None for d in (dcil, dpf) for k in keys):
+  if any(d[k] is None for d in (dcil, other) for k in keys):
     return "n/a (a measure is missing)"
-  lower = sum(dcil[k] < dpf[k] for k in keys)
+  lower = sum(dcil[k] < other[k] for k in keys)
   word = "**yes**" if lower == len(keys) else "**no**" if lower == 0 else "**mixed**"
   pp = lambda x: f"{_pct(x)} pp"
   facts = [
-    _compared("flip rate after ramp", dcil["flip"], dpf["flip"], _sci),
-    _compared("step sd", dcil["step_std"], dpf["step_std"], pp),
-    _compared("largest drop", dcil["drop"], dpf["drop"], pp),
+    _compared("flip rate after ramp", dcil["flip"], other["flip"], _sci),
+    _compared("step sd", dcil["step_std"], other["step_std"], pp),
+    _compared("largest drop", dcil["drop"], other["drop"], pp),
   ]
-  return f"{word}: DCIL vs DPF " + ", ".join(facts)
+  return f"{word}: " + ", ".join(facts)
 
 
 def _stability_section(sweep: Sweep) -> list[str]:
@@ -437,21 +509,125 @@ def _stability_section(sweep: Sweep) -> list[str]:
       ]
     )
   lines += _table(header, rows) if rows else ["No finished runs."]
+  baselines = _baselines(sweep)
+  if MAIN_METHOD not in sweep.methods or not baselines:
+    return lines
+  names = " / ".join(_label(b) for b in baselines)
   lines += [
     "",
-    "Is DCIL more stable than DPF (lower flip rate after the ramp, lower step sd **and** lower"
-    " largest drop; seed means compared, no significance test)?",
-    "",
+    f"Is DCIL more stable than {names} (lower flip rate after the ramp, lower step sd **and**"
+    " lower largest drop; seed means compared, no significance test)?",
   ]
-  for s in sweep.sparsities:
-    dcil, dpf = sweep.cell("dcil", s), sweep.cell("dpf", s)
-    if not dcil or not dpf:
-      lines.append(f"- s = {_sp(s)}: n/a (no finished DCIL or DPF run)")
-      continue
-    lines.append(
-      f"- s = {_sp(s)}: {_stability_verdict(_stability_values(dcil), _stability_values(dpf))}"
+  if "gmp" in baselines or "rigl" in baselines:
+    lines[-1] += (
+      " GMP never regrows a pruned weight and RigL stops updating its masks at 75 % of"
+      " training, so their flip rates after the ramp are (near) zero by design, not by"
+      " stability: compare them on step sd and largest drop."
     )
+  lines.append("")
+  for s in sweep.sparsities:
+    dcil = sweep.cell(MAIN_METHOD, s)
+    for b in baselines:
+      at, other = f"s = {_sp(s)}, DCIL vs {_label(b)}", sweep.cell(b, s)
+      if not dcil or not other:
+        lines.append(f"- {at}: n/a (no finished DCIL or {_label(b)} run)")
+        continue
+      verdict = _stability_verdict(_stability_values(dcil), _stability_values(other))
+      lines.append(f"- {at}: {verdict}")
   return lines
+
+
+# The deployable model: counts from summary["deploy"] (experiments.state.deploy_report).
+DEPLOY = "deploy"
+
+
+def _deploy_values(runs: Sequence[RunData]) -> dict[str, float | None]:
+  keys = ("params", "kept_params", "macs", "kept_macs", "dense_bytes", "compressed_bytes")
+  return {k: _mean([_get(r.summary, DEPLOY, k) for r in runs]) for k in keys}
+
+
+def _si(x: float | None) -> str:
+  """A count in 3 significant digits with k / M / G (MACs)."""
+  if x is None:
+    return NA
+  for scale, unit in ((1e9, " G"), (1e6, " M"), (1e3, " k")):
+    if abs(x) >= scale:
+      return f"{x / scale:.3g}{unit}"
+  return f"{x:.0f}"
+
+
+def _bytes(x: float | None) -> str:
+  if x is None:
+    return NA
+  for scale, unit in ((2**30, " GiB"), (2**20, " MiB"), (2**10, " KiB")):
+    if x >= scale:
+      return f"{x / scale:.1f}{unit}"
+  return f"{x:.0f} B"
+
+
+def _share(part: float | None, whole: float | None) -> str:
+  return NA if part is None or not whole else f"{100 * part / whole:.1f} %"
+
+
+def _deploy_section(sweep: Sweep) -> list[str]:
+  """Per method and sparsity, the seed means of the deployable model's kept parameters, MACs
+  per example and compressed size, each also as a share of the dense model's."""
+  lines = ["### Deployable model", ""]
+  if not any(_get(r.summary, DEPLOY, "kept_params") is not None for r in sweep.runs):
+    return lines + [
+      "Not recorded: these runs' `summary.json` predate the deployment counts (`deploy`)."
+    ]
+  lines += [
+    "The exported sparse path (the pruned model), counted from its shapes and final masks;"
+    " seed means. *Kept params*: every parameter less the masked kernel entries. *MACs*:"
+    " multiply-accumulates per example of the conv and dense layers, a masked weight costing"
+    " none (BatchNorm, activations and pooling not counted). *Compressed*: bit-packed masks,"
+    " the kept values and every other variable as stored (`dcil_jax.compress`); *dense*: every"
+    " variable as stored (float32). Shares are of the same model unpruned. n/a: a run whose"
+    " summary predates these counts.",
+  ]
+  if _unit(sweep) == "filters":
+    lines[-1] += (
+      " With filter masks these are the masked model's counts: a compact model"
+      " (`dcil_jax.compact`) also drops the pruned filters' inputs in the next layer and"
+      " is smaller still."
+    )
+  lines.append("")
+  header = [
+    "Sparsity",
+    "Method",
+    "n",
+    "Kept params",
+    "of all",
+    "MACs / example",
+    "of dense",
+    "Compressed",
+    "of dense",
+    "Dense (float32)",
+  ]
+  cells = [("dense", 0.0)] if "dense" in sweep.methods else []
+  cells += [(m, s) for s in sweep.sparsities for m in _pruning_methods(sweep)]
+  rows = []
+  for method, s in cells:
+    runs = sweep.cell(method, s)
+    if not runs:
+      continue
+    v = _deploy_values(runs)
+    rows.append(
+      [
+        "0" if method == "dense" else _sp(s),
+        _label(method),
+        str(len(runs)),
+        NA if v["kept_params"] is None else f"{v['kept_params']:,.0f}",
+        _share(v["kept_params"], v["params"]),
+        _si(v["kept_macs"]),
+        _share(v["kept_macs"], v["macs"]),
+        _bytes(v["compressed_bytes"]),
+        _share(v["compressed_bytes"], v["dense_bytes"]),
+        _bytes(v["dense_bytes"]),
+      ]
+    )
+  return lines + _table(header, rows)
 
 
 # Figures.
@@ -561,7 +737,7 @@ def _accuracy_figure(sweep: Sweep, path: str) -> bool:
         yerr=sds,
         marker="o",
         capsize=4,
-        color=COLORS.get(method),
+        color=_color(method),
         label=_label(method),
       )
       drawn = True
@@ -569,7 +745,7 @@ def _accuracy_figure(sweep: Sweep, path: str) -> bool:
     return False
   ax.set_xticks(positions, [_sp(s) for s in sweep.sparsities])
   ax.set_xlim(-0.5, len(sweep.sparsities) - 0.5)
-  ax.set_xlabel("target sparsity (fraction of weights pruned)")
+  ax.set_xlabel(f"target sparsity (fraction of {_unit(sweep)} pruned)")
   ax.set_ylabel("final test top-1 (sparse path)")
   _percent_axis(ax)
   ax.set_title(f"{_title(sweep)}: final top-1 vs sparsity (mean ± sd over seeds)", fontsize=10)
@@ -590,8 +766,9 @@ def _pruning_figure(
   ylabel: str,
   title: str,
 ) -> bool:
-  """One subplot per sparsity: DPF and DCIL (and dense for accuracy) mean curves with ±sd."""
-  methods = [m for m in ("dpf", "dcil") if m in sweep.methods]
+  """One subplot per sparsity: each pruning method's (and for accuracy dense's) mean curve over
+  seeds with its ±sd band."""
+  methods = _pruning_methods(sweep)
   if not sweep.sparsities or not any(sweep.cell(m, s) for m in methods for s in sweep.sparsities):
     return False
   rows, cols = _grid_shape(len(sweep.sparsities))
@@ -613,12 +790,15 @@ def _pruning_figure(
         mean = np.where(mean > 0, mean, np.nan)
         positive += list(mean[np.isfinite(mean)])
       style = {"lw": 1.0, "ls": ":"} if method == "dense" else {"lw": 1.5}
-      ax.plot(x, mean, color=COLORS[method], label=f"{_label(method)} (n={len(runs)})", **style)
+      if log:  # a refresh that flips nothing breaks the line: the points between stay visible
+        style |= {"marker": ".", "ms": 3}
+      color = _color(method)
+      ax.plot(x, mean, color=color, label=f"{_label(method)} (n={len(runs)})", **style)
       if method != "dense":
-        ax.fill_between(x, mean - sd, mean + sd, color=COLORS[method], alpha=0.2, lw=0)
+        ax.fill_between(x, mean - sd, mean + sd, color=color, alpha=0.2, lw=0)
       tail += list(mean[x >= 0.1 * x.max()])
     if not any(sweep.cell(m, s) for m in methods):
-      ax.text(0.5, 0.5, "no finished DPF/DCIL runs yet", ha="center", transform=ax.transAxes)
+      ax.text(0.5, 0.5, "no finished pruned runs yet", ha="center", transform=ax.transAxes)
     _schedule_lines(ax, sweep)
     if epochs:
       ax.set_xlim(0, epochs)
@@ -673,7 +853,7 @@ def _layer_sparsities(sweep: Sweep) -> list[float]:
 
 
 def _layer_figure(sweep: Sweep, path: str) -> bool:
-  methods = [m for m in ("dpf", "dcil") if m in sweep.methods]
+  methods = _pruning_methods(sweep)
   panels = [s for s in _layer_sparsities(sweep) if any(sweep.cell(m, s) for m in methods)]
   if not panels:
     return False
@@ -706,7 +886,7 @@ def _layer_figure(sweep: Sweep, path: str) -> bool:
         bar,
         yerr=100 * np.nan_to_num(sd),
         capsize=2,
-        color=COLORS[method],
+        color=_color(method),
         label=f"{_label(method)} (seed mean, n={len(runs)})",
       )
     ax.axhline(100 * s, color="0.2", ls="--", lw=1, label=f"target {_sp(s)} (overall)")
@@ -717,7 +897,7 @@ def _layer_figure(sweep: Sweep, path: str) -> bool:
     _percent_axis(ax)
     ax.set_title(f"target sparsity {_sp(s)}", fontsize=10)
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=7, loc="upper left", ncol=len(methods) + 1)
+    ax.legend(fontsize=7, loc="upper left", ncol=min(len(methods) + 1, 3))
   fig.suptitle(f"{_title(sweep)}: per-layer sparsity at the end of training", fontsize=11)
   _save(fig, path)
   return True
@@ -727,6 +907,11 @@ def _figures(sweep: Sweep, fig_dir: str) -> list[tuple[str, str, str]]:
   """Writes the sweep's figures; returns (alt text, caption, path relative to the report)."""
   os.makedirs(fig_dir, exist_ok=True)
   made = []
+  pruning = _pruning_methods(sweep)
+  if MAIN_METHOD in pruning and len(pruning) > 1:  # "DCIL vs DPF", "DCIL vs GMP, RigL, DPF"
+    versus = "DCIL vs " + ", ".join(_label(m) for m in pruning if m != MAIN_METHOD)
+  else:
+    versus = ", ".join(_label(m) for m in pruning) or "no pruning method"
 
   def add(suffix: str, caption: str, draw: Callable[[str], bool]) -> None:
     name = f"{sweep.slug}_{suffix}.png"
@@ -740,7 +925,7 @@ def _figures(sweep: Sweep, fig_dir: str) -> list[tuple[str, str, str]]:
   )
   add(
     "training_curves",
-    "Test top-1 during training, DCIL vs DPF (mean ± sd over seeds; dense dotted)",
+    f"Test top-1 during training, {versus} (mean ± sd over seeds; dense dotted)",
     lambda p: _pruning_figure(
       sweep,
       p,
@@ -754,7 +939,7 @@ def _figures(sweep: Sweep, fig_dir: str) -> list[tuple[str, str, str]]:
   )
   add(
     "flip_rate",
-    "Mask flip rate at each refresh, DCIL vs DPF (mean ± sd over seeds, log scale)",
+    f"Mask flip rate at each refresh, {versus} (mean ± sd over seeds, log scale)",
     lambda p: _pruning_figure(
       sweep,
       p,
@@ -768,10 +953,25 @@ def _figures(sweep: Sweep, fig_dir: str) -> list[tuple[str, str, str]]:
   )
   add(
     "layer_sparsity",
-    "Per-layer sparsity at the end of training, DCIL vs DPF",
+    f"Per-layer sparsity at the end of training, {versus}",
     lambda p: _layer_figure(sweep, p),
   )
   return made
+
+
+def _granularity_line(sweep: Sweep) -> str:
+  kinds = _granularities(sweep)
+  if kinds == ["weight"]:
+    return "- Pruning granularity: weight (sparsity = fraction of the prunable weights pruned)"
+  if kinds == ["filter"]:
+    return (
+      "- Pruning granularity: **filter**: sparsity is the fraction of *filters* (output"
+      " channels of the prunable kernels) pruned, not of weights. The *Achieved sparsity*"
+      " column and the deployable-model counts are in weights"
+    )
+  if len(kinds) == 1:
+    return f"- Pruning granularity: {kinds[0]}"
+  return f"- Pruning granularity: {', '.join(kinds)} (differs between runs)"
 
 
 def _header(sweep: Sweep) -> list[str]:
@@ -794,6 +994,7 @@ def _header(sweep: Sweep) -> list[str]:
     f" {_g(sweep.first('update_every'))} steps",
     f"- Methods: {', '.join(_label(m) for m in sweep.methods) or NA}; sparsities: "
     f"{join(sweep.sparsities)}",
+    _granularity_line(sweep),
     f"- Seeds found: {join(seeds)}",
     f"- Finished runs: {len(sweep.runs)} of {total}",
   ]
@@ -826,9 +1027,10 @@ def _section(sweep: Sweep, fig_dir: str) -> list[str]:
     "",
   ]
   lines += _accuracy_table(sweep, _best_top1) + [""]
-  if "dcil" in sweep.methods and "dpf" in sweep.methods:
+  if MAIN_METHOD in sweep.methods and _baselines(sweep):
     lines += _comparison_section(sweep) + [""]
   lines += _stability_section(sweep) + [""]
+  lines += _deploy_section(sweep) + [""]
   figures = _figures(sweep, fig_dir)
   if figures:
     lines += ["### Figures", ""]
@@ -872,8 +1074,12 @@ def build_report(sweep_dirs: list[str], out_dir: str, notes: str | None = None) 
   fig_dir = os.path.join(out_dir, FIGURES)
   os.makedirs(fig_dir, exist_ok=True)
   sweeps = [load_sweep(p, s) for p, s in zip(sweep_dirs, _slugs(sweep_dirs))]
+  present = {m for sweep in sweeps for m in sweep.methods}
+  others = [m for m in METHOD_ORDER if m in present and m not in (MAIN_METHOD, "dense")]
+  others += sorted(present - set(METHOD_ORDER))
+  title = " vs ".join([_label(MAIN_METHOD)] + [_label(m) for m in others] + ["dense"])
   lines = [
-    "# DCIL vs DPF vs dense training: results",
+    f"# {title} training: results",
     "",
     "Generated from the runs' `summary.json`, `metrics.jsonl` and `config.json`. Accuracies are"
     " test top-1 of the sparse path (the pruned model) in %; differences and spreads in"

@@ -3,8 +3,9 @@
 Everything ``experiments/`` does with a ``dcil_jax.TrainState`` goes through this module: build it
 (model, optimizer with the recipe's schedules, ``TrainState.create`` on a mesh), compile its step,
 turn it into the arrays a checkpoint holds and back, evaluate one exported path, measure a mask
-refresh, and read the masks for the summary. The rest of the layer (loop, checkpoints, sweep,
-report) sees only the functions below, so a change of the library's state API is ported here.
+refresh, and read the masks and the deployable model's counts for the summary. The rest of the
+layer (loop, checkpoints, sweep, report) sees only the functions below, so a change of the
+library's state API is ported here.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 import optax
 
 import dcil_jax
-from dcil_jax import sharding, stability
+from dcil_jax import compress, deploy_stats, sharding, stability
 from dcil_jax.models import create_model
 from dcil_jax.transform import find_masked_state
 from experiments import input_pipeline
@@ -111,6 +112,12 @@ def make_optimizer(
   return optax.chain(*parts)
 
 
+def example_input(config: ml_collections.ConfigDict) -> jax.Array:
+  """A batch of one zero input of the config's dataset, shape and dtype."""
+  info = input_pipeline.DATASETS[config.dataset]
+  return jnp.zeros((1, *info.input_shape(config.image_size)), DTYPES[config.dtype])
+
+
 def create_train_state(
   config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, steps_per_epoch: int
 ) -> dcil_jax.TrainState:
@@ -118,8 +125,7 @@ def create_train_state(
   info = input_pipeline.DATASETS[config.dataset]
   model = create_model(config.model, info.num_classes, dtype=DTYPES[config.dtype])
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  shape = (1, *info.input_shape(config.image_size))
-  dummy = jnp.zeros(shape, DTYPES[config.dtype])
+  dummy = example_input(config)
   variables = jax.jit(functools.partial(model.init, train=False))(init_rng, dummy)
   method = dcil_jax.get_method(config.method)
   if isinstance(method, dcil_jax.DCIL):
@@ -269,3 +275,46 @@ def mask_report(state: dcil_jax.TrainState) -> dict[str, Any]:
     "layer_sparsity": {k: float(v) for k, v in dcil_jax.layer_sparsities(masks).items()},
     "exported_zero_fraction": float(sum((x == 0).sum() for x in conv) / sum(x.size for x in conv)),
   }
+
+
+def _plain_masks(params: Any, prunable_masks: Any) -> Any:
+  """The masks of the prunable kernels (a sub-tree of the plain params, as in the lifted
+  layout) as a tree over all of ``params``, ``None`` at the leaves that are not pruned."""
+
+  def find(path: tuple[Any, ...]) -> Any:
+    node = prunable_masks
+    for key in path:
+      if not isinstance(node, dict) or key.key not in node:
+        return None
+      node = node[key.key]
+    return node
+
+  return jax.tree_util.tree_map_with_path(lambda path, _: find(path), params)
+
+
+def deploy_report(state: dcil_jax.TrainState, example_input: Any) -> dict[str, int | None]:
+  """The deployable (exported sparse-path) model's size and cost, from its shapes and masks:
+  ``params`` (every parameter) and ``kept_params`` (less the masked kernel entries), ``macs``
+  and ``kept_macs`` per example (conv and dense layers, ``dcil_jax.deploy_stats``; the model is
+  traced abstractly, nothing is run), and ``dense_bytes`` (every variable as stored) and
+  ``compressed_bytes`` (bit-packed masks plus kept values, ``dcil_jax.compress``; array bytes,
+  nothing is written). For dense training the two of each pair are equal.
+
+  Args:
+    example_input: an input batch (its shape after the batch axis is one example's).
+  """
+  variables = jax.device_get(dcil_jax.export_variables(state))
+  masks = None
+  if state.method.uses_masks:
+    prunable = jax.device_get(state.trained_masks[dcil_jax.paths.PRUNABLE])
+    masks = _plain_masks(variables["params"], prunable)
+  module = getattr(state.model, "module", None)
+  if module is not None:
+    shape = tuple(np.shape(example_input)[1:])
+    counts = deploy_stats.deploy_stats(module, variables, shape, masks)
+  else:  # an apply function alone cannot be traced layer by layer
+    total = sum(int(np.size(x)) for x in jax.tree.leaves(variables["params"]))
+    masked = sum(int(np.sum(~np.asarray(m))) for m in jax.tree.leaves(masks)) if masks else 0
+    counts = {"params": total, "kept_params": total - masked, "macs": None, "kept_macs": None}
+  _, sizes = compress.compress(variables, masks)
+  return counts | {k: int(sizes[k]) for k in ("dense_bytes", "compressed_bytes")}

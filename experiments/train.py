@@ -487,7 +487,8 @@ def flip_rate_summary(refreshes: list[dict[str, Any]], ramp_end: int) -> dict[st
 
 def summarize(config, state, tracker, evals, refreshes, plan: Plan) -> dict[str, Any]:
   """Best and final sparse-path accuracy, its variability over the last quarter of the evals,
-  per-layer sparsity, mask flip rates and revived weights."""
+  per-layer sparsity, mask flip rates and revived weights, and the deployable model's kept
+  parameters, MACs and bytes (``deploy``)."""
   final = evals[-1]
   best = max(evals, key=lambda r: r["top1"])
   summary: dict[str, Any] = {
@@ -506,6 +507,7 @@ def summarize(config, state, tracker, evals, refreshes, plan: Plan) -> dict[str,
     summary |= lib.mask_report(state)
     summary |= flip_rate_summary(refreshes, lib.ramp_steps(config, plan.steps_per_epoch))
     summary["ever_revived"] = lib.ever_revived(tracker)
+  summary["deploy"] = lib.deploy_report(state, lib.example_input(config))
   return summary
 
 
@@ -538,6 +540,13 @@ def format_summary(summary: dict[str, Any]) -> str:
     f"{best['epoch']:.2f} (picked on the eval split: report the final numbers)",
     f"throughput {summary.get('images_per_second') or float('nan'):.1f} images/s",
   ]
+  if deploy := summary.get("deploy"):
+    macs = "n/a" if deploy["macs"] is None else f"{deploy['kept_macs']:,} of {deploy['macs']:,}"
+    lines.append(
+      f"deployable model: {deploy['kept_params']:,} of {deploy['params']:,} params, MACs per "
+      f"example {macs}, {deploy['compressed_bytes']:,} bytes compressed "
+      f"({deploy['dense_bytes']:,} dense)"
+    )
   if "sparsity" in summary:
     flips = summary["flip_rate"]
     fmt = lambda x: "n/a" if x is None else f"{x:.5f}"

@@ -162,6 +162,7 @@ def test_cifar_run_trains_and_evaluates_both_paths(tmp_path, capsys):
   assert summary["flip_rate"]["refreshes"] == 1
   out = capsys.readouterr().out
   assert "layer sparsity" in out and "final sparse-path top-1" in out
+  assert "deployable model: " in out and " params, MACs per example " in out
   # The resolved milestones, printed at start (the run is cut at 4 of the recipe's 600 steps).
   assert "schedule: 300 epochs of 2 steps" in out and "ends at epoch 1 (step 2)" in out
 
@@ -170,6 +171,8 @@ def test_imagenet_run_on_cpu_with_a_tiny_model(tmp_path):
   run_mocked(imagenet, tmp_path, model="resnet_tiny", image_size=32, method="dpf", sparsity=0.5)
   summary, evals = check_run(tmp_path, "dpf")
   assert "dense_top1" not in evals[-1]
+  deploy = summary["deploy"]  # counted at the 32x32 input of this run
+  assert deploy["params"] == summary["num_params"] and deploy["kept_macs"] < deploy["macs"]
   config = json.loads((tmp_path / "config.json").read_text())
   assert config["dtype"] == "float32" and config["lr_schedule"] == "cosine"
 

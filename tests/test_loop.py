@@ -275,3 +275,33 @@ def test_the_loop_summary_has_the_deployable_sparsity(guarded_run):
   # Every update_every=4 steps, recorded at the step that first trains with the new masks
   # (1-based steps 5, 9, ...; step 1's masks are the ones init computed).
   assert refresh_steps == list(range(5, 23, 4))
+
+
+def test_the_loop_summary_has_the_deployable_model_counts(guarded_run):
+  """``deploy``: kept parameters, MACs and bytes of the exported sparse path, consistent with the
+  final masks (``layer_sparsity``) and the model's shapes."""
+  from dcil_jax.models import create_model
+
+  summary, _, _ = guarded_run
+  deploy = summary["deploy"]
+  keys = {"params", "kept_params", "macs", "kept_macs", "dense_bytes", "compressed_bytes"}
+  assert set(deploy) == keys and all(isinstance(deploy[k], int) for k in keys)
+  assert deploy["params"] == summary["num_params"]
+  assert 0 < deploy["kept_macs"] < deploy["macs"]
+  assert 0 < deploy["compressed_bytes"] < deploy["dense_bytes"]
+  assert deploy["dense_bytes"] >= 4 * deploy["params"]  # float32 params, plus BN statistics
+  # kept = (1 - s) x prunable + the rest, from the model's own shapes.
+  model = create_model("small_cnn", 10)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1))))
+  sizes = {
+    jax.tree_util.keystr(path): leaf.size
+    for path, leaf in jax.tree_util.tree_flatten_with_path(shapes["params"])[0]
+  }
+  layers = {k.removeprefix("['prunable']"): v for k, v in summary["layer_sparsity"].items()}
+  prunable = sum(sizes[k] for k in layers)
+  assert deploy["params"] == sum(sizes.values())
+  pruned = sum(round(sizes[k] * s) for k, s in layers.items())
+  assert deploy["kept_params"] == deploy["params"] - pruned
+  for s, tolerance in ((summary["sparsity"], 1), (0.9, 1e-3 * prunable)):  # achieved, target
+    expected = (1 - s) * prunable + deploy["params"] - prunable
+    assert deploy["kept_params"] == pytest.approx(expected, abs=tolerance)

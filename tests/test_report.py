@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,15 @@ def _name(method: str, sparsity: float, seed: int) -> str:
   return f"dense_seed{seed}" if method == "dense" else f"{method}_s{sparsity:g}_seed{seed}"
 
 
-def _write_run(root: Path, method: str, sparsity: float, seed: int, top1: float | None) -> None:
+def _write_run(
+  root: Path,
+  method: str,
+  sparsity: float,
+  seed: int,
+  top1: float | None,
+  granularity: str | None = None,
+  deploy: dict[str, int] | None = None,
+) -> None:
   rundir = root / _name(method, sparsity, seed)
   rundir.mkdir()
   config = {
@@ -50,17 +59,19 @@ def _write_run(root: Path, method: str, sparsity: float, seed: int, top1: float 
     "update_every": 5,
     "steps_per_epoch": None,
   }
+  if granularity is not None:
+    config["granularity"] = granularity
   (rundir / "config.json").write_text(json.dumps(config))
   if top1 is None:  # started, never finished
     return
   records: list[dict[str, Any]] = []
-  curve = [top1 - 0.1, top1 - 0.05, top1 - 0.05 + DIP[method], top1]
+  curve = [top1 - 0.1, top1 - 0.05, top1 - 0.05 + DIP.get(method, 0.04), top1]
   for epoch, acc in enumerate(curve, start=1):
     step = epoch * STEPS_PER_EPOCH
     records.append({"step": step, "split": "train", "loss": 0.5, "accuracy_sparse": acc})
     records.append({"step": step, "split": "eval", "top1": acc, "top5": 1.0, "epoch": epoch})
     if method != "dense":
-      flip = 0.1 if epoch <= 2 else FLIP_AFTER_RAMP[method]
+      flip = 0.1 if epoch <= 2 else FLIP_AFTER_RAMP.get(method, 2e-3)
       records.append({"step": step - 5, "split": "refresh", "flip_rate": flip, "revived": 0.0})
   (rundir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
   steps = EPOCHS * STEPS_PER_EPOCH
@@ -73,26 +84,44 @@ def _write_run(root: Path, method: str, sparsity: float, seed: int, top1: float 
     "steps": steps,
     "final": {"top1": top1, "top5": 1.0, "loss": 0.1, "step": steps, "epoch": EPOCHS},
     "best": {"top1": top1 + 0.005, "top5": 1.0, "step": 30, "epoch": 3},
-    "top1_variability": {"step_std": STEP_STD[method], "std": 0.01, "min": top1, "evals": 2},
+    "top1_variability": {
+      "step_std": STEP_STD.get(method, 0.003),
+      "std": 0.01,
+      "min": top1,
+      "evals": 2,
+    },
   }
+  if deploy is not None:
+    summary["deploy"] = deploy
   if method != "dense":
     summary |= {
       "sparsity": sparsity,
       "layer_sparsity": {"['Conv_0']['kernel']": sparsity - 0.2, "['Conv_1']['kernel']": sparsity},
-      "flip_rate": {"mean": 0.05, "mean_after_ramp": FLIP_AFTER_RAMP[method], "refreshes": 4},
+      "flip_rate": {
+        "mean": 0.05,
+        "mean_after_ramp": FLIP_AFTER_RAMP.get(method, 2e-3),
+        "refreshes": 4,
+      },
       "layer_flip_rate_after_ramp": {"Conv_0/kernel": 0.01, "Conv_1/kernel": 0.001},
       "ever_revived": 0.02 if method == "dpf" else 0.01,
     }
   (rundir / "summary.json").write_text(json.dumps(summary))
 
 
-def _fake_sweep(root: Path) -> Path:
-  sweep = root / "fake_sweep"
+def _fake_sweep(
+  root: Path,
+  final: dict[tuple[str, float], list[float | None]] = FINAL,
+  name: str = "fake_sweep",
+  granularity: str | None = None,
+  deploy: Callable[[str, float, int], dict[str, int] | None] = lambda *_: None,
+) -> Path:
+  sweep = root / name
   sweep.mkdir()
   runs = []
-  for (method, sparsity), values in FINAL.items():
+  for (method, sparsity), values in final.items():
     for seed, top1 in zip(SEEDS, values):
-      _write_run(sweep, method, sparsity, seed, top1)
+      cell = deploy(method, sparsity, seed)
+      _write_run(sweep, method, sparsity, seed, top1, granularity, cell)
       runs.append(
         {
           "method": method,
@@ -144,7 +173,7 @@ def test_main_table_has_seed_mean_and_sd(built):
   assert _mean_sd(FINAL[("dpf", 0.5)]) in dpf and "(n=2)" in dpf  # the unfinished seed is out
   assert _mean_sd(FINAL[("dpf", 0.9)]) in dpf
   assert _mean_sd(FINAL[("dense", 0.0)]) in _row(table, "Dense")
-  best = _section(text, "Secondary", "### DCIL vs DPF")
+  best = _section(text, "Secondary", "### DCIL vs each baseline")
   assert "chosen on the test set" in best
   assert _mean_sd([v + 0.005 for v in FINAL[("dcil", 0.9)]]) in _row(best, "DCIL")
 
@@ -158,12 +187,17 @@ def test_header_lists_missing_run_and_seeds(built):
   assert "Finished runs: 14 of 15" in text
   assert "parameters: 1,234" in text and "4 epochs, 40 steps (10 per epoch)" in text
   assert f"`{sweep}`" in text
+  assert "- Pruning granularity: weight (sparsity = fraction of the prunable weights" in text
+  assert text.startswith("# DCIL vs DPF vs dense training: results")
+  # Runs written before summaries had the deployment counts:
+  assert "Not recorded" in _section(text, "### Deployable model", "### Figures")
 
 
 def test_dcil_vs_dpf_verdicts(built):
   path, *_ = built
-  section = _section(path.read_text(), "### DCIL vs DPF", "### Stability")
+  section = _section(path.read_text(), "### DCIL vs each baseline", "### Stability")
   assert "p < 0.05" in section  # the rule is stated
+  assert "#### DCIL vs DPF" in section and "Verdicts at a glance" not in section  # one baseline
   high = _row(section, "0.9")
   assert "DCIL higher" in high and "+7.50" in high
   assert stats.ttest_ind(FINAL[("dcil", 0.9)], FINAL[("dpf", 0.9)], equal_var=False).pvalue < 0.05
@@ -180,7 +214,8 @@ def test_stability_table_and_verdict(built):
   assert "1.00e-03" in dcil and "| 0.10 |" in dcil and "| 0.0100 |" in dcil
   dpf = [x for x in section.splitlines() if x.startswith("| 0.9 | DPF |")][0]
   assert "5.00e-03" in dpf and "| 0.40 |" in dpf and "| 20.00 |" in dpf  # the largest drop
-  assert "- s = 0.9: **yes**" in section and "- s = 0.5: **yes**" in section
+  assert "- s = 0.9, DCIL vs DPF: **yes**" in section
+  assert "- s = 0.5, DCIL vs DPF: **yes**" in section
 
 
 def test_figures_are_pngs_linked_from_the_report(built):
@@ -217,9 +252,140 @@ def test_unfinished_sweep_does_not_fail(tmp_path):
 
 
 def test_compare_verdicts():
-  assert report.compare([0.80, 0.81, 0.79], [0.90, 0.91, 0.89])["verdict"] == "DPF higher"
+  assert report.compare([0.80, 0.81, 0.79], [0.90, 0.91, 0.89])["verdict"] == "DCIL lower"
   one_seed = report.compare([0.95], [0.80])
   assert one_seed["p"] is None and one_seed["verdict"].startswith("no clear difference")
   # Large p-value: a big difference is not clear when the seeds spread as much.
   noisy = report.compare([0.90, 0.70, 0.95], [0.80, 0.60, 0.85])
   assert noisy["p"] > 0.05 and noisy["verdict"] == "no clear difference"
+
+
+# A grid of every method: at 0.9 DCIL is clearly above GMP, clearly below RigL and level with
+# DPF; at 0.5 all are equal.
+FINAL5 = {
+  ("dense", 0.0): [0.99, 0.985, 0.995],
+  ("gmp", 0.5): [0.95, 0.96, 0.955],
+  ("rigl", 0.5): [0.95, 0.96, 0.955],
+  ("dpf", 0.5): [0.95, 0.96, 0.955],
+  ("dcil", 0.5): [0.95, 0.96, 0.955],
+  ("gmp", 0.9): [0.92, 0.925, 0.915],
+  ("rigl", 0.9): [0.99, 0.995, 0.985],
+  ("dpf", 0.9): [0.975, 0.97, 0.98],
+  ("dcil", 0.9): [0.975, 0.97, 0.98],
+}
+PARAMS, PRUNABLE, MACS = 1000, 800, 10_000
+
+
+def _deploy(method: str, sparsity: float, seed: int) -> dict[str, int] | None:
+  """Counts as ``experiments.state.deploy_report`` writes them; RigL at 0.5 predates them."""
+  if method == "rigl" and sparsity == 0.5:
+    return None
+  kept = round(PRUNABLE * (1 - sparsity))
+  return {
+    "params": PARAMS,
+    "kept_params": PARAMS - PRUNABLE + kept,
+    "macs": MACS,
+    "kept_macs": 2000 + 10 * kept,
+    "dense_bytes": 4 * PARAMS,
+    "compressed_bytes": 4 * (PARAMS - PRUNABLE + kept) + PRUNABLE // 8,
+  }
+
+
+@pytest.fixture(scope="module")
+def five_methods(tmp_path_factory):
+  root = tmp_path_factory.mktemp("report5")
+  sweep = _fake_sweep(root, FINAL5, "five", deploy=_deploy)
+  out = root / "out"
+  return Path(report.build_report([str(sweep)], str(out))).read_text(), out
+
+
+def test_every_method_is_labelled_in_order(five_methods):
+  text, _ = five_methods
+  assert text.startswith("# DCIL vs GMP vs RigL vs DPF vs dense training: results")
+  assert "- Methods: Dense, GMP, RigL, DPF, DCIL;" in text
+  table = _section(text, "### Final test top-1", "Secondary")
+  rows = [x.split(" | ")[0].lstrip("| ") for x in table.splitlines() if x.startswith("| ")]
+  rows = rows[1:]  # the header
+  assert rows == ["Dense", "GMP", "RigL", "DPF", "DCIL"]
+  assert _mean_sd(FINAL5[("rigl", 0.9)]) in _row(table, "RigL")
+  assert len({report._color(m) for m in report.METHOD_ORDER}) == 5
+
+
+def test_dcil_is_compared_with_each_baseline(five_methods):
+  text, _ = five_methods
+  section = _section(text, "### DCIL vs each baseline", "### Stability")
+  assert "Baselines: GMP, RigL, DPF." in section and "p < 0.05" in section
+  tables = [x for x in section.splitlines() if x.startswith("#### ")]
+  assert tables == ["#### DCIL vs GMP", "#### DCIL vs RigL", "#### DCIL vs DPF"]
+  gmp = _section(section, "#### DCIL vs GMP", "#### DCIL vs RigL")
+  rigl = _section(section, "#### DCIL vs RigL", "#### DCIL vs DPF")
+  dpf = section[section.index("#### DCIL vs DPF") :]
+  assert "| Sparsity | GMP (%) | DCIL (%) |" in gmp and "| Sparsity | RigL (%) |" in rigl
+  assert "DCIL higher" in _row(gmp, "0.9") and "+5.50" in _row(gmp, "0.9")
+  assert "DCIL lower" in _row(rigl, "0.9") and "-1.50" in _row(rigl, "0.9")
+  p = stats.ttest_ind(FINAL5[("dcil", 0.9)], FINAL5[("rigl", 0.9)], equal_var=False).pvalue
+  assert p < 0.05 and f"| {p:.3f} |" in _row(rigl, "0.9")
+  assert "no clear difference" in _row(dpf, "0.9") and "+0.00" in _row(dpf, "0.9")
+  for table in (gmp, rigl, dpf):
+    assert "no clear difference" in _row(table, "0.5")
+  glance = _section(section, "Verdicts at a glance", "#### DCIL vs GMP")
+  assert "| Sparsity | DCIL vs GMP | DCIL vs RigL | DCIL vs DPF |" in glance
+  assert _row(glance, "0.9") == (
+    "| 0.9 | DCIL higher (+5.50 pp) | DCIL lower (-1.50 pp) | no clear difference (+0.00 pp) |"
+  )
+
+
+def test_stability_rows_and_verdicts_for_every_baseline(five_methods):
+  text, _ = five_methods
+  section = _section(text, "### Stability", "### Deployable model")
+  for method in ("GMP", "RigL", "DPF", "DCIL"):
+    assert sum(x.startswith(f"| 0.9 | {method} |") for x in section.splitlines()) == 1
+  verdicts = [x for x in section.splitlines() if x.startswith("- s = ")]
+  assert [x.split(":")[0] for x in verdicts] == [
+    f"- s = {s}, DCIL vs {b}" for s in ("0.5", "0.9") for b in ("GMP", "RigL", "DPF")
+  ]
+  assert "GMP / RigL / DPF" in section and "by design" in section
+
+
+def test_deployable_model_table_has_seed_means_and_na(five_methods):
+  text, _ = five_methods
+  section = _section(text, "### Deployable model", "### Figures")
+  dcil = [x for x in section.splitlines() if x.startswith("| 0.9 | DCIL |")][0]
+  # 200 non-prunable + 80 kept of 800; MACs 2000 + 800; 4 x 280 + 100 = 1220 bytes of 4000.
+  assert dcil == "| 0.9 | DCIL | 3 | 280 | 28.0 % | 2.8 k | 28.0 % | 1.2 KiB | 30.5 % | 3.9 KiB |"
+  dense = [x for x in section.splitlines() if x.startswith("| 0 | Dense |")][0]
+  assert "| 1,000 | 100.0 % | 10 k | 100.0 % |" in dense
+  rigl = [x for x in section.splitlines() if x.startswith("| 0.5 | RigL |")][0]
+  assert rigl == "| 0.5 | RigL | 3 | n/a | n/a | n/a | n/a | n/a | n/a | n/a |"
+
+
+def test_five_method_figures(five_methods):
+  text, out = five_methods
+  for kind in ("accuracy_vs_sparsity", "training_curves", "flip_rate", "layer_sparsity"):
+    png = out / "figures" / f"five_{kind}.png"
+    assert png.read_bytes().startswith(b"\x89PNG"), png
+    assert f"(figures/{png.name})" in text
+  assert "DCIL vs GMP, RigL, DPF" in text  # the captions name the baselines
+
+
+def test_filter_granularity_is_stated_in_the_header(tmp_path):
+  final = {("dpf", 0.3): [0.9, 0.91, 0.92], ("dcil", 0.3): [0.9, 0.91, 0.93]}
+  sweep = _fake_sweep(tmp_path, final, "filters", granularity="filter")
+  text = Path(report.build_report([str(sweep)], str(tmp_path / "out"))).read_text()
+  (line,) = [x for x in text.splitlines() if x.startswith("- Pruning granularity")]
+  assert "**filter**" in line and "fraction of *filters*" in line
+  assert report._unit(report.load_sweep(str(sweep), "filters")) == "filters"
+
+
+def test_an_unknown_method_is_named_and_coloured(tmp_path):
+  final = {("dpf", 0.9): [0.9, 0.91, 0.92], ("snip", 0.9): [0.8, 0.81, 0.8]}
+  final[("dcil", 0.9)] = [0.9, 0.91, 0.93]
+  sweep = _fake_sweep(tmp_path, final, "unknown")
+  out = tmp_path / "out"
+  text = Path(report.build_report([str(sweep)], str(out))).read_text()
+  assert "- Methods: DPF, DCIL, snip;" in text and text.startswith("# DCIL vs DPF vs snip vs")
+  assert "| snip |" in _section(text, "### Final test top-1", "Secondary")
+  assert "#### DCIL vs snip" in text and "- s = 0.9, DCIL vs snip: " in text
+  assert report._color("snip") in report.OTHER_COLORS
+  assert report._color("snip") == report._color("snip")  # no per-process hash
+  assert (out / "figures" / "unknown_training_curves.png").exists()
