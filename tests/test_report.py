@@ -389,3 +389,17 @@ def test_an_unknown_method_is_named_and_coloured(tmp_path):
   assert report._color("snip") in report.OTHER_COLORS
   assert report._color("snip") == report._color("snip")  # no per-process hash
   assert (out / "figures" / "unknown_training_curves.png").exists()
+
+
+def test_paired_comparison_cancels_the_seeds_own_luck():
+  # Seeds differ a lot (shared luck), DCIL is 2 pp higher on every seed: Welch cannot see it,
+  # the same-seed comparison can.
+  base = {0: 0.50, 1: 0.60, 2: 0.70, 3: 0.55}
+  dcil = {k: v + 0.02 + 0.001 * k for k, v in base.items()}
+  welch = report.compare(list(dcil.values()), list(base.values()))
+  assert welch["verdict"] == "no clear difference"
+  q = report.paired(dcil, base)
+  assert q["n"] == 4 and q["wins"] == 4
+  assert q["mean"] == pytest.approx(2.15) and q["p"] < 0.001
+  assert report.paired({0: 0.5}, {0: 0.4}) is None  # one shared seed: no test
+  assert report.paired({0: 0.5, 1: 0.6}, {2: 0.4, 3: 0.5}) is None  # no shared seeds
