@@ -3,9 +3,9 @@
 # report.
 #   digits: small CNN and ResNet-8; dense, DPF, DCIL; sparsities 0.5-0.98; seeds 0-2 (66 runs)
 #   ablations at 98 %: layer-wise sparsity (DPF and DCIL), and DCIL without distillation
-#   MNIST-1D: the paper's CNN and a 1-D ResNet; dense, GMP, RigL, DPF, DCIL; sparsities
-#   0.8-0.98; seeds 0-4 (170 runs); filter DPF vs filter DCIL at 30/40/50 % of filters, seeds
-#   0-2 (18 runs)
+#   MNIST-1D: the paper's CNN (seeds 0-4) and a 1-D ResNet (seeds 0-2); dense, GMP, RigL, DPF,
+#   DCIL; sparsities 0.8-0.98 (136 runs); filter DPF vs filter DCIL at 30/40/50 % of filters,
+#   seeds 0-2 (18 runs)
 # About 45 minutes (digits) + 90 minutes (MNIST-1D, two shards in parallel) on 2 CPU cores.
 # Rerun to continue: finished runs are skipped and an interrupted one continues from its
 # checkpoint. SHARDS=1 runs the MNIST-1D grid in one process.
@@ -24,10 +24,11 @@ python -m experiments.sweep --workdir=results/ablation_no_kd \
   --methods=dcil --sparsities=0.98 --seeds=0,1,2
 m1d=experiments/configs/mnist1d.py
 mnist1d_sweeps() {  # shard k of n
-  for model in cnn resnet1d; do
+  for model_seeds in cnn:0,1,2,3,4 resnet1d:0,1,2; do
+    model=${model_seeds%%:*}
     python -m experiments.sweep --workdir="results/mnist1d_${model}" --config="${m1d}:${model}" \
-      --methods=dense,gmp,rigl,dpf,dcil --sparsities=0.8,0.9,0.95,0.98 --seeds=0,1,2,3,4 \
-      --shard="$1/$2" --progress=false
+      --methods=dense,gmp,rigl,dpf,dcil --sparsities=0.8,0.9,0.95,0.98 \
+      --seeds="${model_seeds#*:}" --shard="$1/$2" --progress=false
   done
   python -m experiments.sweep --workdir=results/mnist1d_filter --config="${m1d}:resnet1d" \
     --config.granularity=filter --methods=dpf,dcil --sparsities=0.3,0.4,0.5 \
