@@ -1005,10 +1005,18 @@ def _granularity_line(sweep: Sweep) -> str:
   if kinds == ["weight"]:
     return "- Pruning granularity: weight (sparsity = fraction of the prunable weights pruned)"
   if kinds == ["filter"]:
+    in_filters = all(
+      r.summary.get("sparsity_unit") == "filter"
+      for r in sweep.runs
+      if r.summary.get("sparsity") is not None
+    )
+    achieved = (
+      "in filters too" if in_filters else "in weights (runs that predate counting in filters)"
+    )
     return (
       "- Pruning granularity: **filter**: sparsity is the fraction of *filters* (output"
-      " channels of the prunable kernels) pruned, not of weights. The *Achieved sparsity*"
-      " column and the deployable-model counts are in weights"
+      f" channels of the prunable kernels) pruned, not of weights. The *Achieved sparsity*"
+      f" column is {achieved}; the deployable-model counts are in weights"
     )
   if len(kinds) == 1:
     return f"- Pruning granularity: {kinds[0]}"

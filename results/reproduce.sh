@@ -41,6 +41,6 @@ for ((k = 0; k < shards; k++)); do
   pids+=($!)
 done
 for pid in "${pids[@]}"; do wait "$pid"; done  # a failed shard fails the script
-python -m experiments.report results/digits_small_cnn results/digits_resnet8 \
-  results/ablation_layerwise results/ablation_no_kd results/mnist1d_cnn \
-  results/mnist1d_resnet1d results/mnist1d_filter --out=results --notes=results/NOTES.md
+python -m experiments.report results/mnist1d_cnn results/mnist1d_resnet1d results/mnist1d_filter \
+  results/digits_small_cnn results/digits_resnet8 results/ablation_layerwise \
+  results/ablation_no_kd --out=results --notes=results/NOTES.md
