@@ -39,7 +39,9 @@ FAST_COMPILE_MODULES = {
   "test_loop",
   "test_quickstart",
   "test_report",
+  "test_resume",
   "test_sweep",
+  "test_two_processes",
 }
 # For the processes the experiments tests start (see `subprocess_env`).
 FAST_COMPILE_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
