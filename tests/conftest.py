@@ -38,6 +38,7 @@ FAST_COMPILE_MODULES = {
   "test_input_pipeline",
   "test_loop",
   "test_quickstart",
+  "test_readme",  # runs the README's examples and checks shapes and finiteness: no tolerances
   "test_report",
   "test_resume",
   "test_sweep",
