@@ -6,7 +6,12 @@ off for those test modules (``FAST_COMPILE_MODULES``) and the processes they sta
 comparison such a test makes is between runs under the same setting. The library's own tests
 keep XLA's default, since some of them compare values at tolerances tuned to it. The same
 programs (the tiny models' steps) are compiled by many tests and processes: a persistent
-compilation cache, private to this test session, compiles each once.
+compilation cache, private to this test session, compiles each once (the xdist workers
+inherit the session's cache directory from the process that starts them, so they share it).
+
+``pyproject.toml`` runs the files on two xdist workers (``-n 2 --dist loadfile``): a file runs
+whole on one worker, so its module-scoped fixtures (a reference run, a compiled step) are built
+once. ``LONGEST_FIRST`` hands the longest files out first so that none starts last.
 """
 
 import os
@@ -24,6 +29,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+# Two workers and the processes the tests start share one accelerator where there is one.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -38,8 +45,11 @@ FAST_COMPILE_MODULES = {
   "test_input_pipeline",
   "test_loop",
   "test_quickstart",
+  "test_readme",  # runs the README's examples and checks shapes and finiteness: no tolerances
   "test_report",
+  "test_resume",
   "test_sweep",
+  "test_two_processes",
 }
 # For the processes the experiments tests start (see `subprocess_env`).
 FAST_COMPILE_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
@@ -51,6 +61,25 @@ def _fast_compile_for_the_experiments_tests(request):
   jax.config.update("jax_disable_most_optimizations", fast)
   yield
   jax.config.update("jax_disable_most_optimizations", False)
+
+
+# The files that take longest (each on its own, on 2 cores, longest first): handed out first.
+LONGEST_FIRST = [
+  "test_two_processes",
+  "test_sequential",
+  "test_resume",
+  "test_composition",
+  "test_compact",
+  "test_readme",
+  "test_nnx",
+  "test_train",
+  "test_multi_device",
+]
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: the rest in order
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

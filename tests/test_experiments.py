@@ -241,7 +241,7 @@ def two_process_run(tmp_path_factory):
   return workdir, finish(start_two(workdir))
 
 
-@pytest.mark.slow  # the default run checks two processes on digits (test_checkpoints.py)
+@pytest.mark.slow  # the default run checks two processes on digits (test_two_processes.py)
 def test_two_processes_train_like_one_on_mock_cifar(tmp_path, two_process_run):
   """Each process reads its half of every global batch, and the run equals the one-process
   run (in this process)."""
@@ -260,7 +260,7 @@ def test_two_processes_train_like_one_on_mock_cifar(tmp_path, two_process_run):
         np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=key)
 
 
-@pytest.mark.slow  # two processes resuming is tested, with SIGTERM, in test_checkpoints.py
+@pytest.mark.slow  # two processes resuming is tested, with SIGTERM, in test_two_processes.py
 def test_two_processes_rerun_on_a_finished_workdir_rewrite_the_same_summary(two_process_run):
   """Both processes restore the final checkpoint (saved by both) and write the same summary."""
   workdir, _ = two_process_run

@@ -19,7 +19,17 @@ def test_eight_fake_devices():
     DCIL_MULTI_DEVICE="1",
   )
   result = subprocess.run(
-    [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(TESTS / "multi_device")],
+    [
+      sys.executable,
+      "-m",
+      "pytest",
+      "-q",
+      "-n",
+      "0",
+      "-p",
+      "no:cacheprovider",
+      str(TESTS / "multi_device"),
+    ],
     env=env,
     capture_output=True,
     text=True,

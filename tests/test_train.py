@@ -1,9 +1,5 @@
 import dataclasses
 import functools
-import os
-import subprocess
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -143,43 +139,6 @@ def test_bad_method_and_missing_masks(tiny_model, tiny_variables, tiny_batch):
     create(tiny_variables, make_tx(), method="dense")
   state = create(tiny_variables, optax.sgd(0.1), method="dense")
   assert state.masks is None
-
-
-SHARDED_SCRIPT = textwrap.dedent(
-  """
-    import jax, jax.numpy as jnp, numpy as np, optax
-    import dcil_jax
-    from dcil_jax.models import SmallCNN
-    assert jax.device_count() == 2
-    model = SmallCNN(num_classes=5, widths=(4, 8))
-    x = jax.random.normal(jax.random.PRNGKey(1), (8, 8, 8, 1))
-    batch = {"image": x, "label": jnp.arange(8) % 5}
-    variables = model.init(jax.random.PRNGKey(0), x)
-    out = {}
-    for strategy in ["unrolled", "sharded"]:
-      tx = optax.chain(optax.sgd(0.05, momentum=0.9),
-                       dcil_jax.masked_update(dcil_jax.constant_sparsity(0.5), 100))
-      state = dcil_jax.TrainState.create(model, variables, tx, strategy=strategy, example_input=x)
-      if strategy == "sharded":  # each device runs ordinary, not grouped, convolutions
-        hlo = dcil_jax.train_step.lower(state, batch).compile().as_text()
-        convs = [l for l in hlo.splitlines() if " convolution(" in l]
-        assert convs and not any("feature_group_count" in l for l in convs), convs
-      state, metrics = dcil_jax.train_step(state, batch)
-      out[strategy] = (metrics["loss"], state.params)
-    np.testing.assert_allclose(out["sharded"][0], out["unrolled"][0], rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(out["sharded"][1]), jax.tree.leaves(out["unrolled"][1])):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-    print("SHARDED_OK")
-    """
-)
-
-
-def test_sharded_strategy_on_two_devices_equals_unrolled():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-  result = subprocess.run(
-    [sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True, text=True, timeout=300
-  )
-  assert "SHARDED_OK" in result.stdout, result.stderr[-3000:]
 
 
 def test_bad_batches_are_rejected_before_anything_is_donated(

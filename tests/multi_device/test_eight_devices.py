@@ -119,6 +119,33 @@ def test_path_axis_puts_one_path_per_device(tiny_model, tiny_variables, global_b
   assert convs and not any("feature_group_count" in line for line in convs)
 
 
+def test_sharded_strategy_without_a_mesh_takes_two_devices_and_equals_unrolled(
+  tiny_model, tiny_variables, tiny_batch
+):
+  """``strategy="sharded"`` and no mesh: a 2-device ``path`` mesh, one path per device, each
+  running ordinary (not grouped) convolutions, with the step of ``"unrolled"`` on one device."""
+  out = {}
+  for strategy in ["unrolled", "sharded"]:
+    tx = optax.chain(
+      optax.sgd(0.05, momentum=0.9),
+      dcil_jax.masked_update(dcil_jax.constant_sparsity(0.5), 100),
+    )
+    state = dcil_jax.TrainState.create(
+      tiny_model, tiny_variables, tx, strategy=strategy, example_input=tiny_batch["image"]
+    )
+    if strategy == "sharded":
+      assert dict(state.mesh.shape) == {"path": 2}
+      hlo = dcil_jax.train_step.lower(state, tiny_batch).compile().as_text()
+      convs = [line for line in hlo.splitlines() if " convolution(" in line]
+      assert convs and not any("feature_group_count" in line for line in convs), convs
+    else:
+      assert state.mesh is None
+    state, metrics = dcil_jax.train_step(state, tiny_batch)
+    out[strategy] = (metrics["loss"], state.params)
+  np.testing.assert_allclose(out["sharded"][0], out["unrolled"][0], rtol=1e-5)
+  tree_allclose(out["sharded"][1], out["unrolled"][1], rtol=1e-4, atol=1e-6)
+
+
 def test_batch_that_does_not_split_over_data_axis_is_rejected(tiny_model, tiny_variables):
   mesh = sharding.make_mesh()
   state = dcil_jax.TrainState.create(

@@ -1,0 +1,180 @@
+"""Never lose a run: exact resume after kill -9, SIGTERM, a second signal and a truncated
+checkpoint, on the offline digits data through the real CLI and loop.
+
+The interrupted runs are real processes (a signal needs one); each resumed run and the
+uninterrupted reference run in this process. ``test_two_processes.py`` does the same for two
+processes, ``test_checkpoints.py`` tests the checkpointer and the loop's refusals in process.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from conftest import subprocess_env
+
+from experiments import preemption, train
+from experiments.configs import digits
+
+ROOT = Path(__file__).parent.parent
+STEPS = 33  # 3 epochs of 11 steps: evals (and checkpoints) at 11, 22, 33
+# A short DCIL run through `python -m experiments.digits`, checkpointing every 2 steps.
+FLAGS = [
+  "--config=experiments/configs/digits.py:local",
+  f"--config.num_train_steps={STEPS}",
+  "--config.run.checkpoint_every_steps=2",
+  "--config.run.progress=false",
+]
+TIMING = ("train_seconds", "images_per_second")
+
+
+def cli(workdir, *extra):
+  cmd = [sys.executable, "-m", "experiments.digits", f"--workdir={workdir}", *FLAGS, *extra]
+  return subprocess.Popen(
+    cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
+
+
+def run_cli(workdir, *extra, timeout=240):
+  p = cli(workdir, *extra)
+  out, _ = p.communicate(timeout=timeout)
+  return p.returncode, out
+
+
+def run_in_process(workdir):
+  """What ``cli(workdir)`` runs, in this process (no signal needed: no subprocess either)."""
+  config = digits.get_config("local")
+  with config.unlocked():
+    config.num_train_steps = STEPS
+    config.run.checkpoint_every_steps = 2
+    config.run.progress = False
+  return train.train_and_evaluate(config, str(workdir))
+
+
+def checkpoint_steps(workdir) -> list[int]:
+  path = Path(workdir) / "checkpoints"
+  return sorted(int(n) for n in os.listdir(path) if n.isdigit()) if path.exists() else []
+
+
+def wait_for_checkpoint(workdir, process, after: int = 0, timeout: float = 120) -> None:
+  start = time.time()
+  while not any(s > after for s in checkpoint_steps(workdir)):
+    assert process.poll() is None, process.communicate()[0][-3000:]
+    assert time.time() - start < timeout, "no checkpoint was written"
+    time.sleep(0.02)
+
+
+def final_state(workdir) -> list[np.ndarray]:
+  """The leaves of the last checkpoint's state, read onto this process's first device whatever
+  devices wrote it."""
+  path = Path(workdir) / "checkpoints" / str(STEPS) / "state"
+  checkpointer = ocp.StandardCheckpointer()
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(
+    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+    checkpointer.metadata(path).item_metadata,
+  )
+  return [np.asarray(x) for x in jax.tree.leaves(checkpointer.restore(path, target))]
+
+
+def outcome(workdir):
+  summary = json.loads((Path(workdir) / "summary.json").read_text())
+  records = [
+    json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()
+  ]
+  return (
+    {k: v for k, v in summary.items() if k not in TIMING},
+    [{k: v for k, v in r.items() if k not in TIMING} for r in records],
+  )
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  run_in_process(workdir)
+  return workdir
+
+
+def assert_same_run(workdir, reference):
+  summary, records = outcome(workdir)
+  ref_summary, ref_records = outcome(reference)
+  assert summary == ref_summary  # final and best accuracy, flip rates, sparsities: bit for bit
+  assert records == ref_records  # every train, refresh and eval record, once, in order
+  for a, b in zip(final_state(workdir), final_state(reference), strict=True):
+    np.testing.assert_array_equal(a, b)  # params, BN statistics, momentum, masks, rng
+
+
+def test_kill_9_sigterm_and_a_truncated_checkpoint_then_resume_equals_an_uninterrupted_run(
+  tmp_path, uninterrupted, caplog
+):
+  seed = random.randrange(10**6)
+  rng = random.Random(seed)
+  workdir = tmp_path / "run"
+  # SIGTERM: the step finishes, a checkpoint of that step is written, exit code 75.
+  p = cli(workdir)
+  wait_for_checkpoint(workdir, p)
+  p.send_signal(signal.SIGTERM)
+  out, _ = p.communicate(timeout=120)
+  assert p.returncode == preemption.PREEMPTED_EXIT_CODE, out[-3000:]
+  stopped = checkpoint_steps(workdir)[-1]
+  assert f"after step {stopped}" in out
+  # kill -9 at random moments, each after the run has gone past its last checkpoint.
+  kills = []
+  for _ in range(3):
+    last = checkpoint_steps(workdir)[-1]
+    if last >= STEPS - 4:
+      break
+    p = cli(workdir)
+    wait_for_checkpoint(workdir, p, after=last)
+    time.sleep(rng.uniform(0.0, 1.5))
+    p.kill()
+    p.communicate()
+    kills.append(checkpoint_steps(workdir)[-1])
+  assert kills, "the run finished before it could be killed"
+  # The newest checkpoint is truncated (a disk error): it is set aside, the previous one used.
+  newest = checkpoint_steps(workdir)[-1]
+  for f in (workdir / "checkpoints" / str(newest) / "state").rglob("*"):
+    if f.is_file() and f.stat().st_size > 64:
+      f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+  run_in_process(workdir)  # the same run, resumed in this process
+  assert "cannot be read" in caplog.text
+  assert (workdir / "checkpoints" / f"corrupt_{newest}").exists()
+  print(f"random seed {seed}: SIGTERM at {stopped}, kill -9 after {kills}, truncated {newest}")
+  assert_same_run(workdir, uninterrupted)
+
+
+def test_a_second_signal_exits_at_once_and_the_run_still_resumes_exactly(tmp_path, uninterrupted):
+  workdir = tmp_path / "run"
+  p = cli(workdir)
+  wait_for_checkpoint(workdir, p, after=4)
+  p.send_signal(signal.SIGTERM)
+  time.sleep(0.05)
+  p.send_signal(signal.SIGINT)
+  out, _ = p.communicate(timeout=60)
+  # At once with 128 + the signal handled second (Python runs pending handlers in signal-number
+  # order when the step returns), unless the graceful stop was already complete.
+  at_once = (128 + signal.SIGINT, 128 + signal.SIGTERM)
+  assert p.returncode in (*at_once, preemption.PREEMPTED_EXIT_CODE), out[-3000:]
+  if p.returncode in at_once:
+    assert "exiting now, without a checkpoint" in out
+  run_in_process(workdir)
+  assert_same_run(workdir, uninterrupted)
+
+
+def test_a_finished_run_run_again_only_writes_the_same_summary(tmp_path, uninterrupted, capsys):
+  # The same command on a finished workdir restores the last checkpoint and trains nothing.
+  workdir = tmp_path / "copy"
+  import shutil
+
+  shutil.copytree(uninterrupted, workdir)
+  run_in_process(workdir)
+  assert f"resumed at step {STEPS}" in capsys.readouterr().out
+  assert_same_run(workdir, uninterrupted)
