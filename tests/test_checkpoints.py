@@ -202,7 +202,7 @@ def test_an_unwritable_workdir_is_refused_before_any_work(tmp_path):
   "override, message",
   [
     ({"model": "resnet1000"}, "Unknown model 'resnet1000'"),
-    ({"method": "rigl"}, "Unknown method 'rigl'"),
+    ({"method": "snip"}, "Unknown method 'snip'"),
     ({"sparsity": 1.0}, "sparsity must be in [0, 1)"),
     ({"run.on_nonfinite": "ignore"}, "run.on_nonfinite must be one of"),
   ],

@@ -60,7 +60,7 @@ def test_imagenet_recipe_scales_lr_with_batch_and_decays_by_cosine():
   [
     (dict(model="resnet1000"), "Unknown model"),
     (dict(dataset="mnist"), "Unknown dataset"),
-    (dict(method="rigl"), "Unknown method"),
+    (dict(method="snip"), "Unknown method"),
     (dict(recipe="fast"), "Unknown recipe"),
     (dict(sparsity=1.0), "sparsity must be in"),
     (dict(ramp_end_epoch=400.0), "ramp_end_epoch"),

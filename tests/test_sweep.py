@@ -24,7 +24,7 @@ def test_grid_runs_dense_once_per_seed_and_goes_seed_by_seed():
 @pytest.mark.parametrize(
   "methods, sparsities, seeds, message",
   [
-    (["rigl"], [0.9], [0], "methods"),
+    (["snip"], [0.9], [0], "methods"),
     (["dpf"], [1.0], [0], "sparsities"),
     (["dpf"], [0.9], [0, 0], "seeds"),
   ],
