@@ -113,6 +113,13 @@ def tiny_variables(tiny_model, tiny_batch):
   return tiny_model.init(jax.random.PRNGKey(0), tiny_batch["image"])
 
 
+def distillation_on(metrics) -> bool:
+  """Whether a DCIL step's loss holds the distillation terms: ``loss - ce_s - ce_d`` is nearer
+  ``kl_s + kl_d`` than 0 (a fixed threshold would read float32 rounding of the sum as "on")."""
+  rest = float(metrics["loss"]) - float(metrics["ce_sparse"]) - float(metrics["ce_dense"])
+  return abs(rest - float(metrics["kl_sparse"]) - float(metrics["kl_dense"])) < abs(rest)
+
+
 def tree_allclose(a, b, rtol=1e-5, atol=1e-6):
   """Asserts two pytrees have the same structure and close leaves."""
   assert jax.tree.structure(a) == jax.tree.structure(b)
