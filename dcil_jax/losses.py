@@ -69,11 +69,17 @@ def dcil_kernels(kernels: Any, masks: Any, path: int | jax.Array) -> Any:
   ``W⊙M`` on the sparse path and ``sg(W⊙M) + W⊙(1−M)`` on the dense path: the sparse path's
   gradient reaches only kept weights, the dense path's only pruned ones, which is the refined
   gradient ``M⊙g_sparse + (1−M)⊙g_dense`` with no custom VJP.
+
+  The dense kernel is ``W`` itself in value, so it is written ``where(M, sg(W), W)``: XLA then
+  runs the dense path on ``W``'s own buffer instead of a kernel-sized copy (one kernel copy less
+  in the step's memory) and only the gradient is masked.
   """
 
   def leaf(w, m):
     sparse = jnp.where(m, w, jnp.zeros_like(w))
-    dense = jax.lax.stop_gradient(sparse) + jnp.where(m, jnp.zeros_like(w), w)
+    dense = jnp.where(m, jax.lax.stop_gradient(w), w)
+    if isinstance(path, int):
+      return sparse if path == paths.SPARSE else dense
     return jnp.where(path == paths.SPARSE, sparse, dense)
 
   return jax.tree.map(leaf, kernels, masks)
@@ -279,19 +285,10 @@ def _sequential_dcil_loss(
     )
     return outputs(z_s, z_d, (state_s, state_d), kd, batch)
 
-  def path_objective(i, params, teacher, kd, masks, batch, states, rngs):
-    z, new_state = forward(i, params, masks, batch, states, rngs)
-    objective = task_loss(z, batch)
-    if teacher is not None:
-      objective = objective + kd * distillation_kl(z, teacher, temperature)
-    return objective, (z, new_state)
-
-  grad_fn = jax.grad(path_objective, argnums=1, has_aux=True)
-
   def fwd(params, kd, masks, batch, states, rngs):
-    args = (masks, batch, states, rngs)
     z_teacher = None
     if static_kd != 0.0:
+      args = (masks, batch, states, rngs)
       teacher = lambda *a: forward(paths.DENSE, *a)[0]  # noqa: E731
       if static_kd is None:
         shape = jax.eval_shape(teacher, params, *args)
@@ -300,15 +297,58 @@ def _sequential_dcil_loss(
         )
       else:
         z_teacher = teacher(params, *args)
-      (params_s, args), z_teacher = _after((params, args), z_teacher)
-    else:
-      params_s = params
-    g_s, (z_s, state_s) = grad_fn(paths.SPARSE, params_s, z_teacher, kd, *args)
-    # The dense path's inputs exist only once the sparse gradient does.
-    (params_d, args), (z_s, g_s) = _after((params, args), (z_s, g_s))
-    teacher_s = None if z_teacher is None else z_s
-    g_d, (z_d, state_d) = grad_fn(paths.DENSE, params_d, teacher_s, kd, *args)
-    grads = jax.tree.map(jnp.add, g_s, g_d)
+    kernel_masks = masks[paths.PRUNABLE]
+
+    def stage(carry, per_path):
+      """One path's forward and backward: the body of a loop over the path axis."""
+      g_kernels, g_shared, teacher = carry
+      i, own, state, path_keys = per_path
+
+      def objective(kernels, shared, own):
+        weights = paths.merge(dcil_kernels(kernels, kernel_masks, i), shared, own)
+        z, new_state = model.apply_train(_variables(weights, state), batch["image"], path_keys)
+        value = task_loss(z, batch)
+        if teacher is not None:
+          value = value + kd * distillation_kl(z, teacher, temperature)
+        return value, (z, new_state)
+
+      grads, (z, new_state) = jax.grad(objective, argnums=(0, 1, 2), has_aux=True)(
+        params[paths.PRUNABLE], params.get(paths.SHARED), own
+      )
+      g_kernels, g_shared = jax.tree.map(jnp.add, (g_kernels, g_shared), grads[:2])
+      # The next path's distillation target is this path's logits (sparse, then dense).
+      return (g_kernels, g_shared, None if teacher is None else z), (grads[2], z, new_state)
+
+    # The paths run as the two iterations of a loop: a loop body is its own computation, so
+    # XLA can neither overlap the paths nor allocate the dense path's buffers while the sparse
+    # path's activations are alive. (With the paths unrolled into one computation and ordered
+    # by data dependencies alone, XLA:CPU still created the dense path's operand-free buffers,
+    # e.g. the index arrays of a max-pool's gradient, at the start of the step: 4 activations
+    # of ResNet-50's stem at the sparse path's peak.)
+    zeros = jax.tree.map(jnp.zeros_like, (params[paths.PRUNABLE], params.get(paths.SHARED)))
+    per_path = (
+      jnp.arange(paths.NUM_PATHS),
+      paths.stack_paths(*(params.get(name, {}) for name in names)),
+      None if states is None else paths.stack_paths(*states),
+      None
+      if rngs is None
+      else paths.stack_paths(*(path_rngs(rngs, i) for i in range(paths.NUM_PATHS))),
+    )
+    (g_kernels, g_shared, _), (g_own, z, new_states) = jax.lax.scan(
+      stage, (*zeros, z_teacher), per_path
+    )
+    grads = {paths.PRUNABLE: g_kernels}
+    if paths.SHARED in params:
+      grads[paths.SHARED] = g_shared
+    for j, name in enumerate(names):
+      if name in params:
+        grads[name] = jax.tree.map(lambda x, j=j: x[j], g_own)
+    z_s, z_d = z[0], z[1]
+    state_s, state_d = (
+      (None, None)
+      if new_states is None
+      else (jax.tree.map(lambda x, j=j: x[j], new_states) for j in range(paths.NUM_PATHS))
+    )
     loss, aux = outputs(z_s, z_d, (state_s, state_d), kd, batch)
     return (loss, aux), (grads, jnp.sum(aux["kl"]))
 

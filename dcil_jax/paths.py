@@ -174,7 +174,8 @@ def default_strategy(backend: str | None = None) -> str:
   return "unrolled" if backend == "cpu" else "sequential"
 
 
-def _stack(*trees: Any) -> Any:
+def stack_paths(*trees: Any) -> Any:
+  """Trees of the same structure stacked leaf by leaf along a new leading path axis."""
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
@@ -222,7 +223,7 @@ def map_paths(
     return out
   if strategy not in STRATEGIES:
     raise ValueError(f"Unknown path strategy {strategy!r}; expected one of {STRATEGIES}.")
-  stacked = (jnp.arange(n), *_stack(*per_path_args))
+  stacked = (jnp.arange(n), *stack_paths(*per_path_args))
   if strategy == "vmap":
     in_axes = (0,) * len(stacked) + (None,) * len(shared_args)
     out = jax.vmap(fn, in_axes=in_axes)(*stacked, *shared_args)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from dcil_jax import masks as masks_lib
-from dcil_jax.transform import MaskedUpdateState
+from dcil_jax.transform import MaskedUpdateState, refresh_input
 
 
 @jax.tree_util.register_static
@@ -171,8 +171,10 @@ def rigl(
     gated = _where_masked(current, grads, lambda g, m: jnp.where(m, g, jnp.zeros_like(g)))
     updates, inner_state = inner.update(gated, state.inner, params, **extra_args)
 
+    magnitudes = refresh_input(params, current)  # the same masks, without a copy of W
+
     def fresh():
-      new = rigl_masks(params, grads, current, refresh.drop_fraction_at(s.count))
+      new = rigl_masks(magnitudes, grads, current, refresh.drop_fraction_at(s.count))
       return new, refresh.flip_rate(current, new), optax.safe_increment(s.count)
 
     due = (s.count > 0) & (s.count % refresh.update_every == 0) & (s.count < refresh.end_step)

@@ -74,6 +74,18 @@ class MaskRefresh:
     return masks_lib.sparsity(self.view(masks))
 
 
+def refresh_input(params: Any, masks: Any) -> Any:
+  """``params`` with ``|W|`` at the prunable leaves: what a refresh's ``lax.cond`` should read.
+
+  Every mask rule reads ``W`` only through ``|W|`` (magnitudes, squares, filter norms), so the
+  masks are the same. The reason is memory: XLA copies a donated parameter that a conditional
+  reads, and that kernel-sized copy then stands in for ``W`` until the end of the step (one
+  more copy of the weights at the step's peak; measured in ``benchmarks/step_time.py``).
+  ``|W|`` is an ordinary temporary that dies once the refresh has read it.
+  """
+  return masks_lib.map_masked(lambda w, m: jnp.abs(w), params, masks)
+
+
 class MaskedUpdateState(NamedTuple):
   """State of :func:`masked_update`.
 
@@ -188,9 +200,11 @@ def masked_update(
     if params is None:
       raise ValueError("masked_update needs `params`: call tx.update(grads, state, params).")
 
+    magnitudes = refresh_input(params, state.masks)
+
     def fresh():
       masks, target, out_of_range = refresh.compute(
-        params, state.masks, state.count, state.target_sparsity
+        magnitudes, state.masks, state.count, state.target_sparsity
       )
       flips = refresh.flip_rate(state.masks, masks)
       return masks, target, flips, state.count, out_of_range
@@ -252,9 +266,10 @@ def get_masks(opt_state: Any, params: Any) -> Any:
   if state.next_masks is not None:
     return masks_lib.plain_masks(state.next_masks)
   trained = masks_lib.plain_masks(state.masks)
+  magnitudes = refresh_input(params, trained)
   return jax.lax.cond(
     state.refresh.due(state.count),
-    lambda: state.refresh.compute(params, trained, state.count, state.target_sparsity)[0],
+    lambda: state.refresh.compute(magnitudes, trained, state.count, state.target_sparsity)[0],
     lambda: trained,
   )
 
