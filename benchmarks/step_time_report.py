@@ -241,6 +241,13 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
       f"{conv['vmap']['median_s'] * 1e3:.1f} ms ({conv['vmap']['hlo']['grouped_convolutions']} "
       f"grouped convolutions): {conv['vmap_over_unrolled']:.1f}x.",
     ]
+    if "loop" in conv:  # older results have no loop row
+      lines[-1] += (
+        f" Loop over the paths (`lax.map`, the form of `sequential_loop`): "
+        f"{conv['loop']['median_s'] * 1e3:.1f} ms, {conv['loop_over_unrolled']:.1f}x unrolled: "
+        "XLA:CPU runs convolutions inside a loop body far slower than in the entry "
+        "computation, so on CPU `sequential` runs its unrolled form."
+      )
   lines += sequential_section(result)
   path.write_text("\n".join(lines) + "\n")
 

@@ -151,9 +151,10 @@ def dcil_loss(
   """
   model = as_model(model)
   kernel_masks = _check_lifted(params, masks, "dcil_loss")
-  if strategy == "sequential":
+  if strategy in paths.SEQUENTIAL:
+    loop = paths.sequential_loop(strategy)
     return _sequential_dcil_loss(
-      model, params, masks, batch, model_state, kd_weight, temperature, rngs, task_loss
+      model, params, masks, batch, model_state, kd_weight, temperature, rngs, task_loss, loop
     )
   names = paths.PATH_NAMES
   own = [params.get(name, {}) for name in names]
@@ -236,7 +237,7 @@ def _after(tree: Any, done: Any) -> tuple[Any, Any]:
 
 
 def _sequential_dcil_loss(
-  model, params, masks, batch, model_state, kd_weight, temperature, rngs, task_loss
+  model, params, masks, batch, model_state, kd_weight, temperature, rngs, task_loss, loop
 ):
   """:func:`dcil_loss` with ``strategy="sequential"``: one path's activations alive at a time.
 
@@ -247,10 +248,15 @@ def _sequential_dcil_loss(
   forward: (1) with distillation, a forward-only pass of the dense path gives the teacher
   ``z_d``; (2) the sparse path's forward and backward (teacher ``z_d``) give ``z_s`` and its
   gradient; (3) the dense path's forward and backward (teacher ``z_s``). The gradients are the
-  residuals; the backward returns ``cotangent · grads``. Each stage's inputs depend on the
-  previous stage's outputs (:func:`_after`), so XLA can neither overlap the stages nor merge
-  the teacher forward with step (3)'s forward (which would keep the dense activations alive
-  during step 2).
+  residuals; the backward returns ``cotangent · grads``. Steps (2) and (3) run in one of two
+  forms (:func:`dcil_jax.paths.sequential_loop`): ``loop`` (accelerators) — the two
+  iterations of a ``lax.scan`` over the path axis (the path index is traced, as under
+  ``vmap``), with the gradient sum and the next teacher in the carry: a loop body is a
+  computation of its own, so XLA can neither overlap the paths nor allocate step (3)'s buffers
+  while step (2)'s activations are alive; or unrolled (CPU, whose loop bodies run convolutions
+  slowly) — one computation in which each stage's inputs depend on the previous stage's
+  outputs (:func:`_after`), so XLA can neither overlap the stages nor merge the teacher
+  forward with step (3)'s forward.
 
   Whether step (1) runs is decided statically when ``kd_weight`` is a concrete number (0: skip
   it, so the step costs what unrolled costs) and under ``lax.cond(kd_weight != 0)`` when it is
@@ -285,6 +291,30 @@ def _sequential_dcil_loss(
     )
     return outputs(z_s, z_d, (state_s, state_d), kd, batch)
 
+  def path_objective(i, params, teacher, kd, masks, batch, states, rngs):
+    z, new_state = forward(i, params, masks, batch, states, rngs)
+    objective = task_loss(z, batch)
+    if teacher is not None:
+      objective = objective + kd * distillation_kl(z, teacher, temperature)
+    return objective, (z, new_state)
+
+  grad_fn = jax.grad(path_objective, argnums=1, has_aux=True)
+
+  def unrolled_stages(params, kd, masks, batch, states, rngs, z_teacher):
+    """Steps (2) and (3) in one computation, ordered by data dependencies (:func:`_after`)."""
+    args = (masks, batch, states, rngs)
+    params_s = params
+    if z_teacher is not None:
+      (params_s, args), z_teacher = _after((params, args), z_teacher)
+    g_s, (z_s, state_s) = grad_fn(paths.SPARSE, params_s, z_teacher, kd, *args)
+    # The dense path's inputs exist only once the sparse gradient does.
+    (params_d, args), (z_s, g_s) = _after((params, args), (z_s, g_s))
+    teacher_s = None if z_teacher is None else z_s
+    g_d, (z_d, state_d) = grad_fn(paths.DENSE, params_d, teacher_s, kd, *args)
+    grads = jax.tree.map(jnp.add, g_s, g_d)
+    loss, aux = outputs(z_s, z_d, (state_s, state_d), kd, batch)
+    return (loss, aux), (grads, jnp.sum(aux["kl"]))
+
   def fwd(params, kd, masks, batch, states, rngs):
     z_teacher = None
     if static_kd != 0.0:
@@ -297,6 +327,8 @@ def _sequential_dcil_loss(
         )
       else:
         z_teacher = teacher(params, *args)
+    if not loop:
+      return unrolled_stages(params, kd, masks, batch, states, rngs, z_teacher)
     kernel_masks = masks[paths.PRUNABLE]
 
     def stage(carry, per_path):

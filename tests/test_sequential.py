@@ -2,7 +2,9 @@
 
 Same loss, gradients and new BatchNorm statistics as ``"unrolled"`` (the tolerance the other
 strategies are held to in ``test_losses.py``), and a compiled step whose temporary memory is
-clearly below unrolled's (``memory_analysis()`` is deterministic for a given program).
+clearly below unrolled's (``memory_analysis()`` is deterministic for a given program). Both
+forms are tested: the loop (accelerators) and the unrolled stages (what ``"sequential"`` runs
+on CPU).
 """
 
 import flax.linen as nn
@@ -61,11 +63,15 @@ def assert_same(got, want):
     tree_allclose(aux[key], ref_aux[key], rtol=1e-5, atol=1e-6)
 
 
+FORMS = ["sequential_unrolled", "sequential_loop"]
+
+
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("traced_kd", [False, True], ids=["static_kd", "traced_kd"])
 @pytest.mark.parametrize("kd", [0.0, 1.0])
-def test_sequential_equals_unrolled(setup, tiny_batch, kd, traced_kd):
+def test_sequential_equals_unrolled(setup, tiny_batch, kd, traced_kd, form):
   want = value_and_grad(*setup, tiny_batch, "unrolled", kd)
-  got = value_and_grad(*setup, tiny_batch, "sequential", kd, traced_kd=traced_kd)
+  got = value_and_grad(*setup, tiny_batch, form, kd, traced_kd=traced_kd)
   assert_same(got, want)
   if kd:  # the distillation terms reach the gradient (so kd 0 and 1 test different things)
     assert float(jnp.sum(want[0][1]["kl"])) > 1e-3
@@ -94,26 +100,28 @@ def test_kd_weight_gradient_is_the_kl_sum(setup, tiny_batch):
   assert float(got) == pytest.approx(float(want), rel=1e-5) and float(want) > 1e-3
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("kd", [0.0, 1.0])
-def test_each_path_keeps_its_own_dropout_keys(tiny_batch, kd):
+def test_each_path_keeps_its_own_dropout_keys(tiny_batch, kd, form):
   model, x = DropoutCNN(), tiny_batch["image"]
   variables = model.init(jax.random.PRNGKey(0), x)
   dual, masks, stats = lifted(model, variables, x)
   rngs = {"dropout": jax.random.PRNGKey(7)}
   want = value_and_grad(model, dual, masks, stats, tiny_batch, "unrolled", kd, rngs)
-  got = value_and_grad(model, dual, masks, stats, tiny_batch, "sequential", kd, rngs, True)
+  got = value_and_grad(model, dual, masks, stats, tiny_batch, form, kd, rngs, True)
   assert_same(got, want)
   other_keys = value_and_grad(
-    model, dual, masks, stats, tiny_batch, "sequential", kd, {"dropout": jax.random.PRNGKey(8)}
+    model, dual, masks, stats, tiny_batch, form, kd, {"dropout": jax.random.PRNGKey(8)}
   )
   assert not np.allclose(other_keys[0][0], want[0][0])  # dropout is on: keys matter
 
 
-def test_shared_bn_ablation_and_a_model_without_state(tiny_model, tiny_variables, tiny_batch):
+@pytest.mark.parametrize("form", FORMS)
+def test_shared_bn_ablation_and_a_model_without_state(tiny_model, tiny_variables, tiny_batch, form):
   x = tiny_batch["image"]
   shared, masks, stats = lifted(tiny_model, tiny_variables, x, share_non_prunable=True)
   want = value_and_grad(tiny_model, shared, masks, stats, tiny_batch, "unrolled", 1.0)
-  assert_same(value_and_grad(tiny_model, shared, masks, stats, tiny_batch, "sequential", 1.0), want)
+  assert_same(value_and_grad(tiny_model, shared, masks, stats, tiny_batch, form, 1.0), want)
 
   class NoBN(nn.Module):
     @nn.compact
@@ -124,7 +132,7 @@ def test_shared_bn_ablation_and_a_model_without_state(tiny_model, tiny_variables
   dual, masks, stats = lifted(model, model.init(jax.random.PRNGKey(0), x), x, 0.5)
   assert stats is None
   want = value_and_grad(model, dual, masks, None, tiny_batch, "unrolled", 1.0)
-  got = value_and_grad(model, dual, masks, None, tiny_batch, "sequential", 1.0)
+  got = value_and_grad(model, dual, masks, None, tiny_batch, form, 1.0)
   assert got[0][1]["model_state"] is None
   assert_same(got, want)
 
@@ -140,7 +148,7 @@ def test_train_step_equals_unrolled(tiny_model, tiny_variables, tiny_batch):
   """Two steps: KD off in the first (traced kd_weight 0, so the teacher forward is skipped by
   ``lax.cond``), on in the second; masks refresh in between."""
   out = {}
-  for strategy in ["unrolled", "sequential"]:
+  for strategy in ["unrolled", *FORMS]:
     state = dcil_jax.TrainState.create(
       tiny_model,
       tiny_variables,
@@ -154,10 +162,12 @@ def test_train_step_equals_unrolled(tiny_model, tiny_variables, tiny_batch):
       state, m = dcil_jax.train_step(state, tiny_batch)
       metrics.append(m)
     out[strategy] = state, metrics
-  (state, metrics), (ref_state, ref_metrics) = out["sequential"], out["unrolled"]
-  tree_allclose(state.params, ref_state.params, rtol=1e-4, atol=1e-6)
-  tree_allclose(state.model_state, ref_state.model_state, rtol=1e-4, atol=1e-6)
-  tree_allclose(metrics, ref_metrics, rtol=1e-4, atol=1e-6)
+  ref_state, ref_metrics = out["unrolled"]
+  for form in FORMS:
+    state, metrics = out[form]
+    tree_allclose(state.params, ref_state.params, rtol=1e-4, atol=1e-6)
+    tree_allclose(state.model_state, ref_state.model_state, rtol=1e-4, atol=1e-6)
+    tree_allclose(metrics, ref_metrics, rtol=1e-4, atol=1e-6)
 
 
 def test_train_state_takes_the_strategy_by_name(tiny_model, tiny_variables, tiny_batch):
@@ -187,10 +197,20 @@ def test_sequential_step_needs_about_the_memory_of_a_dense_step():
   """The ordering is checked where it matters: XLA's buffer assignment of the compiled step."""
   dense = step_memory(None, "dense")
   unrolled = step_memory("unrolled")
-  for kd_start_step in (0, 10**6):  # KD on from the start (traced weight 1), and off
-    sequential = step_memory("sequential", kd_start_step=kd_start_step)
-    assert sequential < 0.7 * unrolled, (sequential, unrolled)
-    assert sequential < 1.15 * dense, (sequential, dense)
+  for form in FORMS:
+    for kd_start_step in (0, 10**6):  # KD on from the start (traced weight 1), and off
+      sequential = step_memory(form, kd_start_step=kd_start_step)
+      assert sequential < 0.7 * unrolled, (form, sequential, unrolled)
+      assert sequential < 1.15 * dense, (form, sequential, dense)
+
+
+def test_sequential_is_a_loop_on_accelerators_and_unrolled_on_cpu():
+  assert not paths.sequential_loop("sequential", "cpu")
+  assert paths.sequential_loop("sequential", "gpu") and paths.sequential_loop("sequential", "tpu")
+  assert paths.sequential_loop("sequential_loop", "cpu")
+  assert not paths.sequential_loop("sequential_unrolled", "tpu")
+  with pytest.raises(ValueError, match="not one of the sequential strategies"):
+    paths.sequential_loop("unrolled")
 
 
 def test_default_strategy_is_sequential_on_accelerators_only():

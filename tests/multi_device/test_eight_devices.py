@@ -69,13 +69,21 @@ def one_device(tiny_model, tiny_variables, global_batch):
 
 @pytest.mark.parametrize(
   "method, path_parallel",
-  [("dcil", False), ("dcil", True), ("dcil/sequential", False), ("dpf", False), ("dense", False)],
+  [
+    ("dcil", False),
+    ("dcil", True),
+    ("dcil/sequential", False),
+    ("dcil/sequential_loop", False),
+    ("dpf", False),
+    ("dense", False),
+  ],
 )
 def test_sharded_step_equals_one_device_step(
   one_device, method, path_parallel, tiny_model, tiny_variables, global_batch
 ):
-  # The reference is always the one-device step of the default strategy; "dcil/sequential"
-  # (KD off in step 0, on from step 1) on the data mesh must match it.
+  # The reference is always the one-device step of the default strategy; "dcil/sequential" (on
+  # CPU its unrolled form) and "dcil/sequential_loop" (the accelerator form), KD off in step 0
+  # and on from step 1, on the data mesh must match it.
   ref_state, ref_losses, ref_masks = one_device(method.partition("/")[0])
   mesh = sharding.make_mesh(path_parallel=path_parallel)
   state, losses, masks = run(tiny_model, tiny_variables, global_batch, method, mesh)
