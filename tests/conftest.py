@@ -1,10 +1,9 @@
 """Shared tiny model and data: small shapes keep compiles to a few seconds on 2 CPU cores.
 
-The tests of the experiments layer compile many small programs and run each for a few steps, so
-XLA's optimisations cost more than they save (as in Flax's ``train_test.py``): they are turned
-off for those test modules (``FAST_COMPILE_MODULES``) and the processes they start. Every
-comparison such a test makes is between runs under the same setting. The library's own tests
-keep XLA's default, since some of them compare values at tolerances tuned to it. The same
+The tests compile many small programs and run each for a few steps, so XLA's optimisations
+cost more than they save (as in Flax's ``train_test.py``): they are turned off for every test
+module but ``OPTIMIZED_MODULES`` and for the processes the tests start. Every comparison a test
+makes is between programs compiled under the same setting. The same
 programs (the tiny models' steps) are compiled by many tests and processes: a persistent
 compilation cache, private to this test session, compiles each once (the xdist workers
 inherit the session's cache directory from the process that starts them, so they share it).
@@ -47,7 +46,7 @@ FAST_COMPILE_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _fast_compile_for_the_experiments_tests(request):
+def _fast_compile(request):
   fast = request.module.__name__.rpartition(".")[2] not in OPTIMIZED_MODULES
   jax.config.update("jax_disable_most_optimizations", fast)
   yield

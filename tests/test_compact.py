@@ -75,7 +75,13 @@ def num_params(tree):
   return sum(int(np.size(x)) for x in jax.tree.leaves(tree))
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
+# ResNet-56 is ResNet-8's structure with more blocks per stage: the default run checks ResNet-8.
+DEEP = {"resnet56"}
+
+
+@pytest.mark.parametrize(
+  "name", [pytest.param(n, marks=pytest.mark.slow) if n in DEEP else n for n in FAMILIES]
+)
 def test_compact_logits_equal_masked_model(name):
   model, variables, masks, x = setup(name)
   c = compact_lib.compact(model, variables, masks)

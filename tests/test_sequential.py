@@ -193,6 +193,16 @@ def step_memory(strategy: str | None, method: str = "dcil", kd_start_step: int =
   return memory.temp_size_in_bytes
 
 
+@pytest.fixture
+def xla_optimizations():
+  """This test measures the program XLA really runs: compiled with its optimisations."""
+  before = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", False)
+  yield
+  jax.config.update("jax_disable_most_optimizations", before)
+
+
+@pytest.mark.usefixtures("xla_optimizations")
 def test_sequential_step_needs_about_the_memory_of_a_dense_step():
   """The ordering is checked where it matters: XLA's buffer assignment of the compiled step."""
   dense = step_memory(None, "dense")

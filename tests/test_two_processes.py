@@ -60,6 +60,9 @@ def test_two_processes_train_like_one(tmp_path, two_process_reference):
     assert abs(a["top1"] - b["top1"]) <= 0.05  # the drift above, on 360 test digits
 
 
+# The default run checks SIGTERM, kill -9 and exact resume in one process (test_resume.py) and
+# two processes training like one (above); this is the two-process form of the stop.
+@pytest.mark.slow
 def test_two_processes_stop_together_on_sigterm_to_one_and_resume_exactly(
   tmp_path, two_process_reference
 ):
