@@ -105,6 +105,26 @@ def test_stop_policy_on_one_process_checks_every_step():
   assert policy(4)  # not only at multiples of agree_every: no other process to agree with
 
 
+def test_stop_policy_on_two_processes_stops_both_when_either_is_asked(monkeypatch):
+  """The in-process form of test_two_processes.py's SIGTERM run (marked slow): the hosts agree
+  at multiples of ``agree_every``, and a stop asked of either one stops both."""
+  from jax.experimental import multihost_utils
+
+  other_host_asked = [False]
+  gathered = []
+
+  def allgather(flag):
+    gathered.append(bool(flag))
+    return np.asarray([flag, other_host_asked[0]])
+
+  monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+  policy = loop.StopPolicy(lambda: False, agree_every=2, processes=2)
+  assert not policy(2) and gathered == [False]
+  other_host_asked[0] = True
+  assert not policy(3) and len(gathered) == 1  # no collective between agreement steps
+  assert policy(4)  # this host was not asked, the other was: both stop after step 4
+
+
 def test_checkpoint_policy_saves_at_evals_stops_and_its_period():
   policy = train.CheckpointPolicy(None, every=5, config=digits.get_config("local"))
   due = [s for s in range(1, 12) if policy.due(s, evaluated=s == 11, stop=s == 7)]
