@@ -78,7 +78,9 @@ class DCIL(Dense):
     kd_start_step: first optimizer step with distillation (``kd_weight`` applies from there).
     temperature: distillation temperature ``T`` (official: 2).
     strategy: how the path axis runs: ``"unrolled"``, ``"vmap"``, ``"sharded"`` or
-      ``"sequential"`` (one path's activations alive at a time: the memory of dense training)
+      ``"sequential"`` (one path's activations alive at a time: the memory of dense training;
+      a loop over the paths on accelerators, unrolled on CPU, see
+      :func:`paths.sequential_loop`; ``"sequential_loop"`` / ``"sequential_unrolled"`` pick one)
       (``None``: ``"sharded"`` on a mesh with a ``path`` axis, else
       :func:`paths.default_strategy`: sequential on accelerators, unrolled on CPU).
     share_non_prunable: ablation: one BatchNorm/head for both paths (default: per path, as the

@@ -48,7 +48,8 @@ def base_config() -> ConfigDict:
   config.per_device_batch_size = config_dict.placeholder(int)
   config.dtype = config_dict.placeholder(str)  # compute dtype; default: the platform's
   config.path_parallel = False  # DCIL: a mesh axis of 2 devices, one path each
-  # DCIL path strategy: unrolled | vmap | sharded | sequential (None: dcil_jax's default)
+  # DCIL path strategy: unrolled | vmap | sharded | sequential, or one of sequential's two forms
+  # by name: sequential_loop | sequential_unrolled (None: dcil_jax's default)
   config.strategy = config_dict.placeholder(str)
   config.seed = 0
   config.num_train_steps = config_dict.placeholder(int)  # cut the run short (smoke runs)
