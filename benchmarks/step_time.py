@@ -663,20 +663,6 @@ def evaluate(result: dict[str, Any]) -> list[dict[str, Any]]:
           "pass": r["total_vs_dense"] <= limit,
         }
       )
-  for r in result.get("memory_at_batch") or []:
-    if r["label"].startswith("dcil/sequential"):
-      limit = TARGETS["sequential_memory_vs_dense"]
-      checks.append(
-        {
-          "target": f"{r['label']} compile-only step memory at batch {r['batch']} <= {limit}x "
-          "dense",
-          "model": r["model"],
-          "process": MAIN,
-          "value": r["total_vs_dense"],
-          "limit": limit,
-          "pass": r["total_vs_dense"] <= limit,
-        }
-      )
   for key, ref in result["refresh"].items():
     model, process = key.split("/")
     for label, pct in ref["amortized_pct"].items():
