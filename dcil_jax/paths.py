@@ -160,9 +160,10 @@ def default_strategy(backend: str | None = None) -> str:
   so on an accelerator, where memory bounds the batch, it fits about twice unrolled's
   per-device batch (7040 vs 3584 images in 16 GiB). Its step took 1.12x unrolled's with
   distillation on (one extra forward of the dense path) and 1.00x with it off (per-round
-  medians on a quiet CPU). For ResNet-50 at batch 32 its memory is 1.14x dense (unrolled:
-  1.94x). On CPU host memory rarely binds, so unrolled stays the
-  default there. ``vmap`` turns the per-path kernels into grouped convolutions (10-19x a
+  medians on a quiet CPU; a slower machine gave 1.35x and 1.25x). For ResNet-50 at batch 32
+  its memory is 1.06x dense in the loop form that accelerators run (1.13x in the CPU form;
+  unrolled: 1.93x). On CPU host memory rarely binds, so unrolled stays the default there.
+  ``vmap`` turns the per-path kernels into grouped convolutions (10-19x a
   dense step on CPU); on several devices ``"sharded"`` runs one path per device. GPU/TPU
   times are not measured in this project yet.
 
