@@ -70,9 +70,8 @@ def dcil_kernels(kernels: Any, masks: Any, path: int | jax.Array) -> Any:
   gradient reaches only kept weights, the dense path's only pruned ones, which is the refined
   gradient ``M⊙g_sparse + (1−M)⊙g_dense`` with no custom VJP.
 
-  The dense kernel is ``W`` itself in value, so it is written ``where(M, sg(W), W)``: XLA then
-  runs the dense path on ``W``'s own buffer instead of a kernel-sized copy (one kernel copy less
-  in the step's memory) and only the gradient is masked.
+  The dense kernel is ``W`` itself in value, so it is written ``where(M, sg(W), W)``: one
+  select instead of two and an add, and only the gradient is masked.
   """
 
   def leaf(w, m):

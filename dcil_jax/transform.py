@@ -79,9 +79,9 @@ def refresh_input(params: Any, masks: Any) -> Any:
 
   Every mask rule reads ``W`` only through ``|W|`` (magnitudes, squares, filter norms), so the
   masks are the same. The reason is memory: XLA copies a donated parameter that a conditional
-  reads, and that kernel-sized copy then stands in for ``W`` until the end of the step (one
-  more copy of the weights at the step's peak; measured in ``benchmarks/step_time.py``).
-  ``|W|`` is an ordinary temporary that dies once the refresh has read it.
+  reads, and that kernel-sized copy then stands in for ``W`` until the end of the step, while
+  ``|W|`` is an ordinary temporary that dies once the refresh has read it. The gain depends on
+  where the step's peak is (DPF, ResNet-50, batch 32: 4622 -> 4601 MB).
   """
   return masks_lib.map_masked(lambda w, m: jnp.abs(w), params, masks)
 
