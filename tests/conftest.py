@@ -2,8 +2,9 @@
 
 The tests compile many small programs and run each for a few steps, so XLA's optimisations
 cost more than they save (as in Flax's ``train_test.py``): they are turned off for every test
-module but ``OPTIMIZED_MODULES`` and for the processes the tests start. Every comparison a test
-makes is between programs compiled under the same setting. The same
+the whole session (``JAX_DISABLE_MOST_OPTIMIZATIONS=1``, which the processes the tests start
+inherit; a test that measures the optimised program turns them back on). Every comparison a
+test makes is between programs compiled under the same setting. The same
 programs (the tiny models' steps) are compiled by many tests and processes: a persistent
 compilation cache, private to this test session, compiles each once (the xdist workers
 inherit the session's cache directory from the process that starts them, so they share it).
@@ -28,6 +29,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # Two workers and the processes the tests start share one accelerator where there is one.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -36,22 +38,6 @@ import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402
 
 from dcil_jax.models import SmallCNN  # noqa: E402
-
-# The modules that keep XLA's default optimisations: they compare values at tolerances tuned to
-# it, or measure what the optimised program does (memory analysis). Every other module compiles
-# with most optimisations off.
-OPTIMIZED_MODULES: set[str] = set()
-# For the processes the experiments tests start (see `subprocess_env`).
-FAST_COMPILE_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compile(request):
-  fast = request.module.__name__.rpartition(".")[2] not in OPTIMIZED_MODULES
-  jax.config.update("jax_disable_most_optimizations", fast)
-  yield
-  jax.config.update("jax_disable_most_optimizations", False)
-
 
 # The files that take longest (each on its own, on 2 cores, longest first): handed out first.
 LONGEST_FIRST = [
@@ -73,8 +59,8 @@ def pytest_collection_modifyitems(items):
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
-  """The environment of a process an experiments test starts: this one's, compiled fast."""
-  return dict(os.environ, **FAST_COMPILE_ENV, **extra)
+  """The environment of a process a test starts: this one's (compiled fast), plus ``extra``."""
+  return dict(os.environ, **extra)
 
 
 NUM_CLASSES = 5
