@@ -21,6 +21,11 @@ FAMILIES = {
   "vgg16": (lambda: models.vgg16(num_classes=5), (2, 32, 32, 3)),
   "resnet18": (lambda: models.resnet18(num_classes=5, width=8), (2, 32, 32, 3)),
   "resnet50": (lambda: models.resnet50(num_classes=5, width=8), (2, 32, 32, 3)),
+  # ResNet-50's stem and bottleneck blocks, one block per stage.
+  "bottleneck_tiny": (
+    lambda: models.ResNet((1, 1, 1, 1), num_classes=5, width=8),
+    (2, 32, 32, 3),
+  ),
   "resnet_tiny": (lambda: models.resnet_tiny(num_classes=5), (2, 16, 16, 3)),
   "small_cnn": (lambda: models.SmallCNN(num_classes=5, widths=(8, 16)), (2, 8, 8, 1)),
 }
@@ -75,8 +80,10 @@ def num_params(tree):
   return sum(int(np.size(x)) for x in jax.tree.leaves(tree))
 
 
-# ResNet-56 is ResNet-8's structure with more blocks per stage: the default run checks ResNet-8.
-DEEP = {"resnet56"}
+# The deep ones repeat a shallower family's blocks: the default run checks ResNet-8 (for
+# ResNet-56's CIFAR layout), resnet_tiny (ResNet-18's basic blocks) and bottleneck_tiny
+# (ResNet-50's bottlenecks, and ResNet-56's block).
+DEEP = {"resnet56", "resnet18", "resnet50"}
 
 
 @pytest.mark.parametrize(

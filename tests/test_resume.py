@@ -112,6 +112,10 @@ def assert_same_run(workdir, reference):
     np.testing.assert_array_equal(a, b)  # params, BN statistics, momentum, masks, rng
 
 
+# The default run checks a signal and exact resume through a real process below (SIGTERM then
+# SIGINT), and a corrupt newest checkpoint in process (test_checkpoints.py); this is the long form:
+# SIGTERM, up to three kill -9 at random moments and a truncated checkpoint, in one run.
+@pytest.mark.slow
 def test_kill_9_sigterm_and_a_truncated_checkpoint_then_resume_equals_an_uninterrupted_run(
   tmp_path, uninterrupted, caplog
 ):

@@ -7,6 +7,8 @@ forms are tested: the loop (accelerators) and the unrolled stages (what ``"seque
 on CPU).
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -66,11 +68,17 @@ def assert_same(got, want):
 FORMS = ["sequential_unrolled", "sequential_loop"]
 
 
+@pytest.fixture(scope="module")
+def unrolled(setup, tiny_batch):
+  """The reference, ``"unrolled"``'s loss and gradients at a KD weight: computed once each."""
+  return functools.cache(lambda kd: value_and_grad(*setup, tiny_batch, "unrolled", kd))
+
+
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("traced_kd", [False, True], ids=["static_kd", "traced_kd"])
 @pytest.mark.parametrize("kd", [0.0, 1.0])
-def test_sequential_equals_unrolled(setup, tiny_batch, kd, traced_kd, form):
-  want = value_and_grad(*setup, tiny_batch, "unrolled", kd)
+def test_sequential_equals_unrolled(setup, unrolled, tiny_batch, kd, traced_kd, form):
+  want = unrolled(kd)
   got = value_and_grad(*setup, tiny_batch, form, kd, traced_kd=traced_kd)
   assert_same(got, want)
   if kd:  # the distillation terms reach the gradient (so kd 0 and 1 test different things)
@@ -100,14 +108,24 @@ def test_kd_weight_gradient_is_the_kl_sum(setup, tiny_batch):
   assert float(got) == pytest.approx(float(want), rel=1e-5) and float(want) > 1e-3
 
 
-@pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("kd", [0.0, 1.0])
-def test_each_path_keeps_its_own_dropout_keys(tiny_batch, kd, form):
+@pytest.fixture(scope="module")
+def dropout_setup(tiny_batch):
+  """A model with dropout, lifted, and ``"unrolled"``'s loss and gradients at a KD weight."""
   model, x = DropoutCNN(), tiny_batch["image"]
   variables = model.init(jax.random.PRNGKey(0), x)
   dual, masks, stats = lifted(model, variables, x)
   rngs = {"dropout": jax.random.PRNGKey(7)}
-  want = value_and_grad(model, dual, masks, stats, tiny_batch, "unrolled", kd, rngs)
+  unrolled = functools.cache(
+    lambda kd: value_and_grad(model, dual, masks, stats, tiny_batch, "unrolled", kd, rngs)
+  )
+  return model, dual, masks, stats, rngs, unrolled
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("kd", [0.0, 1.0])
+def test_each_path_keeps_its_own_dropout_keys(dropout_setup, tiny_batch, kd, form):
+  model, dual, masks, stats, rngs, unrolled = dropout_setup
+  want = unrolled(kd)
   got = value_and_grad(model, dual, masks, stats, tiny_batch, form, kd, rngs, True)
   assert_same(got, want)
   other_keys = value_and_grad(
@@ -116,12 +134,12 @@ def test_each_path_keeps_its_own_dropout_keys(tiny_batch, kd, form):
   assert not np.allclose(other_keys[0][0], want[0][0])  # dropout is on: keys matter
 
 
-@pytest.mark.parametrize("form", FORMS)
-def test_shared_bn_ablation_and_a_model_without_state(tiny_model, tiny_variables, tiny_batch, form):
+def test_shared_bn_ablation_and_a_model_without_state(tiny_model, tiny_variables, tiny_batch):
   x = tiny_batch["image"]
   shared, masks, stats = lifted(tiny_model, tiny_variables, x, share_non_prunable=True)
   want = value_and_grad(tiny_model, shared, masks, stats, tiny_batch, "unrolled", 1.0)
-  assert_same(value_and_grad(tiny_model, shared, masks, stats, tiny_batch, form, 1.0), want)
+  for form in FORMS:
+    assert_same(value_and_grad(tiny_model, shared, masks, stats, tiny_batch, form, 1.0), want)
 
   class NoBN(nn.Module):
     @nn.compact
@@ -132,9 +150,10 @@ def test_shared_bn_ablation_and_a_model_without_state(tiny_model, tiny_variables
   dual, masks, stats = lifted(model, model.init(jax.random.PRNGKey(0), x), x, 0.5)
   assert stats is None
   want = value_and_grad(model, dual, masks, None, tiny_batch, "unrolled", 1.0)
-  got = value_and_grad(model, dual, masks, None, tiny_batch, form, 1.0)
-  assert got[0][1]["model_state"] is None
-  assert_same(got, want)
+  for form in FORMS:
+    got = value_and_grad(model, dual, masks, None, tiny_batch, form, 1.0)
+    assert got[0][1]["model_state"] is None
+    assert_same(got, want)
 
 
 def make_tx():
@@ -193,25 +212,44 @@ def step_memory(strategy: str | None, method: str = "dcil", kd_start_step: int =
   return memory.temp_size_in_bytes
 
 
-@pytest.fixture
-def xla_optimizations():
-  """This test measures the program XLA really runs: compiled with its optimisations."""
-  before = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", False)
-  yield
-  jax.config.update("jax_disable_most_optimizations", before)
+@pytest.fixture(scope="module")
+def optimized_memory():
+  """Compile-only temporary memory of a step, compiled with XLA's optimisations (the program
+  XLA really runs), each configuration once."""
+
+  @functools.cache
+  def get(strategy, method="dcil", kd_start_step=0):
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+      return step_memory(strategy, method, kd_start_step)
+    finally:
+      jax.config.update("jax_disable_most_optimizations", before)
+
+  return get
 
 
-@pytest.mark.usefixtures("xla_optimizations")
-def test_sequential_step_needs_about_the_memory_of_a_dense_step():
+KD_ON, KD_OFF = 0, 10**6  # kd_start_step: KD on from the start (traced weight 1), or off
+
+
+@pytest.mark.parametrize(
+  "form, kd_start_step",
+  [
+    ("sequential_loop", KD_ON),
+    ("sequential_unrolled", KD_OFF),
+    # The other two pairs: the same two stage orders, compiled again (~10 s each).
+    pytest.param("sequential_loop", KD_OFF, marks=pytest.mark.slow),
+    pytest.param("sequential_unrolled", KD_ON, marks=pytest.mark.slow),
+  ],
+)
+def test_sequential_step_needs_about_the_memory_of_a_dense_step(
+  optimized_memory, form, kd_start_step
+):
   """The ordering is checked where it matters: XLA's buffer assignment of the compiled step."""
-  dense = step_memory(None, "dense")
-  unrolled = step_memory("unrolled")
-  for form in FORMS:
-    for kd_start_step in (0, 10**6):  # KD on from the start (traced weight 1), and off
-      sequential = step_memory(form, kd_start_step=kd_start_step)
-      assert sequential < 0.7 * unrolled, (form, sequential, unrolled)
-      assert sequential < 1.15 * dense, (form, sequential, dense)
+  dense, unrolled = optimized_memory(None, "dense"), optimized_memory("unrolled")
+  sequential = optimized_memory(form, kd_start_step=kd_start_step)
+  assert sequential < 0.7 * unrolled, (form, sequential, unrolled)
+  assert sequential < 1.15 * dense, (form, sequential, dense)
 
 
 def test_sequential_is_a_loop_on_accelerators_and_unrolled_on_cpu():

@@ -13,10 +13,14 @@ from test_resume import FLAGS, STEPS, assert_same_run, checkpoint_steps, wait_fo
 from experiments import preemption, train
 from experiments.configs import digits
 
+SHORT = 11  # one epoch (an eval at its end): enough to compare with one process
 
-def start_two(workdir):
+
+def start_two(workdir, steps: int = STEPS):
   # The hosts agree on stopping when they log: every step here.
-  argv = ["-m", "experiments.digits", f"--workdir={workdir}", *FLAGS, "--config.log_every_steps=1"]
+  flags = [f for f in FLAGS if not f.startswith("--config.num_train_steps=")]
+  argv = ["-m", "experiments.digits", f"--workdir={workdir}", *flags]
+  argv += [f"--config.num_train_steps={steps}", "--config.log_every_steps=1"]
   return start_processes(argv, merge_output=True)
 
 
@@ -33,17 +37,18 @@ def two_process_reference(tmp_path_factory):
   return workdir, finish_two(start_two(workdir), 0)
 
 
-def test_two_processes_train_like_one(tmp_path, two_process_reference):
+def test_two_processes_train_like_one(tmp_path):
   """Each process reads its half of every global batch; only process 0 reports and writes; the
   run equals the one-process run (in this process) to float tolerance over its first steps.
   (Later the two drift apart: the gloo all-reduce sums in another order, and the warm-up's
   large steps amplify the last-bit differences, as any change of reduction order would.)"""
-  workdir, outs = two_process_reference
+  workdir = tmp_path / "two"
+  outs = finish_two(start_two(workdir, SHORT), 0)
   assert "final sparse-path top-1" in outs[0] and "final sparse-path top-1" not in outs[1]
   assert "process 0 of 2" in outs[0] and "process 1 of 2" in outs[1]
   config = digits.get_config("local")
   with config.unlocked():
-    config.num_train_steps, config.log_every_steps = STEPS, 1
+    config.num_train_steps, config.log_every_steps = SHORT, 1
     config.run.checkpoint_every_steps, config.run.progress = 2, False
   train.train_and_evaluate(config, str(tmp_path / "single"))
   read = lambda path: [json.loads(line) for line in path.read_text().splitlines()]
@@ -54,14 +59,16 @@ def test_two_processes_train_like_one(tmp_path, two_process_reference):
       for key in ("loss", "ce_sparse", "ce_dense", "sparsity", "accuracy_sparse"):
         np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=key)
   evals = [(a, b) for a, b in zip(multi, single, strict=True) if a["split"] == "eval"]
+  assert evals
   for a, b in evals:
     assert a["examples"] == b["examples"] == 360  # every test digit once, on either count
     assert a["sparsity"] == b["sparsity"]  # exact-count masks: the same number pruned
     assert abs(a["top1"] - b["top1"]) <= 0.05  # the drift above, on 360 test digits
 
 
-# The default run checks SIGTERM, kill -9 and exact resume in one process (test_resume.py) and
-# two processes training like one (above); this is the two-process form of the stop.
+# The default run checks a signal and exact resume through one process (test_resume.py), the
+# stop agreement of two processes in process (test_loop.py) and two processes training like one
+# (above); this is the two-process form of the stop, over the full run.
 @pytest.mark.slow
 def test_two_processes_stop_together_on_sigterm_to_one_and_resume_exactly(
   tmp_path, two_process_reference
