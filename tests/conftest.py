@@ -11,7 +11,7 @@ inherit the session's cache directory from the process that starts them, so they
 
 ``pyproject.toml`` runs the files on two xdist workers (``-n 2 --dist loadfile``): a file runs
 whole on one worker, so its module-scoped fixtures (a reference run, a compiled step) are built
-once. ``LONGEST_FIRST`` hands the longest files out first so that none starts last.
+once. ``FILE_SECONDS`` hands the longest files out first so that none starts last.
 """
 
 import os
@@ -39,23 +39,41 @@ import pytest  # noqa: E402
 
 from dcil_jax.models import SmallCNN  # noqa: E402
 
-# The files that take longest (each on its own, on 2 cores, longest first): handed out first.
-LONGEST_FIRST = [
-  "test_two_processes",
-  "test_sequential",
-  "test_resume",
-  "test_composition",
-  "test_compact",
-  "test_readme",
-  "test_nnx",
-  "test_train",
-  "test_multi_device",
-]
+# Seconds each file took on one of two busy workers (2 cores, 2026-12-03). The files are handed
+# out longest first (a file not listed counts as long), so the two workers end close together.
+FILE_SECONDS = {
+  "test_sequential": 55,
+  "test_composition": 43,
+  "test_multi_device": 38,
+  "test_two_processes": 31,
+  "test_readme": 31,
+  "test_compact": 29,
+  "test_nnx": 25,
+  "test_resume": 24,
+  "test_checkpoints": 22,
+  "test_experiments": 21,
+  "test_models": 19,
+  "test_quickstart": 18,
+  "test_train": 16,
+  "test_transform": 13,
+  "test_sweep": 10,
+  "test_input_pipeline": 9,
+  "test_loop": 8,
+  "test_masks": 7,
+  "test_baselines": 7,
+  "test_deploy": 7,
+  "test_granularity": 6,
+  "test_report": 6,
+  "test_losses": 4,
+  "test_stability": 1,
+  "test_schedules": 1,
+  "test_benchmarks": 1,
+}
 
 
 def pytest_collection_modifyitems(items):
-  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: the rest in order
+  # A stable sort: the tests of a file keep their order.
+  items.sort(key=lambda item: -FILE_SECONDS.get(item.path.stem, 60))
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
