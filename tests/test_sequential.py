@@ -74,9 +74,20 @@ def unrolled(setup, tiny_batch):
   return functools.cache(lambda kd: value_and_grad(*setup, tiny_batch, "unrolled", kd))
 
 
+# A static KD weight of 0 (distillation left out when tracing) is the one pair of the long run:
+# the default run has the traced weight 0 (distillation skipped by ``lax.cond``, what
+# ``train_step`` runs) and both weights of 1.
 @pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("traced_kd", [False, True], ids=["static_kd", "traced_kd"])
-@pytest.mark.parametrize("kd", [0.0, 1.0])
+@pytest.mark.parametrize(
+  "kd, traced_kd",
+  [
+    pytest.param(0.0, False, marks=pytest.mark.slow),
+    (0.0, True),
+    (1.0, False),
+    (1.0, True),
+  ],
+  ids=["0.0-static_kd", "0.0-traced_kd", "1.0-static_kd", "1.0-traced_kd"],
+)
 def test_sequential_equals_unrolled(setup, unrolled, tiny_batch, kd, traced_kd, form):
   want = unrolled(kd)
   got = value_and_grad(*setup, tiny_batch, form, kd, traced_kd=traced_kd)
@@ -122,8 +133,16 @@ def dropout_setup(tiny_batch):
   return model, dual, masks, stats, rngs, unrolled
 
 
-@pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("kd", [0.0, 1.0])
+# Each form and each KD weight once by default; the other two pairs in the long run.
+@pytest.mark.parametrize(
+  "kd, form",
+  [
+    (0.0, "sequential_loop"),
+    (1.0, "sequential_unrolled"),
+    pytest.param(0.0, "sequential_unrolled", marks=pytest.mark.slow),
+    pytest.param(1.0, "sequential_loop", marks=pytest.mark.slow),
+  ],
+)
 def test_each_path_keeps_its_own_dropout_keys(dropout_setup, tiny_batch, kd, form):
   model, dual, masks, stats, rngs, unrolled = dropout_setup
   want = unrolled(kd)
@@ -164,6 +183,9 @@ def make_tx():
   )
 
 
+# The default run checks both forms through `TrainState` / `train_step` on a data mesh of 8 fake
+# devices against the one-device unrolled step (tests/multi_device); this is the one-device form.
+@pytest.mark.slow
 def test_train_step_equals_unrolled(tiny_model, tiny_variables, tiny_batch):
   """Two steps: KD off in the first (traced kd_weight 0, so the teacher forward is skipped by
   ``lax.cond``), on in the second; masks refresh in between."""

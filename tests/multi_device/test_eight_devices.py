@@ -4,6 +4,8 @@ These tests need ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` before J
 ``tests/test_multi_device.py`` runs this directory in a subprocess (the main run ignores it).
 """
 
+import functools
+
 import jax
 import numpy as np
 import optax
@@ -67,6 +69,18 @@ def one_device(tiny_model, tiny_variables, global_batch):
   return get
 
 
+@pytest.fixture(scope="module")
+def on_mesh(tiny_model, tiny_variables, global_batch):
+  """A method's run on the 8-device mesh (data, or data x path), computed once per pair."""
+
+  @functools.cache
+  def get(method, path_parallel=False):
+    mesh = sharding.make_mesh(path_parallel=path_parallel)
+    return mesh, run(tiny_model, tiny_variables, global_batch, method, mesh)
+
+  return get
+
+
 @pytest.mark.parametrize(
   "method, path_parallel",
   [
@@ -78,15 +92,12 @@ def one_device(tiny_model, tiny_variables, global_batch):
     ("dense", False),
   ],
 )
-def test_sharded_step_equals_one_device_step(
-  one_device, method, path_parallel, tiny_model, tiny_variables, global_batch
-):
+def test_sharded_step_equals_one_device_step(one_device, on_mesh, method, path_parallel):
   # The reference is always the one-device step of the default strategy; "dcil/sequential" (on
   # CPU its unrolled form) and "dcil/sequential_loop" (the accelerator form), KD off in step 0
   # and on from step 1, on the data mesh must match it.
   ref_state, ref_losses, ref_masks = one_device(method.partition("/")[0])
-  mesh = sharding.make_mesh(path_parallel=path_parallel)
-  state, losses, masks = run(tiny_model, tiny_variables, global_batch, method, mesh)
+  _, (state, losses, masks) = on_mesh(method, path_parallel)
 
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   tree_allclose(state.params, ref_state.params, rtol=1e-4, atol=1e-6)  # = the gradients
@@ -100,9 +111,8 @@ def test_sharded_step_equals_one_device_step(
   assert any(not np.array_equal(a, b) for a, b in zip(first, last, strict=True))
 
 
-def test_state_stays_replicated_and_batch_is_split(tiny_model, tiny_variables, global_batch):
-  mesh = sharding.make_mesh()
-  state, _, _ = run(tiny_model, tiny_variables, global_batch, "dcil", mesh)
+def test_state_stays_replicated_and_batch_is_split(on_mesh, global_batch):
+  mesh, (state, _, _) = on_mesh("dcil")
   for leaf in jax.tree.leaves(state):
     assert leaf.sharding.is_fully_replicated, leaf.sharding
   # Replicated BN statistics: every device holds the same global-batch statistics.
@@ -113,10 +123,9 @@ def test_state_stays_replicated_and_batch_is_split(tiny_model, tiny_variables, g
   assert batch["image"].sharding.shard_shape(batch["image"].shape) == (GLOBAL_BATCH // 8, 8, 8, 1)
 
 
-def test_path_axis_puts_one_path_per_device(tiny_model, tiny_variables, global_batch):
-  mesh = sharding.make_mesh(path_parallel=True)
+def test_path_axis_puts_one_path_per_device(on_mesh, global_batch):
+  mesh, (state, _, _) = on_mesh("dcil", True)
   assert dict(mesh.shape) == {"data": 4, "path": 2}
-  state, _, _ = run(tiny_model, tiny_variables, global_batch, "dcil", mesh)
   assert state.method.strategy == "sharded"
   # Every leaf replicated: each path device slices its own copy out locally.
   for leaf in jax.tree.leaves(state.params):
@@ -127,31 +136,21 @@ def test_path_axis_puts_one_path_per_device(tiny_model, tiny_variables, global_b
   assert convs and not any("feature_group_count" in line for line in convs)
 
 
-def test_sharded_strategy_without_a_mesh_takes_two_devices_and_equals_unrolled(
-  tiny_model, tiny_variables, tiny_batch
+def test_sharded_strategy_without_a_mesh_takes_two_devices_and_equals_one_device(
+  one_device, tiny_model, tiny_variables, global_batch
 ):
   """``strategy="sharded"`` and no mesh: a 2-device ``path`` mesh, one path per device, each
-  running ordinary (not grouped) convolutions, with the step of ``"unrolled"`` on one device."""
-  out = {}
-  for strategy in ["unrolled", "sharded"]:
-    tx = optax.chain(
-      optax.sgd(0.05, momentum=0.9),
-      dcil_jax.masked_update(dcil_jax.constant_sparsity(0.5), 100),
-    )
-    state = dcil_jax.TrainState.create(
-      tiny_model, tiny_variables, tx, strategy=strategy, example_input=tiny_batch["image"]
-    )
-    if strategy == "sharded":
-      assert dict(state.mesh.shape) == {"path": 2}
-      hlo = dcil_jax.train_step.lower(state, tiny_batch).compile().as_text()
-      convs = [line for line in hlo.splitlines() if " convolution(" in line]
-      assert convs and not any("feature_group_count" in line for line in convs), convs
-    else:
-      assert state.mesh is None
-    state, metrics = dcil_jax.train_step(state, tiny_batch)
-    out[strategy] = (metrics["loss"], state.params)
-  np.testing.assert_allclose(out["sharded"][0], out["unrolled"][0], rtol=1e-5)
-  tree_allclose(out["sharded"][1], out["unrolled"][1], rtol=1e-4, atol=1e-6)
+  running ordinary (not grouped) convolutions, with the steps of the one-device default."""
+  ref_state, ref_losses, ref_masks = one_device("dcil")
+  state, losses, masks = run(tiny_model, tiny_variables, global_batch, "dcil/sharded")
+  assert dict(state.mesh.shape) == {"path": 2}
+  hlo = dcil_jax.train_step.lower(state, global_batch).compile().as_text()
+  convs = [line for line in hlo.splitlines() if " convolution(" in line]
+  assert convs and not any("feature_group_count" in line for line in convs), convs
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  tree_allclose(state.params, ref_state.params, rtol=1e-4, atol=1e-6)
+  for got, want in zip(masks, ref_masks, strict=True):
+    assert jax.tree.all(jax.tree.map(np.array_equal, got, want))
 
 
 def test_batch_that_does_not_split_over_data_axis_is_rejected(tiny_model, tiny_variables):
@@ -178,13 +177,12 @@ def test_path_axis_needs_sharded_strategy(tiny_model, tiny_variables):
 
 
 def test_checkpoint_of_a_sharded_state_restores_values_and_shardings(
-  tiny_model, tiny_variables, global_batch, tmp_path
+  on_mesh, tiny_model, tiny_variables, global_batch, tmp_path
 ):
   from experiments import checkpoints
   from experiments import state as lib
 
-  mesh = sharding.make_mesh(path_parallel=True)
-  state, _, _ = run(tiny_model, tiny_variables, global_batch, "dcil", mesh)
+  mesh, (state, _, _) = on_mesh("dcil", True)
   saver = checkpoints.RunCheckpointer(tmp_path)
   saver.save(STEPS, lib.checkpoint_tree(state, None), {"data": None})
   saver.close()  # waits for the asynchronous write
