@@ -11,6 +11,7 @@ code's strict ``score > quantile`` threshold does (it prunes one weight too many
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -233,6 +234,19 @@ def magnitude_masks(
     leaf otherwise).
   """
   check_sparsity(sparsity)
+  if distribution not in DISTRIBUTIONS:
+    raise ValueError(
+      f"Unknown mask distribution {distribution!r}; expected one of {DISTRIBUTIONS}."
+    )
+  return _magnitude_masks(params, masks, sparsity, distribution, keep_pruned)
+
+
+# One compiled program, not an op-by-op run, when called outside `jit` (at set-up, in a user's
+# own loop): a ResNet's ranking is hundreds of small ops, each compiled on its own otherwise.
+@functools.partial(jax.jit, static_argnames=("distribution", "keep_pruned"))
+def _magnitude_masks(
+  params: Params, masks: Masks, sparsity: Any, distribution: Distribution, keep_pruned: bool
+) -> Masks:
   pairs = check_masks(masks, params)
   scores = [jnp.square(p.astype(jnp.float32)) for _, _, p in pairs]
   if keep_pruned:
@@ -249,9 +263,7 @@ def magnitude_masks(
     layer_sparsity = erk_sparsities([s.shape for s in scores], sparsity)
     new = [_keep_top(s, _num_pruned(layer_sparsity[i], s.size)) for i, s in enumerate(scores)]
   else:
-    raise ValueError(
-      f"Unknown mask distribution {distribution!r}; expected one of {DISTRIBUTIONS}."
-    )
+    raise AssertionError(distribution)  # checked by magnitude_masks
   by_path = {path: m for (path, _, _), m in zip(pairs, new)}
   return jax.tree_util.tree_map_with_path(
     lambda path, m: None if m is None else by_path[path], masks, is_leaf=_is_none

@@ -3,6 +3,8 @@
 Each test is written as the reproduction of one failure that used to be silent.
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -233,6 +235,7 @@ def test_each_path_draws_its_own_dropout_mask(tiny_batch):
   masks = dcil_jax.masks_like(params)  # all kept: the two paths compute the same function
   rngs = {"dropout": jax.random.PRNGKey(7)}
 
+  @functools.partial(jax.jit, static_argnums=0)
   def run(strategy):
     return dcil_jax.dcil_loss(model, params, masks, batch, rngs=rngs, strategy=strategy)[1]
 
@@ -323,14 +326,11 @@ def test_custom_task_loss_soft_targets_and_kd_schedule(tiny_model, tiny_variable
     expected = 0.5 * t * float(metrics["kl_sparse"] + metrics["kl_dense"])
     assert kd == pytest.approx(expected, rel=1e-4, abs=1e-5)
   # The task loss is the smoothed one (not plain cross-entropy).
-  _, aux = dcil_jax.dcil_loss(
-    tiny_model,
-    state.params,
-    state.trained_masks,
-    tiny_batch,
-    state.model_state,
-    task_loss=smoothed,
-  )
+  _, aux = jax.jit(
+    lambda s: dcil_jax.dcil_loss(
+      tiny_model, s.params, s.trained_masks, tiny_batch, s.model_state, task_loss=smoothed
+    )
+  )(state)
   assert float(aux["ce"][0]) == pytest.approx(float(smoothed(aux["logits"][0], tiny_batch)))
 
 
