@@ -53,7 +53,8 @@ def reference(model, masks, dual, dual_stats, batch, temperature=2.0):
     z = f(p, 1)
     return losses.cross_entropy(z, y) + KD * losses.distillation_kl(z, z_s, temperature)
 
-  (l_s, g_s), (l_d, g_d) = jax.value_and_grad(loss_s)(sparse_p), jax.value_and_grad(loss_d)(dense_p)
+  l_s, g_s = jax.jit(jax.value_and_grad(loss_s))(sparse_p)
+  l_d, g_d = jax.jit(jax.value_and_grad(loss_d))(dense_p)
   return l_s + l_d, g_s, g_d
 
 
