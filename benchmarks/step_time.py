@@ -77,6 +77,7 @@ MAIN_CONFIGS = (
   ("dense", None, True),
   ("dpf", None, True),
   ("dcil", "unrolled", True),
+  ("dcil", "unrolled", False),
   ("dcil", "vmap", True),
   ("dcil", "sequential", True),
   ("dcil", "sequential", False),
@@ -589,9 +590,15 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
     r["ratio_to_dense"] = paired_median(r["times_s"], dense["times_s"])
     r["ratio_of_medians"] = r["median_s"] / dense["median_s"]
     r["memory_vs_dense"] = r["memory"]["total_bytes"] / dense["memory"]["total_bytes"]
-    unrolled = find(records, r["model"], "dcil/unrolled", r["process"])
+    # Today's default DCIL step with distillation as in this row (issue 14's two targets);
+    # the KD-on row where a run has no KD-off one.
+    same_kd = config_label("dcil", "unrolled", r.get("kd", True))
+    unrolled = find(records, r["model"], same_kd, r["process"]) or find(
+      records, r["model"], "dcil/unrolled", r["process"]
+    )
     if r.get("strategy") == "sequential" and unrolled and "previous_run" not in unrolled:
       r["ratio_to_unrolled"] = paired_median(r["times_s"], unrolled["times_s"])
+      r["unrolled_reference"] = unrolled["label"]
 
 
 def analyse_refresh(result: dict[str, Any]) -> None:
@@ -630,7 +637,8 @@ def evaluate(result: dict[str, Any]) -> list[dict[str, Any]]:
     key = "sequential_vs_unrolled_kd" if r.get("kd", True) else "sequential_vs_unrolled_no_kd"
     checks.append(
       {
-        "target": f"{r['label']} <= {TARGETS[key]}x dcil/unrolled (KD on) step time",
+        "target": f"{r['label']} <= {TARGETS[key]}x "
+        f"{r.get('unrolled_reference', 'dcil/unrolled')} step time",
         "model": r["model"],
         "process": r["process"],
         "value": r["ratio_to_unrolled"],
