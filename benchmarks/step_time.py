@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import subprocess
 import sys
@@ -468,14 +469,27 @@ def batch_fit(args: argparse.Namespace) -> list[dict[str, Any]]:
       state, _ = create_state(model_name, method, strategy, kd, batch_size=1)
       t = time.perf_counter()
       cache: dict[int, int] = {}
+      failed: dict[int, str] = {}
 
-      def total(b, state=state, model_name=model_name, cache=cache):
+      def total(b, state=state, model_name=model_name, cache=cache, failed=failed):
+        """Step bytes at batch ``b``; a compile that fails on this host (XLA:CPU's LLVM can run
+        out of host memory at large batches) counts as not fitting and is recorded."""
+        if b in failed:
+          return float("inf")
         if b not in cache:
-          cache[b] = step_memory(state, model_name, b)["total_bytes"]
+          try:
+            cache[b] = step_memory(state, model_name, b)["total_bytes"]
+          except (RuntimeError, MemoryError) as e:  # XlaRuntimeError is a RuntimeError
+            failed[b] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            log(f"  batch {b}: the compile failed ({failed[b]}); counted as not fitting")
+            gc.collect()
+            return float("inf")
         return cache[b]
 
-      per_image = (total(64) - total(32)) / 32
-      guess = int((budget - total(32)) / per_image) + 32 if per_image > 0 else 32
+      low, high = total(32), total(64)
+      finite = math.isfinite(low) and math.isfinite(high)
+      per_image = (high - low) / 32 if finite else float("nan")
+      guess = int((budget - low) / per_image) + 32 if per_image > 0 else 32
       batch, checked = largest_batch(
         lambda b, total=total: total(b) <= budget, guess, args.fit_step
       )
@@ -489,6 +503,7 @@ def batch_fit(args: argparse.Namespace) -> list[dict[str, Any]]:
           "linear_guess": guess,
           "per_image_bytes": per_image,
           "compiles": len(cache),
+          "failed_compiles": failed,
           "checked": checked,
           "seconds": time.perf_counter() - t,
         }

@@ -322,4 +322,8 @@ def sequential_section(result: dict[str, Any]) -> list[str]:
         f"| {r['model']} | {r['label']} | **{r['batch']}** | {share:.2f} | {at} | "
         f"{r['per_image_bytes'] / MB:.2f} | {r['compiles']} |"
       )
+    failures = [(r, b, why) for r in fit for b, why in (r.get("failed_compiles") or {}).items()]
+    if failures:
+      lines += ["", "Compiles that failed on this host and were counted as not fitting:", ""]
+      lines += [f"- {r['model']} {r['label']}, batch {b}: `{why}`" for r, b, why in failures]
   return lines

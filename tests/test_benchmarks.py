@@ -138,3 +138,32 @@ def test_largest_batch_brackets_and_bisects():
       batch, checked = step_time.largest_batch(fits, guess, 8)
       assert batch == limit // 8 * 8, (limit, guess, batch, checked)
   assert step_time.largest_batch(lambda b: b <= 3, 64, 8)[0] == 0
+
+
+def test_batch_fit_counts_a_failed_compile_as_not_fitting_and_goes_on(monkeypatch):
+  """A compile that fails on the host (XLA:CPU's LLVM out of host memory) used to end the whole
+  benchmark: now that batch counts as not fitting, the failure is recorded and the search and
+  the other configurations go on."""
+  import argparse
+
+  from benchmarks import step_time, step_time_report
+
+  def fake_memory(state, model_name, batch):
+    if batch >= 200:
+      raise RuntimeError("INTERNAL: LLVM compilation error: Cannot allocate memory\nmore")
+    return {"total_bytes": 1000 + 100 * batch}
+
+  monkeypatch.setattr(step_time, "create_state", lambda *a, **k: (None, None))
+  monkeypatch.setattr(step_time, "step_memory", fake_memory)
+  budget = 1000 + 100 * 400  # bytes: batch 400 would fit, but from 200 on nothing compiles
+  args = argparse.Namespace(fit_models=["resnet20"], fit_budget_gib=budget / 2**30, fit_step=8)
+  records = step_time.batch_fit(args)
+  assert len(records) == len(step_time.MEMORY_CONFIGS)  # every configuration, not just one
+  for r in records:
+    assert r["batch"] == 192  # the largest multiple of 8 below the failures
+    assert r["failed_compiles"] and min(r["failed_compiles"]) >= 200
+    assert all("Cannot allocate memory" in why for why in r["failed_compiles"].values())
+  lines = step_time_report.sequential_section(
+    {"records": [], "batch_fit": records, "args": {"fit_step": 8}}
+  )
+  assert any("counted as not fitting" in line for line in lines)
