@@ -158,9 +158,10 @@ def default_strategy(backend: str | None = None) -> str:
   Measured on CPU (``benchmarks/results/step_time_cpu.md``, ResNet-20, batch 128):
   ``"sequential"`` needs the step memory of dense training (1.0x dense against unrolled's 2.0x),
   so on an accelerator, where memory bounds the batch, it fits about twice unrolled's
-  per-device batch (7040 vs 3584 images in 16 GiB). Its step took 1.12x unrolled's with
-  distillation on (one extra forward of the dense path) and 1.00x with it off (per-round
-  medians on a quiet CPU; a slower machine gave 1.35x and 1.25x). For ResNet-50 at batch 32
+  per-device batch (7040 vs 3584 images in 16 GiB). Its step took 1.13x unrolled's with
+  distillation on (one extra forward of the dense path) and 1.03x with it off (against
+  unrolled with it off; per-round medians on a quiet CPU; a slower, busier machine gave 1.34x
+  and 1.26x). For ResNet-50 at batch 32
   its memory is 1.06x dense in the loop form that accelerators run (1.13x in the CPU form;
   unrolled: 1.93x). On CPU host memory rarely binds, so unrolled stays the default there.
   ``vmap`` turns the per-path kernels into grouped convolutions (10-19x a
