@@ -74,19 +74,17 @@ def unrolled(setup, tiny_batch):
   return functools.cache(lambda kd: value_and_grad(*setup, tiny_batch, "unrolled", kd))
 
 
-# A static KD weight of 0 (distillation left out when tracing) is the one pair of the long run:
-# the default run has the traced weight 0 (distillation skipped by ``lax.cond``, what
-# ``train_step`` runs) and both weights of 1.
-@pytest.mark.parametrize("form", FORMS)
+def kd_case(kd: float, traced: bool, form: str):
+  """One case: a KD weight of 0 skips distillation (statically, or by ``lax.cond`` when traced,
+  as ``train_step`` runs it). The static 0 of the unrolled form is in the long run."""
+  slow = (kd, traced, form) == (0.0, False, "sequential_unrolled")
+  name = f"{kd}-{'traced' if traced else 'static'}_kd-{form}"
+  return pytest.param(kd, traced, form, id=name, marks=[pytest.mark.slow] if slow else [])
+
+
 @pytest.mark.parametrize(
-  "kd, traced_kd",
-  [
-    pytest.param(0.0, False, marks=pytest.mark.slow),
-    (0.0, True),
-    (1.0, False),
-    (1.0, True),
-  ],
-  ids=["0.0-static_kd", "0.0-traced_kd", "1.0-static_kd", "1.0-traced_kd"],
+  "kd, traced_kd, form",
+  [kd_case(kd, traced, form) for kd in (0.0, 1.0) for traced in (False, True) for form in FORMS],
 )
 def test_sequential_equals_unrolled(setup, unrolled, tiny_batch, kd, traced_kd, form):
   want = unrolled(kd)
