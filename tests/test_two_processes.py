@@ -16,11 +16,11 @@ from experiments.configs import digits
 SHORT = 11  # one epoch (an eval at its end): enough to compare with one process
 
 
-def start_two(workdir, steps: int = STEPS):
+def start_two(workdir, steps: int = STEPS, *extra: str):
   # The hosts agree on stopping when they log: every step here.
   flags = [f for f in FLAGS if not f.startswith("--config.num_train_steps=")]
   argv = ["-m", "experiments.digits", f"--workdir={workdir}", *flags]
-  argv += [f"--config.num_train_steps={steps}", "--config.log_every_steps=1"]
+  argv += [f"--config.num_train_steps={steps}", "--config.log_every_steps=1", *extra]
   return start_processes(argv, merge_output=True)
 
 
@@ -43,13 +43,14 @@ def test_two_processes_train_like_one(tmp_path):
   (Later the two drift apart: the gloo all-reduce sums in another order, and the warm-up's
   large steps amplify the last-bit differences, as any change of reduction order would.)"""
   workdir = tmp_path / "two"
-  outs = finish_two(start_two(workdir, SHORT), 0)
+  # One checkpoint, at the end: the stop-and-resume test below checkpoints every 2 steps.
+  outs = finish_two(start_two(workdir, SHORT, f"--config.run.checkpoint_every_steps={SHORT}"), 0)
   assert "final sparse-path top-1" in outs[0] and "final sparse-path top-1" not in outs[1]
   assert "process 0 of 2" in outs[0] and "process 1 of 2" in outs[1]
   config = digits.get_config("local")
   with config.unlocked():
     config.num_train_steps, config.log_every_steps = SHORT, 1
-    config.run.checkpoint_every_steps, config.run.progress = 2, False
+    config.run.checkpoint_every_steps, config.run.progress = SHORT, False
   train.train_and_evaluate(config, str(tmp_path / "single"))
   read = lambda path: [json.loads(line) for line in path.read_text().splitlines()]
   single, multi = read(tmp_path / "single" / "metrics.jsonl"), read(workdir / "metrics.jsonl")
