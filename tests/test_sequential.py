@@ -76,7 +76,8 @@ def unrolled(setup, tiny_batch):
 
 def kd_case(kd: float, traced: bool, form: str):
   """One case: a KD weight of 0 skips distillation (statically, or by ``lax.cond`` when traced,
-  as ``train_step`` runs it). The static 0 of the unrolled form is in the long run."""
+  as ``train_step`` runs it). The unrolled form's static 0 is in the long run; the loop form's
+  (the same skip at trace time) stays in the default run."""
   slow = (kd, traced, form) == (0.0, False, "sequential_unrolled")
   name = f"{kd}-{'traced' if traced else 'static'}_kd-{form}"
   return pytest.param(kd, traced, form, id=name, marks=[pytest.mark.slow] if slow else [])
