@@ -85,7 +85,7 @@ MAIN_CONFIGS = (
 )
 WORKER_CONFIGS = (("dense", None, True), ("dcil", "unrolled", True), ("dcil", "sharded", True))
 # Compile-only, so the loop form of "sequential" (what GPUs and TPUs run; XLA:CPU runs its
-# convolutions ~17x slower, see the conv microbenchmark) is measured here and not timed.
+# gradient convolutions ~40x slower, see the conv microbenchmark) is measured here and not timed.
 MEMORY_CONFIGS = (
   ("dense", None, True),
   ("dpf", None, True),
@@ -358,6 +358,9 @@ def bench_conv(args: argparse.Namespace) -> dict[str, Any]:
     "unrolled": jax.jit(lambda x, w: [grad(x[i], w[i]) for i in range(2)]),
     "vmap": jax.jit(jax.vmap(grad)),
     "loop": jax.jit(lambda x, w: jax.lax.map(lambda xw: grad(*xw), (x, w))),
+    # The forward alone: which of the two passes a loop body slows down.
+    "unrolled_forward": jax.jit(lambda x, w: [conv(x[i], w[i]) for i in range(2)]),
+    "loop_forward": jax.jit(lambda x, w: jax.lax.map(lambda xw: conv(*xw), (x, w))),
   }
   out: dict[str, Any] = {"shape": "x [2,128,32,32,16], w [2,3,3,16,16], fwd+bwd"}
   for name, fn in fns.items():
@@ -369,6 +372,9 @@ def bench_conv(args: argparse.Namespace) -> dict[str, Any]:
     out[name]["median_s"] = float(np.median(out[name]["times_s"]))
   out["vmap_over_unrolled"] = out["vmap"]["median_s"] / out["unrolled"]["median_s"]
   out["loop_over_unrolled"] = out["loop"]["median_s"] / out["unrolled"]["median_s"]
+  out["loop_forward_over_unrolled"] = (
+    out["loop_forward"]["median_s"] / out["unrolled_forward"]["median_s"]
+  )
   return out
 
 
@@ -751,6 +757,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--fit-budget-gib", type=float, default=16.0, help="memory budget per device")
   p.add_argument("--fit-step", type=int, default=8, help="batch granularity of the fit")
   p.add_argument(
+    "--conv-only",
+    action="store_true",
+    help="rerun only the conv microbenchmark, into <out>/step_time_cpu.json",
+  )
+  p.add_argument(
     "--render-only",
     action="store_true",
     help="rewrite the report from <out>/step_time_cpu.json without measuring",
@@ -790,6 +801,15 @@ def main(argv: list[str] | None = None) -> None:
   notes = []
   if jax.device_count() != 1:
     notes.append(f"The main process saw {jax.device_count()} devices (XLA_FLAGS was set).")
+  if args.conv_only:  # the conv microbenchmark alone, into the previous results
+    result = json.loads((out / "step_time_cpu.json").read_text())
+    result["conv"] = bench_conv(args)
+    result["notes"].append(
+      f"The conv microbenchmark was rerun alone on {machine['date_utc']} "
+      f"(`--conv-only`, commit `{library['commit']}`)."
+    )
+    finish(result, out)
+    return
   main_out = run_process(args, MAIN)
   conv = None if args.only else bench_conv(args)
   records, refresh, usage = main_out["records"], main_out["refresh"], main_out["cpu_usage"]

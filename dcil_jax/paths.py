@@ -186,8 +186,9 @@ def sequential_loop(strategy: str = "sequential", backend: str | None = None) ->
   so no buffer of the second path can be allocated while the first path's activations are
   alive (ResNet-50, batch 32: 1.06x the step memory of dense, against 1.14x unrolled, where
   XLA:CPU creates the second path's operand-free buffers, e.g. a max-pool gradient's index
-  arrays, at the start of the step). XLA:CPU, though, runs convolutions inside a loop body
-  about 17x slower than in the entry computation (``benchmarks/step_time.py``), so on CPU
+  arrays, at the start of the step). XLA:CPU, though, runs gradient convolutions inside a loop
+  body about 40x slower than in the entry computation (the forward ones at about 1.2x;
+  ``benchmarks/step_time.py``'s conv microbenchmark), so on CPU
   ``"sequential"`` runs unrolled. ``"sequential_loop"`` / ``"sequential_unrolled"`` choose.
   """
   if strategy not in SEQUENTIAL:
