@@ -521,6 +521,71 @@ def batch_fit(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------------------------
+# Step memory by RSS: one fresh process per configuration
+
+RSS_CONFIGS = (
+  ("dense", None, True),
+  ("dpf", None, True),
+  ("dcil", "unrolled", True),
+  ("dcil", "sequential", True),
+  ("dcil", "sequential", False),
+)
+RSS_STEPS = 3
+
+
+def vm_rss_kb() -> int:
+  """Current resident set size (``VmRSS``) of this process in KiB; 0 if unavailable."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmRSS:"):
+          return int(line.split()[1])
+  except OSError:
+    pass
+  return 0
+
+
+def rss_child(args: argparse.Namespace) -> None:
+  """In a fresh process: compile one config, run a warm-up step, then the peak RSS over
+  ``RSS_STEPS`` steps above the RSS before them (state, batch, executable: already resident).
+  Prints one JSON line."""
+  method, strategy, kd = next(c for c in RSS_CONFIGS if config_label(*c) == args.rss_config)
+  state, batch = create_state(args.rss_model, method, strategy, kd)
+  step = dcil_jax.train_step.lower(state, batch).compile()
+  state, metrics = step(state, batch)
+  jax.block_until_ready((state, metrics))
+  gc.collect()
+  reset_peak_rss()
+  before = vm_rss_kb()
+  for _ in range(RSS_STEPS):
+    state, metrics = step(state, batch)
+    jax.block_until_ready((state, metrics))
+  peak = vm_hwm_kb()
+  print(json.dumps({"before_mb": before / 1024, "peak_mb": peak / 1024}))
+
+
+def rss_per_config(args: argparse.Namespace) -> list[dict[str, Any]]:
+  """:func:`rss_child` for every ``RSS_CONFIGS`` entry of every ``--rss-models`` model: the
+  step's memory as the operating system sees it, each config alone in its process."""
+  records = []
+  for model_name in args.rss_models:
+    for config in RSS_CONFIGS:
+      label = config_label(*config)
+      log(f"{model_name} {label}: step RSS in a fresh process")
+      cmd = [sys.executable, "-m", "benchmarks.step_time", "--rss-child"]
+      cmd += ["--rss-model", model_name, "--rss-config", label]
+      root = str(Path(__file__).resolve().parent.parent)
+      out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=True).stdout
+      r = json.loads(out.strip().splitlines()[-1])
+      records.append({"model": model_name, "label": label, "steps": RSS_STEPS, "batch": BATCH, **r})
+  for r in records:
+    dense = next(d for d in records if d["model"] == r["model"] and d["label"] == "dense")
+    r["step_mb"] = r["peak_mb"] - r["before_mb"]
+    r["step_vs_dense"] = r["step_mb"] / dense["step_mb"] if dense["step_mb"] > 0 else None
+  return records
+
+
+# --------------------------------------------------------------------------------------------
 # Processes
 
 
@@ -692,6 +757,19 @@ def evaluate(result: dict[str, Any]) -> list[dict[str, Any]]:
           "pass": r["total_vs_dense"] <= limit,
         }
       )
+  for r in result.get("rss_per_config") or []:
+    if r["label"].startswith("dcil/sequential") and r["step_vs_dense"] is not None:
+      limit = TARGETS["sequential_memory_vs_dense"]
+      checks.append(
+        {
+          "target": f"{r['label']} step RSS (fresh process) <= {limit}x dense",
+          "model": r["model"],
+          "process": "fresh",
+          "value": r["step_vs_dense"],
+          "limit": limit,
+          "pass": r["step_vs_dense"] <= limit,
+        }
+      )
   for key, ref in result["refresh"].items():
     model, process = key.split("/")
     for label, pct in ref["amortized_pct"].items():
@@ -757,6 +835,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--fit-budget-gib", type=float, default=16.0, help="memory budget per device")
   p.add_argument("--fit-step", type=int, default=8, help="batch granularity of the fit")
   p.add_argument(
+    "--rss-models",
+    default="",
+    help="models whose step memory is also measured as RSS, each config in a fresh process",
+  )
+  p.add_argument(
+    "--rss-only",
+    action="store_true",
+    help="measure only --rss-models, into <out>/step_time_cpu.json",
+  )
+  p.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
+  p.add_argument("--rss-model", help=argparse.SUPPRESS)
+  p.add_argument("--rss-config", help=argparse.SUPPRESS)
+  p.add_argument(
     "--conv-only",
     action="store_true",
     help="rerun only the conv microbenchmark, into <out>/step_time_cpu.json",
@@ -774,10 +865,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   args.only = [c.strip() for c in args.only.split(",") if c.strip()]
   args.memory_models = [m.strip() for m in args.memory_models.split(",") if m.strip()]
   args.fit_models = [m.strip() for m in args.fit_models.split(",") if m.strip()]
+  args.rss_models = [m.strip() for m in args.rss_models.split(",") if m.strip()]
   known = {config_label(*c) for c in (*MAIN_CONFIGS, *WORKER_CONFIGS)}
   if set(args.only) - known:
     p.error(f"unknown configs {sorted(set(args.only) - known)}; choose from {sorted(known)}")
-  names = args.models + args.probe_models + args.memory_models + args.fit_models
+  names = args.models + args.probe_models + args.memory_models + args.fit_models + args.rss_models
   unknown = sorted(set(names) - set(MODELS))
   if unknown:
     p.error(f"unknown models {unknown}; choose from {sorted(MODELS)}")
@@ -791,6 +883,9 @@ def main(argv: list[str] | None = None) -> None:
   if args.worker:
     worker(args)
     return
+  if args.rss_child:
+    rss_child(args)
+    return
   out = Path(args.out)
   if args.render_only:
     result = json.loads((out / "step_time_cpu.json").read_text())
@@ -801,12 +896,15 @@ def main(argv: list[str] | None = None) -> None:
   notes = []
   if jax.device_count() != 1:
     notes.append(f"The main process saw {jax.device_count()} devices (XLA_FLAGS was set).")
-  if args.conv_only:  # the conv microbenchmark alone, into the previous results
+  if args.conv_only or args.rss_only:  # one part alone, into the previous results
     result = json.loads((out / "step_time_cpu.json").read_text())
-    result["conv"] = bench_conv(args)
+    if args.conv_only:
+      result["conv"] = bench_conv(args)
+    if args.rss_only:
+      result["rss_per_config"] = rss_per_config(args)
+    part = "conv microbenchmark" if args.conv_only else "fresh-process RSS table"
     result["notes"].append(
-      f"The conv microbenchmark was rerun alone on {machine['date_utc']} "
-      f"(`--conv-only`, commit `{library['commit']}`)."
+      f"The {part} was rerun alone on {machine['date_utc']} (commit `{library['commit']}`)."
     )
     finish(result, out)
     return
@@ -850,6 +948,7 @@ def main(argv: list[str] | None = None) -> None:
   }
   result["memory_at_batch"] = memory_at_batch(args)
   result["batch_fit"] = batch_fit(args)
+  result["rss_per_config"] = rss_per_config(args)
   result["wall_s"] = time.perf_counter() - start
   if args.merge:
     merge_previous(result, out / "step_time_cpu.json")
@@ -878,7 +977,7 @@ def merge_previous(result: dict[str, Any], path: Path) -> None:
     result["cpu_usage"].setdefault(key, value)
   for key, value in previous.get("process_peak_rss_mb", {}).items():
     result["process_peak_rss_mb"].setdefault(key, value)
-  for key in ("memory_at_batch", "batch_fit"):
+  for key in ("memory_at_batch", "batch_fit", "rss_per_config"):
     if not result.get(key) and previous.get(key):
       result[key] = previous[key]
   labels = sorted({f"{m}/{p}: {lab}" for m, p, lab in measured})

@@ -333,4 +333,24 @@ def sequential_section(result: dict[str, Any]) -> list[str]:
     if failures:
       lines += ["", "Compiles that failed on this host and were counted as not fitting:", ""]
       lines += [f"- {r['model']} {r['label']}, batch {b}: `{why}`" for r, b, why in failures]
+  rss = result.get("rss_per_config") or []
+  if rss:
+    lines += [
+      "",
+      "### Step memory as RSS, one fresh process per config",
+      "",
+      f"Each config alone in a new process: compile, one warm-up step, then the peak RSS "
+      f"(`VmHWM`, reset first) over {rss[0]['steps']} steps at batch {rss[0]['batch']}, minus "
+      "the RSS before them (state, batch and executable are already resident): what the "
+      "steps themselves allocate, as the operating system sees it.",
+      "",
+      "| model | config | RSS before MB | peak MB | step MB | x dense |",
+      "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rss:
+      ratio = "-" if r["step_vs_dense"] is None else f"**{r['step_vs_dense']:.2f}**"
+      lines.append(
+        f"| {r['model']} | {r['label']} | {r['before_mb']:.0f} | {r['peak_mb']:.0f} | "
+        f"{r['step_mb']:.0f} | {ratio} |"
+      )
   return lines

@@ -167,3 +167,18 @@ def test_batch_fit_counts_a_failed_compile_as_not_fitting_and_goes_on(monkeypatc
     {"records": [], "batch_fit": records, "args": {"fit_step": 8}}
   )
   assert any("counted as not fitting" in line for line in lines)
+
+
+def test_fresh_process_rss_rows_become_targets_and_a_table():
+  from benchmarks import step_time, step_time_report
+
+  rss = [
+    {"model": "resnet20", "label": label, "steps": 3, "batch": 128, "before_mb": 900.0,
+     "peak_mb": 900.0 + step, "step_mb": step, "step_vs_dense": step / 325.0}
+    for label, step in [("dense", 325.0), ("dcil/unrolled", 626.0), ("dcil/sequential", 380.0)]
+  ]  # fmt: skip
+  result = {"records": [], "refresh": {}, "rss_per_config": rss}
+  checks = step_time.evaluate(result)
+  assert [(c["target"].split(" ")[0], c["pass"]) for c in checks] == [("dcil/sequential", False)]
+  lines = step_time_report.sequential_section(result)
+  assert "| resnet20 | dcil/unrolled | 900 | 1526 | 626 | **1.93** |" in lines
