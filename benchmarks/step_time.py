@@ -900,8 +900,9 @@ def main(argv: list[str] | None = None) -> None:
     result = json.loads((out / "step_time_cpu.json").read_text())
     if args.conv_only:
       result["conv"] = bench_conv(args)
-    if args.rss_only:
-      result["rss_per_config"] = rss_per_config(args)
+    if args.rss_only:  # the other models' rows stay
+      kept = [r for r in result.get("rss_per_config") or [] if r["model"] not in args.rss_models]
+      result["rss_per_config"] = kept + rss_per_config(args)
     part = "conv microbenchmark" if args.conv_only else "fresh-process RSS table"
     result["notes"].append(
       f"The {part} was rerun alone on {machine['date_utc']} (commit `{library['commit']}`)."
