@@ -550,7 +550,7 @@ def rss_child(args: argparse.Namespace) -> None:
   ``RSS_STEPS`` steps above the RSS before them (state, batch, executable: already resident).
   Prints one JSON line."""
   method, strategy, kd = next(c for c in RSS_CONFIGS if config_label(*c) == args.rss_config)
-  state, batch = create_state(args.rss_model, method, strategy, kd)
+  state, batch = create_state(args.rss_model, method, strategy, kd, batch_size=args.rss_batch)
   step = dcil_jax.train_step.lower(state, batch).compile()
   state, metrics = step(state, batch)
   jax.block_until_ready((state, metrics))
@@ -573,11 +573,13 @@ def rss_per_config(args: argparse.Namespace) -> list[dict[str, Any]]:
       label = config_label(*config)
       log(f"{model_name} {label}: step RSS in a fresh process")
       cmd = [sys.executable, "-m", "benchmarks.step_time", "--rss-child"]
-      cmd += ["--rss-model", model_name, "--rss-config", label]
+      cmd += ["--rss-model", model_name, "--rss-config", label, f"--rss-batch={args.rss_batch}"]
       root = str(Path(__file__).resolve().parent.parent)
       out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=True).stdout
       r = json.loads(out.strip().splitlines()[-1])
-      records.append({"model": model_name, "label": label, "steps": RSS_STEPS, "batch": BATCH, **r})
+      records.append(
+        {"model": model_name, "label": label, "steps": RSS_STEPS, "batch": args.rss_batch, **r}
+      )
   for r in records:
     dense = next(d for d in records if d["model"] == r["model"] and d["label"] == "dense")
     r["step_mb"] = r["peak_mb"] - r["before_mb"]
@@ -844,6 +846,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     action="store_true",
     help="measure only --rss-models, into <out>/step_time_cpu.json",
   )
+  p.add_argument("--rss-batch", type=int, default=BATCH, help="batch of --rss-models")
   p.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--rss-model", help=argparse.SUPPRESS)
   p.add_argument("--rss-config", help=argparse.SUPPRESS)

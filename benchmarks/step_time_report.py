@@ -340,17 +340,18 @@ def sequential_section(result: dict[str, Any]) -> list[str]:
       "### Step memory as RSS, one fresh process per config",
       "",
       f"Each config alone in a new process: compile, one warm-up step, then the peak RSS "
-      f"(`VmHWM`, reset first) over {rss[0]['steps']} steps at batch {rss[0]['batch']}, minus "
+      f"(`VmHWM`, reset first) over {rss[0]['steps']} steps (batch in the table), minus "
       "the RSS before them (state, batch and executable are already resident): what the "
       "steps themselves allocate, as the operating system sees it.",
       "",
-      "| model | config | RSS before MB | peak MB | step MB | x dense |",
-      "|---|---|---:|---:|---:|---:|",
+      "| model | batch | config | RSS before MB | peak MB | step MB | x dense |",
+      "|---|---:|---|---:|---:|---:|---:|",
     ]
     for r in rss:
       ratio = "-" if r["step_vs_dense"] is None else f"**{r['step_vs_dense']:.2f}**"
       lines.append(
-        f"| {r['model']} | {r['label']} | {r['before_mb']:.0f} | {r['peak_mb']:.0f} | "
+        f"| {r['model']} | {r['batch']} | {r['label']} | {r['before_mb']:.0f} | "
+        f"{r['peak_mb']:.0f} | "
         f"{r['step_mb']:.0f} | {ratio} |"
       )
   return lines

@@ -181,4 +181,4 @@ def test_fresh_process_rss_rows_become_targets_and_a_table():
   checks = step_time.evaluate(result)
   assert [(c["target"].split(" ")[0], c["pass"]) for c in checks] == [("dcil/sequential", False)]
   lines = step_time_report.sequential_section(result)
-  assert "| resnet20 | dcil/unrolled | 900 | 1526 | 626 | **1.93** |" in lines
+  assert "| resnet20 | 128 | dcil/unrolled | 900 | 1526 | 626 | **1.93** |" in lines
