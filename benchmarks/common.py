@@ -36,16 +36,26 @@ def log(msg: str) -> None:
 _process_peak_kb = 0
 
 
-def vm_hwm_kb() -> int:
-  """Peak resident set size (``VmHWM``) of this process in KiB; 0 if unavailable."""
+def _proc_status_kb(field: str) -> int:
+  """A ``/proc/self/status`` memory field of this process in KiB; 0 if unavailable."""
   try:
     with open("/proc/self/status") as f:
       for line in f:
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
           return int(line.split()[1])
   except OSError:
     pass
   return 0
+
+
+def vm_hwm_kb() -> int:
+  """Peak resident set size (``VmHWM``) of this process in KiB; 0 if unavailable."""
+  return _proc_status_kb("VmHWM")
+
+
+def vm_rss_kb() -> int:
+  """Current resident set size (``VmRSS``) of this process in KiB; 0 if unavailable."""
+  return _proc_status_kb("VmRSS")
 
 
 def reset_peak_rss() -> None:

@@ -47,6 +47,7 @@ from benchmarks.common import (
   shardings,
   time_call,
   vm_hwm_kb,
+  vm_rss_kb,
 )
 from dcil_jax import models
 
@@ -531,18 +532,6 @@ RSS_CONFIGS = (
   ("dcil", "sequential", False),
 )
 RSS_STEPS = 3
-
-
-def vm_rss_kb() -> int:
-  """Current resident set size (``VmRSS``) of this process in KiB; 0 if unavailable."""
-  try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        if line.startswith("VmRSS:"):
-          return int(line.split()[1])
-  except OSError:
-    pass
-  return 0
 
 
 def rss_child(args: argparse.Namespace) -> None:

@@ -129,6 +129,11 @@ def test_mismatched_masks_are_rejected(params):
     dcil_jax.apply_masks(params, wrong_tree)
   with pytest.raises(ValueError, match="distribution"):
     dcil_jax.magnitude_masks(params, masks, 0.5, "random")
+  # magnitude_masks compiles its ranking: a mismatch is still a clear error, raised while tracing.
+  with pytest.raises(ValueError, match="shape"):
+    dcil_jax.magnitude_masks(params, wrong_shape, 0.5)
+  with pytest.raises(ValueError, match="does not mirror"):
+    dcil_jax.magnitude_masks(params, wrong_tree, 0.5)
 
 
 def test_rule_that_selects_nothing_is_rejected(params):
