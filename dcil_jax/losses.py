@@ -18,7 +18,7 @@ import optax
 from jax.sharding import Mesh
 
 from dcil_jax import masks as masks_lib
-from dcil_jax import paths
+from dcil_jax import paths, pool_gradient
 from dcil_jax.model import as_model
 
 TaskLoss = Callable[[jax.Array, dict[str, Any]], jax.Array]
@@ -297,7 +297,12 @@ def _sequential_dcil_loss(
       objective = objective + kd * distillation_kl(z, teacher, temperature)
     return objective, (z, new_state)
 
-  grad_fn = jax.grad(path_objective, argnums=1, has_aux=True)
+  def grad_fn(i, params, teacher, kd, *args):
+    """One path's parameter gradient and ``(logits, model state)``."""
+    objective = lambda p: path_objective(i, p, teacher, kd, *args)  # noqa: E731
+    if jax.default_backend() == "cpu":  # see dcil_jax.pool_gradient
+      objective = pool_gradient.late_pool_indices(objective)
+    return jax.grad(objective, has_aux=True)(params)
 
   def unrolled_stages(params, kd, masks, batch, states, rngs, z_teacher):
     """Steps (2) and (3) in one computation, ordered by data dependencies (:func:`_after`)."""

@@ -56,6 +56,7 @@ FILE_SECONDS = {
   "test_quickstart": 18,
   "test_train": 16,
   "test_transform": 13,
+  "test_pool_gradient": 12,
   "test_sweep": 10,
   "test_input_pipeline": 9,
   "test_loop": 8,
