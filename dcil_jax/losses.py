@@ -255,7 +255,9 @@ def _sequential_dcil_loss(
   while step (2)'s activations are alive; or unrolled (CPU, whose loop bodies run convolutions
   slowly) — one computation in which each stage's inputs depend on the previous stage's
   outputs (:func:`_after`), so XLA can neither overlap the stages nor merge the teacher
-  forward with step (3)'s forward.
+  forward with step (3)'s forward; on CPU each stage differentiates the model through
+  :func:`dcil_jax.pool_gradient.late_pool_indices`, so no max-pool gradient's index arrays are
+  created before their stage (XLA:CPU's scheduler puts operand-free arrays at the step's start).
 
   Whether step (1) runs is decided statically when ``kd_weight`` is a concrete number (0: skip
   it, so the step costs what unrolled costs) and under ``lax.cond(kd_weight != 0)`` when it is
@@ -360,7 +362,8 @@ def _sequential_dcil_loss(
     # path's activations are alive. (With the paths unrolled into one computation and ordered
     # by data dependencies alone, XLA:CPU still created the dense path's operand-free buffers,
     # e.g. the index arrays of a max-pool's gradient, at the start of the step: 4 activations
-    # of ResNet-50's stem at the sparse path's peak.)
+    # of ResNet-50's stem at the sparse path's peak. The unrolled form now builds those from the
+    # incoming gradient instead, see dcil_jax.pool_gradient.)
     zeros = jax.tree.map(jnp.zeros_like, (params[paths.PRUNABLE], params.get(paths.SHARED)))
     per_path = (
       jnp.arange(paths.NUM_PATHS),
