@@ -160,10 +160,10 @@ def default_strategy(backend: str | None = None) -> str:
   so on an accelerator, where memory bounds the batch, it fits about twice unrolled's
   per-device batch (7040 vs 3584 images in 16 GiB). Its step took 1.13x unrolled's with
   distillation on (one extra forward of the dense path) and 1.03x with it off (against
-  unrolled with it off; per-round medians on a quiet CPU; a slower, busier machine gave 1.34x
-  and 1.26x). For ResNet-50 at batch 32
-  its memory is 1.06x dense in the loop form that accelerators run (1.13x in the CPU form;
-  unrolled: 1.93x). On CPU host memory rarely binds, so unrolled stays the default there.
+  unrolled with it off; per-round medians on a quiet CPU; busier runs gave 1.06x / 1.04x and
+  1.34x / 1.26x). For ResNet-50 at batch 32 its memory is 1.06x dense in the loop form that
+  accelerators run and 1.07x in the CPU form (unrolled: 1.93x). On CPU host memory rarely
+  binds, so unrolled stays the default there.
   ``vmap`` turns the per-path kernels into grouped convolutions (10-19x a
   dense step on CPU); on several devices ``"sharded"`` runs one path per device. GPU/TPU
   times are not measured in this project yet.
@@ -184,9 +184,10 @@ def sequential_loop(strategy: str = "sequential", backend: str | None = None) ->
   Both forms give the same values and gradients and run one path's forward and backward after
   the other. The loop is the form for accelerators: a loop body is a computation of its own,
   so no buffer of the second path can be allocated while the first path's activations are
-  alive (ResNet-50, batch 32: 1.06x the step memory of dense, against 1.14x unrolled, where
-  XLA:CPU creates the second path's operand-free buffers, e.g. a max-pool gradient's index
-  arrays, at the start of the step). XLA:CPU, though, runs gradient convolutions inside a loop
+  alive (ResNet-50, batch 32: 1.06x the step memory of dense). Unrolled, XLA:CPU creates
+  operand-free buffers at the start of the step, e.g. a max-pool gradient's index arrays (1.14x
+  dense), so on CPU the unrolled stages build those from the incoming gradient
+  (:mod:`dcil_jax.pool_gradient`: 1.07x). XLA:CPU, though, runs gradient convolutions inside a loop
   body about 40x slower than in the entry computation (the forward ones at about 1.2x;
   ``benchmarks/step_time.py``'s conv microbenchmark), so on CPU
   ``"sequential"`` runs unrolled. ``"sequential_loop"`` / ``"sequential_unrolled"`` choose.
