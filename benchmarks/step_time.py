@@ -25,12 +25,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 import dcil_jax
+import dcil_jax.pool_gradient
 from benchmarks.common import (
   cost_stats,
   cpu_snapshot,
@@ -376,6 +378,35 @@ def bench_conv(args: argparse.Namespace) -> dict[str, Any]:
   out["loop_forward_over_unrolled"] = (
     out["loop_forward"]["median_s"] / out["unrolled_forward"]["median_s"]
   )
+  return out
+
+
+def bench_pool(args: argparse.Namespace) -> dict[str, Any]:
+  """Gradient of ResNet-50's stem max-pool (batch 32): JAX's (``select-and-scatter``, which
+  XLA:CPU expands with operand-free index arrays) against ``dcil_jax.pool_gradient``'s, which
+  the CPU form of ``sequential`` uses. Same values (checked here), so this is their cost."""
+  log("max-pool gradient microbenchmark (JAX vs late index arrays)")
+
+  def loss(x):
+    pooled = flax.linen.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    return jnp.sum(pooled**2)
+
+  x = jax.nn.relu(jax.random.normal(jax.random.PRNGKey(0), (32, 112, 112, 64)))  # ties at 0
+  fns = {
+    "jax": jax.jit(jax.grad(loss)),
+    "late": jax.jit(jax.grad(dcil_jax.pool_gradient.late_pool_indices(loss))),
+  }
+  out: dict[str, Any] = {"shape": "x [32,112,112,64] after a ReLU, 3x3/2 pool, padding 1"}
+  out["max_abs_diff"] = float(jnp.max(jnp.abs(fns["jax"](x) - fns["late"](x))))
+  for name, fn in fns.items():
+    memory = fn.lower(x).compile().memory_analysis()
+    out[name] = {"temp_bytes": int(memory.temp_size_in_bytes), "times_s": []}
+  for _ in range(max(6, args.steps // 2)):  # interleaved
+    for name, fn in fns.items():
+      out[name]["times_s"] += time_call(fn, x, n=1)
+  for name in fns:
+    out[name]["median_s"] = float(np.median(out[name]["times_s"]))
+  out["late_over_jax"] = out["late"]["median_s"] / out["jax"]["median_s"]
   return out
 
 
@@ -842,7 +873,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument(
     "--conv-only",
     action="store_true",
-    help="rerun only the conv microbenchmark, into <out>/step_time_cpu.json",
+    help="rerun only the microbenchmarks (conv, max-pool gradient), into <out>/step_time_cpu.json",
   )
   p.add_argument(
     "--render-only",
@@ -891,11 +922,13 @@ def main(argv: list[str] | None = None) -> None:
   if args.conv_only or args.rss_only:  # one part alone, into the previous results
     result = json.loads((out / "step_time_cpu.json").read_text())
     if args.conv_only:
-      result["conv"] = bench_conv(args)
+      result["conv"], result["pool"] = bench_conv(args), bench_pool(args)
     if args.rss_only:  # the other models' rows stay
       kept = [r for r in result.get("rss_per_config") or [] if r["model"] not in args.rss_models]
       result["rss_per_config"] = kept + rss_per_config(args)
-    part = "conv microbenchmark" if args.conv_only else "fresh-process RSS table"
+    part = "fresh-process RSS table"
+    if args.conv_only:
+      part = "microbenchmarks (conv, max-pool gradient)"
     result["notes"].append(
       f"The {part} was rerun alone on {machine['date_utc']} (commit `{library['commit']}`)."
     )
@@ -903,6 +936,7 @@ def main(argv: list[str] | None = None) -> None:
     return
   main_out = run_process(args, MAIN)
   conv = None if args.only else bench_conv(args)
+  pool = None if args.only else bench_pool(args)
   records, refresh, usage = main_out["records"], main_out["refresh"], main_out["cpu_usage"]
   peaks = {MAIN: main_out["peak_rss_mb"]}
   worker_info = None
@@ -934,6 +968,7 @@ def main(argv: list[str] | None = None) -> None:
     "records": records,
     "refresh": refresh,
     "conv": conv,
+    "pool": pool,
     "worker": worker_info,
     "cpu_usage": usage,
     "process_peak_rss_mb": peaks,
@@ -963,7 +998,7 @@ def merge_previous(result: dict[str, Any], path: Path) -> None:
   result["records"] += kept
   for key, ref in previous["refresh"].items():
     result["refresh"].setdefault(key, ref | {"previous_run": ref.get("previous_run", stamp)})
-  for key in ("conv", "worker"):
+  for key in ("conv", "pool", "worker"):
     if result.get(key) is None and previous.get(key) is not None:
       result[key] = previous[key]
   for key, value in previous.get("cpu_usage", {}).items():

@@ -255,6 +255,18 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         f"({conv['loop_forward_over_unrolled']:.1f}x): the slowdown is in the gradient "
         "convolutions."
       )
+  pool = result.get("pool")
+  if pool:
+    lines += [
+      "",
+      f"Max-pool gradient microbenchmark ({pool['shape']}, interleaved): JAX's gradient "
+      f"(`select-and-scatter`, expanded by XLA:CPU with operand-free index arrays) "
+      f"{pool['jax']['median_s'] * 1e3:.1f} ms, `dcil_jax.pool_gradient` (index arrays built "
+      f"from the incoming gradient; the CPU form of `sequential`) "
+      f"{pool['late']['median_s'] * 1e3:.1f} ms ({pool['late_over_jax']:.2f}x); largest "
+      f"difference of the two gradients {pool['max_abs_diff']:g}; temporary memory "
+      f"{pool['jax']['temp_bytes'] / 2**20:.0f} vs {pool['late']['temp_bytes'] / 2**20:.0f} MB.",
+    ]
   lines += sequential_section(result)
   path.write_text("\n".join(lines) + "\n")
 
