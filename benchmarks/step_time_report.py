@@ -18,6 +18,7 @@ from benchmarks.step_time import (
   TWO_DEV,
   UPDATE_EVERY,
   find,
+  row_model,
 )
 
 
@@ -33,7 +34,7 @@ def profile_notes(result: dict[str, Any]) -> list[str]:
     flops_ratio = r["cost"]["flops"] / base["cost"]["flops"]
     bytes_ratio = r["cost"]["bytes_accessed"] / base["cost"]["bytes_accessed"]
     text = (
-      f"**{r['model']} {r['label']}** [{r['process']}] ({r['ratio_to_dense']:.2f}x dense): "
+      f"**{row_model(r)} {r['label']}** [{r['process']}] ({r['ratio_to_dense']:.2f}x dense): "
       f"{h['convolutions']} convolutions in the compiled step ({h['grouped_convolutions']} "
       f"grouped; dense has {base['hlo']['convolutions']}); XLA cost analysis "
       f"{r['cost']['flops'] / 1e9:.2f} GFLOP{' per device' if h['num_partitions'] > 1 else ''}"
@@ -122,7 +123,8 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
     "",
     "## Setup",
     "",
-    f"Random batch of {BATCH} (ResNet-20: 32x32x3, SmallCNN: 8x8x1; {NUM_CLASSES} classes). "
+    f"Random batch of {BATCH} unless the model column names another (ResNet-20: 32x32x3, "
+    f"ResNet-50: 224x224x3, SmallCNN: 8x8x1; {NUM_CLASSES} classes). "
     "Optimizer `optax.chain(add_decayed_weights(1e-4), sgd(0.1, momentum=0.9, nesterov=True), "
     f"dcil_jax.masked_update(constant_sparsity({SPARSITY}), update_every={UPDATE_EVERY}))`, "
     "state from `dcil_jax.TrainState.create`, step `dcil_jax.train_step` (jitted, state "
@@ -156,7 +158,7 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
   for r in result["records"]:
     mem = r["memory"]
     lines.append(
-      f"| {r['model']} | {r['process']} | {r['label']}{' †' if 'previous_run' in r else ''} | "
+      f"| {row_model(r)} | {r['process']} | {r['label']}{' †' if 'previous_run' in r else ''} | "
       f"{r['steps']}{'*' if r['capped'] else ''} "
       f"| {fmt_ms(r['median_s'])} | {fmt_ms(r['iqr_s'])} | **{r['ratio_to_dense']:.2f}** | "
       f"{r['ratio_of_medians']:.2f} | {r['lower_s']:.1f} | {r['compile_s']:.1f} | "
@@ -292,7 +294,7 @@ def sequential_section(result: dict[str, Any]) -> list[str]:
       dense = find(result["records"], r["model"], "dense", r["process"])
       temp = r["memory"]["temp_bytes"] / dense["memory"]["temp_bytes"]
       lines.append(
-        f"| {r['model']} | {r['process']} | {r['label']} | "
+        f"| {row_model(r)} | {r['process']} | {r['label']} | "
         f"{r.get('unrolled_reference', 'dcil/unrolled')} | {fmt_ms(r['median_s'])} | "
         f"**{r.get('ratio_to_unrolled', float('nan')):.2f}** | {r['ratio_to_dense']:.2f} | "
         f"{r['memory']['total_bytes'] / MB:.0f} | **{r['memory_vs_dense']:.2f}** | {temp:.2f} |"
