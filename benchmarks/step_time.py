@@ -939,8 +939,9 @@ def main(argv: list[str] | None = None) -> None:
     part = "fresh-process RSS table"
     if args.conv_only:
       part = "microbenchmarks (conv, max-pool gradient)"
+    verb = "were" if args.conv_only else "was"
     result["notes"].append(
-      f"The {part} was rerun alone on {machine['date_utc']} (commit `{library['commit']}`)."
+      f"The {part} {verb} rerun alone on {machine['date_utc']} (commit `{library['commit']}`)."
     )
     finish(result, out)
     return
@@ -1018,6 +1019,8 @@ def merge_previous(result: dict[str, Any], path: Path) -> None:
   for key in ("memory_at_batch", "batch_fit", "rss_per_config"):
     if not result.get(key) and previous.get(key):
       result[key] = previous[key]
+  # Parts rerun alone into the previous file, and kept here, keep their notes.
+  result["notes"] += [n for n in previous.get("notes", []) if "rerun alone" in n]
   labels = sorted({f"{m}/{p}: {lab}" for m, p, lab in measured})
   result["notes"].append(
     f"Rows measured in this run: {', '.join(labels) or 'none'}. The other rows are kept from "
