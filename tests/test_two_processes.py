@@ -4,6 +4,9 @@ resume exactly."""
 
 import json
 import signal
+import time
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,12 +19,46 @@ from experiments.configs import digits
 SHORT = 11  # one epoch (an eval at its end): enough to compare with one process
 
 
+# A start that logs no step within this many seconds, with both processes alive, is a hang.
+STARTUP_HANG_S = 150
+
+
 def start_two(workdir, steps: int = STEPS, *extra: str):
+  """The digits command as two processes, once more if the pair hangs at start-up.
+
+  One clean-clone CI run (of about eight) saw both processes of a fresh start sleep in futex
+  waits before their first step, with no output written, until the test's timeout; the same
+  test passed alone and in every other run. The cause is not found yet (somewhere in the
+  distributed start-up or the first collective), so a start that logs nothing within
+  ``STARTUP_HANG_S`` seconds is killed and started again in the same workdir (nothing was
+  written: the second start is the same run), with a warning that carries the output."""
   # The hosts agree on stopping when they log: every step here.
   flags = [f for f in FLAGS if not f.startswith("--config.num_train_steps=")]
   argv = ["-m", "experiments.digits", f"--workdir={workdir}", *flags]
   argv += [f"--config.num_train_steps={steps}", "--config.log_every_steps=1", *extra]
-  return start_processes(argv, merge_output=True)
+  metrics = Path(workdir) / "metrics.jsonl"
+  logged = metrics.stat().st_size if metrics.exists() else 0
+  procs = start_processes(argv, merge_output=True)
+  if not logs_a_step(procs, metrics, logged):
+    for p in procs:
+      p.kill()
+    outs = [p.communicate()[0][-2000:] for p in procs]
+    warnings.warn(f"two-process start-up hang; started again. Output: {outs}", stacklevel=2)
+    procs = start_processes(argv, merge_output=True)  # a second hang: the caller's timeout
+  return procs
+
+
+def logs_a_step(procs, metrics: Path, logged: int) -> bool:
+  """Whether, within ``STARTUP_HANG_S`` seconds, ``metrics`` grows past ``logged`` bytes or a
+  process exits (the caller then checks how)."""
+  deadline = time.time() + STARTUP_HANG_S
+  while time.time() < deadline:
+    if any(p.poll() is not None for p in procs):
+      return True
+    if metrics.exists() and metrics.stat().st_size > logged:
+      return True
+    time.sleep(0.1)
+  return False
 
 
 def finish_two(procs, expected):
