@@ -145,8 +145,11 @@ def late_pool_indices(fn: Callable[..., Any]) -> Callable[..., Any]:
   """
 
   @functools.wraps(fn)
-  def rewritten(*args):
-    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+  def rewritten(*args, **kwargs):
+    # Keyword arguments stay out of the traced inputs (``jax.grad`` does not differentiate them
+    # either); they enter the jaxpr as constants.
+    positional = functools.partial(fn, **kwargs)
+    closed, out_shape = jax.make_jaxpr(positional, return_shape=True)(*args)
     flat = _evaluate(closed.jaxpr, closed.consts, jax.tree.leaves(args))
     return jax.tree.unflatten(jax.tree.structure(out_shape), flat)
 

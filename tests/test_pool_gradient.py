@@ -77,6 +77,18 @@ def test_values_and_gradients_are_jax_grads(inputs, name):
   assert float(jnp.sum(grads[0] != 0)) > 0
 
 
+def test_keyword_arguments_are_passed_through(inputs):
+  """A keyword argument reaches ``fn`` (as a constant) and the gradient is still ``jax.grad``'s."""
+
+  def fn(x, *, w):
+    return objective(stem_pool)(x, w)[0]
+
+  x, w = inputs
+  want = jax.grad(fn)(x, w=w)
+  tree_allclose(jax.grad(late_pool_indices(fn))(x, w=w), want, rtol=1e-6, atol=0)
+  assert float(late_pool_indices(fn)(x, w=2 * w)) == float(fn(x, w=2 * w))
+
+
 def test_a_dilated_pool_keeps_jax_gradient(inputs):
   """Pools with a base dilation are left to JAX (no rewrite, same gradient)."""
 
