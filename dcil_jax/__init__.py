@@ -1,6 +1,6 @@
 """dcil-jax: Dynamic Collective Intelligence Learning (DCIL) and DPF for JAX, Flax and optax."""
 
-from dcil_jax import rules
+from dcil_jax import refresh, rules
 from dcil_jax.losses import dcil_loss, dense_loss, distillation_kl, dpf_loss
 from dcil_jax.masks import (
   apply_masks,
@@ -13,12 +13,18 @@ from dcil_jax.masks import (
 )
 from dcil_jax.methods import DCIL, DPF, GMP, METHODS, Dense, RigL, get_method
 from dcil_jax.model import FlaxModel, NNXModel, as_model, from_nnx, to_nnx
-from dcil_jax.paths import is_lifted, map_paths, path_mesh, path_params
+from dcil_jax.paths import PRUNABLE, default_strategy, is_lifted, map_paths, path_mesh, path_params
 from dcil_jax.rigl import RigLState, rigl, rigl_masks
 from dcil_jax.schedules import constant_sparsity, cubic_sparsity
 from dcil_jax.sharding import make_mesh, shard_batch
 from dcil_jax.train import TrainState, eval_step, export_variables, lift, train_step
-from dcil_jax.transform import MaskedUpdateState, get_masks, get_trained_masks, masked_update
+from dcil_jax.transform import (
+  MaskedUpdateState,
+  find_masked_state,
+  get_masks,
+  get_trained_masks,
+  masked_update,
+)
 
 __all__ = [
   "DCIL",
@@ -31,18 +37,21 @@ __all__ = [
   "FlaxModel",
   "NNXModel",
   "MaskedUpdateState",
+  "PRUNABLE",
   "TrainState",
   "apply_masks",
   "as_model",
   "constant_sparsity",
   "cubic_sparsity",
   "dcil_loss",
+  "default_strategy",
   "dense_loss",
   "distillation_kl",
   "dpf_loss",
   "erk_sparsities",
   "eval_step",
   "export_variables",
+  "find_masked_state",
   "flip_rate",
   "from_nnx",
   "get_masks",
@@ -58,6 +67,7 @@ __all__ = [
   "masks_like",
   "path_mesh",
   "path_params",
+  "refresh",
   "rigl",
   "rigl_masks",
   "rules",

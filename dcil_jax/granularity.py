@@ -187,8 +187,9 @@ def nm_compatible(params: Params, masks: Masks, m: int) -> tuple[Masks, list[str
 def filter_view(masks: Masks) -> Masks:
   """One bit per output filter (``[out]``): ``True`` where any weight of the filter is kept.
 
-  For filter masks this loses nothing; pass the result to :func:`dcil_jax.flip_rate`,
-  :mod:`dcil_jax.stability` or :func:`dcil_jax.layer_sparsities` to count filters, not weights.
+  For filter masks this loses nothing; pass the result to :func:`dcil_jax.flip_rate` or
+  :func:`dcil_jax.layer_sparsities` to count filters, not weights (the mask transform's
+  :class:`dcil_jax.refresh.RefreshRecord` does).
   """
   return jax.tree.map(lambda x: jnp.any(x.reshape(-1, x.shape[-1]), axis=0), masks)
 

@@ -23,10 +23,61 @@ from dcil_jax.model import as_model
 
 TaskLoss = Callable[[jax.Array, dict[str, Any]], jax.Array]
 
+# The DCIL defaults, shared by :func:`dcil_loss` and :class:`dcil_jax.DCIL` (one owner): the
+# official distillation weight once distillation is on, and its temperature.
+DEFAULT_KD_WEIGHT = 1.0
+DEFAULT_TEMPERATURE = 2.0
+
+
+def promoted(x: jax.Array) -> jax.Array:
+  """``x`` in at least float32: low-precision logits (bf16, f16) are promoted for the loss, and
+  float64 stays float64 (a float64 model's loss and gradients are computed in float64)."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def check_targets(logits: jax.Array, labels: jax.Array) -> None:
+  """Raises unless ``labels`` are class indices ``[B]`` (integer) or target distributions
+  ``[B, C]`` (float) that fit ``logits`` ``[B, C]``; the error names what to change. Checked at
+  trace time (shapes and dtypes only): a wrong layout would otherwise broadcast silently."""
+  lshape, zshape = jnp.shape(labels), jnp.shape(logits)
+  integer = jnp.issubdtype(jnp.result_type(labels), jnp.integer)
+  if jnp.ndim(labels) == jnp.ndim(logits) - 1:
+    if not integer:
+      raise TypeError(
+        f"Labels {lshape} must be integer class indices, got dtype {jnp.result_type(labels)} "
+        f"(target distributions are [B, C] = {zshape})."
+      )
+    if lshape != zshape[:-1]:
+      raise ValueError(f"Labels {lshape} do not match logits {zshape}: expected {zshape[:-1]}.")
+    return
+  if jnp.ndim(labels) == jnp.ndim(logits) and integer:
+    raise TypeError(
+      f"Integer labels of shape {lshape} for logits {zshape}: class indices are [B] (e.g. "
+      "labels[:, 0] or labels.squeeze(-1) for a [B, 1] column); target distributions [B, C] "
+      "are float."
+    )
+  if lshape != zshape:
+    raise ValueError(
+      f"Target distributions {lshape} do not match logits {zshape}: they need one probability "
+      f"per class ({zshape[-1]} classes)."
+    )
+
+
+def labels_in_range(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Whether every class index lies in ``[0, C)`` (always true for target distributions).
+
+  An index outside cannot raise inside ``jit``: ``-1`` would gather the last class, ``C`` a
+  NaN. ``train_step`` skips such a step and reports ``labels_in_range`` (see
+  :func:`dcil_jax.train_step`)."""
+  if jnp.ndim(labels) == jnp.ndim(logits):
+    return jnp.bool_(True)
+  return jnp.all((labels >= 0) & (labels < jnp.shape(logits)[-1]))
+
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Mean softmax cross-entropy against class indices ``[B]`` or distributions ``[B, C]``."""
-  logits = logits.astype(jnp.float32)
+  check_targets(logits, labels)
+  logits = promoted(logits)
   if jnp.ndim(labels) == jnp.ndim(logits):
     return optax.softmax_cross_entropy(logits, labels).mean()
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
@@ -51,8 +102,8 @@ def distillation_kl(student: jax.Array, teacher: jax.Array, temperature: float) 
   and gradients by < 1e-6 relative, so we use the exact log-probabilities instead.
   """
   t = temperature
-  log_q = jax.nn.log_softmax(jax.lax.stop_gradient(teacher).astype(jnp.float32) / t)
-  log_p = jax.nn.log_softmax(student.astype(jnp.float32) / t)
+  log_q = jax.nn.log_softmax(promoted(jax.lax.stop_gradient(teacher)) / t)
+  log_p = jax.nn.log_softmax(promoted(student) / t)
   return t**2 * jnp.mean(jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1))
 
 
@@ -113,9 +164,9 @@ def dcil_loss(
   batch: dict[str, Any],
   model_state: Any = None,
   *,
-  kd_weight: float | jax.Array = 0.0,
-  temperature: float = 2.0,
-  strategy: str = "unrolled",
+  kd_weight: float | jax.Array = DEFAULT_KD_WEIGHT,
+  temperature: float = DEFAULT_TEMPERATURE,
+  strategy: str | None = None,
   mesh: Mesh | None = None,
   rngs: Any = None,
   task_loss: TaskLoss = batch_cross_entropy,
@@ -131,9 +182,11 @@ def dcil_loss(
     batch: ``{"image": x, "label": y, ...}``.
     model_state: lifted model state ``{"sparse": collections, "dense": collections}`` (BatchNorm
       statistics, ...), or ``None`` for a model without mutable collections.
-    kd_weight: weight of the mutual distillation terms (official: 0 before epoch 70, then 1).
+    kd_weight: weight of the mutual distillation terms (official: 0 before epoch 70, then 1;
+      the default is :class:`dcil_jax.DCIL`'s, distillation on).
     temperature: distillation temperature ``T`` (official: 2).
-    strategy: ``"unrolled"``, ``"vmap"``, ``"sharded"`` or ``"sequential"`` — same values,
+    strategy: ``None`` (default: :func:`dcil_jax.default_strategy`, as :class:`dcil_jax.DCIL`
+      picks), ``"unrolled"``, ``"vmap"``, ``"sharded"`` or ``"sequential"`` — same values,
       gradients and model state. ``"sequential"`` runs the sparse path's forward and backward,
       then the dense path's, so only one path's activations are alive (about the memory of
       dense training; one extra forward of the dense path when ``kd_weight`` is not 0); it is
@@ -150,6 +203,7 @@ def dcil_loss(
   """
   model = as_model(model)
   kernel_masks = _check_lifted(params, masks, "dcil_loss")
+  strategy = strategy or paths.default_strategy()
   if strategy in paths.SEQUENTIAL:
     loop = paths.sequential_loop(strategy)
     return _sequential_dcil_loss(
@@ -194,6 +248,13 @@ def _dcil_outputs(
     "model_state": None if model_state is None else dict(zip(paths.PATH_NAMES, (state_s, state_d))),
   }
   return loss, aux
+
+
+def kd_dtype(weight: float | jax.Array) -> Any:
+  """The distillation weight's dtype: its own if it is a float array, else the default float
+  (float64 under ``jax_enable_x64``): never a demotion of a float64 loss."""
+  dtype = jnp.result_type(weight)
+  return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.result_type(float)
 
 
 def _static_weight(weight: float | jax.Array) -> float | None:
@@ -271,7 +332,7 @@ def _sequential_dcil_loss(
   """
   names = paths.PATH_NAMES
   static_kd = _static_weight(kd_weight)
-  kd_weight = jnp.asarray(kd_weight, jnp.float32)
+  kd_weight = jnp.asarray(kd_weight, kd_dtype(kd_weight))
   states = None if model_state is None else tuple(model_state[name] for name in names)
 
   def forward(i, params, masks, batch, states, rngs):

@@ -15,6 +15,9 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from dcil_jax import losses, paths
+from dcil_jax.refresh import Refresh
+from dcil_jax.rigl import RigLRefresh
+from dcil_jax.transform import MaskRefresh
 
 KdWeight = float | Callable[[jax.Array], jax.Array]
 
@@ -31,6 +34,13 @@ class Dense:
   name = "dense"
   path_names = ("sparse",)  # the one exported model ("sparse" is the deployable one's name)
   uses_masks = False
+  mask_transform = "no mask transform"  # how to build the optimizer's masks, for errors
+
+  def fits(self, refresh: Refresh) -> bool:
+    """Whether the optimizer's mask transform (its :class:`dcil_jax.refresh.Refresh`) makes
+    the masks this method trains with."""
+    del refresh
+    return False
 
   def lift(self, params: Any, model_state: Any, prunable: Any) -> tuple[Any, Any]:
     del prunable
@@ -52,7 +62,10 @@ class DPF(Dense):
 
   name = "dpf"
   uses_masks = True
-  mask_kind = "dynamic"  # masked_update's masks (``refresh.kind``); checked by TrainState.create
+  mask_transform = "dcil_jax.masked_update(schedule, ...)"
+
+  def fits(self, refresh: Refresh) -> bool:
+    return isinstance(refresh, MaskRefresh) and refresh.regrow
 
   def lift(self, params: Any, model_state: Any, prunable: Any) -> tuple[Any, Any]:
     names = ("sparse",)
@@ -90,15 +103,16 @@ class DCIL(Dense):
   schedule does; under ``optax.MultiSteps`` every micro-step of one optimizer step sees the same.
   """
 
-  kd_weight: KdWeight = 1.0
+  kd_weight: KdWeight = losses.DEFAULT_KD_WEIGHT
   kd_start_step: int = 0
-  temperature: float = 2.0
+  temperature: float = losses.DEFAULT_TEMPERATURE
   strategy: str | None = None
   share_non_prunable: bool = False
   name = "dcil"
   path_names = paths.PATH_NAMES
   uses_masks = True
-  mask_kind = "dynamic"
+  mask_transform = DPF.mask_transform
+  fits = DPF.fits
 
   def lift(self, params: Any, model_state: Any, prunable: Any) -> tuple[Any, Any]:
     return (
@@ -108,7 +122,8 @@ class DCIL(Dense):
 
   def kd_weight_at(self, step: jax.Array) -> jax.Array:
     weight = self.kd_weight(step) if callable(self.kd_weight) else self.kd_weight
-    return jnp.where(step >= self.kd_start_step, jnp.asarray(weight, jnp.float32), 0.0)
+    weight = jnp.asarray(weight, losses.kd_dtype(weight))  # float64 stays float64
+    return jnp.where(step >= self.kd_start_step, weight, jnp.zeros([], weight.dtype))
 
   def loss(self, model, params, masks, model_state, batch, rngs, step, mesh: Mesh | None = None):
     return losses.dcil_loss(
@@ -149,7 +164,10 @@ class GMP(DPF):
   """
 
   name = "gmp"
-  mask_kind = "gmp"
+  mask_transform = "dcil_jax.masked_update(schedule, ..., regrow=False)"
+
+  def fits(self, refresh: Refresh) -> bool:
+    return isinstance(refresh, MaskRefresh) and not refresh.regrow
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,26 +180,23 @@ class RigL(DPF):
   """
 
   name = "rigl"
-  mask_kind = "rigl"
+  mask_transform = "dcil_jax.rigl(optimizer, sparsity, ..., end_step=...) around the optimizer"
+
+  def fits(self, refresh: Refresh) -> bool:
+    return isinstance(refresh, RigLRefresh)
 
 
 METHODS = {"dcil": DCIL, "dpf": DPF, "gmp": GMP, "rigl": RigL, "dense": Dense}
 Method = Dense | DPF | DCIL | GMP | RigL
 
-MASK_TRANSFORMS = {
-  "dynamic": "dcil_jax.masked_update(schedule, ...)",
-  "gmp": "dcil_jax.masked_update(schedule, ..., regrow=False)",
-  "rigl": "dcil_jax.rigl(optimizer, sparsity, ..., end_step=...) around the whole optimizer",
-}
 
-
-def check_mask_kind(method: Method, kind: str) -> None:
-  """Raises unless the optimizer's masks (``refresh.kind``) are those ``method`` trains with: a
-  DPF loss with RigL's masks, or GMP with regrowth, would train silently as something else."""
-  if kind != method.mask_kind:
+def check_refresh(method: Method, refresh: Refresh) -> None:
+  """Raises unless the optimizer's mask transform makes the masks ``method`` trains with: a DPF
+  loss with RigL's masks, or GMP with regrowth, would train silently as something else."""
+  if not method.fits(refresh):
     raise ValueError(
-      f"method={method.name!r} trains with {MASK_TRANSFORMS[method.mask_kind]}, but the "
-      f"optimizer holds {MASK_TRANSFORMS[kind]}."
+      f"method={method.name!r} trains with {method.mask_transform}, but the optimizer holds "
+      f"{refresh.describe()}."
     )
 
 

@@ -6,7 +6,7 @@ magnitude) are compared with. Unlike :func:`dcil_jax.masked_update`, its mask up
 step's gradient, and it must keep pruned weights at exactly zero (a grown weight starts at 0):
 so it is a **wrapper** around the user's optimizer, as ``optax.MultiSteps`` is, and sees both the
 raw gradient and the final update. Its state holds a :class:`dcil_jax.MaskedUpdateState`, so
-``get_masks``, ``TrainState`` and the stability tools read it like any other.
+``get_masks``, ``TrainState`` and the experiments read it like any other.
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from flax import serialization
 
 from dcil_jax import masks as masks_lib
+from dcil_jax import refresh as refresh_lib
 from dcil_jax.transform import MaskedUpdateState, refresh_input
 
 
@@ -34,7 +36,10 @@ class RigLRefresh:
   drop_fraction: float
   distribution: masks_lib.Distribution
   granularity: str = "weight"
-  kind = "rigl"
+  prunable: masks_lib.IsPrunable | None = None
+
+  def describe(self) -> str:
+    return "dcil_jax.rigl(optimizer, sparsity, ..., end_step=...) around the whole optimizer"
 
   def due(self, count: jax.Array) -> jax.Array:
     """Whether the forward pass of step ``count`` is the first with new masks (the update of
@@ -49,9 +54,6 @@ class RigLRefresh:
 
   def view(self, masks: Any) -> Any:
     return masks
-
-  def flip_rate(self, old: Any, new: Any) -> jax.Array:
-    return masks_lib.flip_rate(old, new)
 
   def pruned_fraction(self, masks: Any) -> jax.Array:
     return masks_lib.sparsity(masks)
@@ -108,6 +110,7 @@ def rigl(
   drop_fraction: float = 0.3,
   distribution: masks_lib.Distribution = "erk",
   prunable: masks_lib.IsPrunable | None = None,
+  track_revivals: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps ``inner`` (the whole optimizer) into RigL sparse training.
 
@@ -132,6 +135,8 @@ def rigl(
       0 at ``end_step`` (RigL: 0.3).
     distribution: ``"erk"`` (RigL), ``"layerwise"`` or ``"global"`` (the initial masks).
     prunable: which parameters to prune, as for :func:`dcil_jax.masked_update`.
+    track_revivals: also record which weights were ever regrown, as for
+      :func:`dcil_jax.masked_update`.
 
   Returns:
     An optax transform whose state is a :class:`RigLState`.
@@ -141,6 +146,12 @@ def rigl(
     raise ValueError(f"update_every must be a positive integer, got {update_every!r}.")
   if int(end_step) != end_step or end_step < 1:
     raise ValueError(f"end_step must be a positive integer, got {end_step!r}.")
+  if update_every >= end_step:
+    raise ValueError(
+      f"update_every={update_every} >= end_step={end_step}: the masks would never be updated "
+      "(updates happen at steps update_every, 2*update_every, ... below end_step). Lower "
+      "update_every or raise end_step."
+    )
   if not 0.0 <= drop_fraction <= 1.0:
     raise ValueError(f"drop_fraction must lie in [0, 1], got {drop_fraction!r}.")
   if distribution not in masks_lib.DISTRIBUTIONS:
@@ -149,18 +160,25 @@ def rigl(
     )
   inner = optax.with_extra_args_support(inner)
   refresh = RigLRefresh(
-    float(sparsity), int(update_every), int(end_step), float(drop_fraction), distribution
+    float(sparsity),
+    int(update_every),
+    int(end_step),
+    float(drop_fraction),
+    distribution,
+    prunable=prunable,
   )
 
   def init_fn(params):
-    template = masks_lib.masks_like(params, prunable)
-    masks = masks_lib.magnitude_masks(params, template, sparsity, distribution)
     count = jnp.zeros([], jnp.int32)
     target = jnp.asarray(sparsity, jnp.float32)
-    zero = jnp.zeros([], jnp.float32)
-    masked = MaskedUpdateState(
-      count, masks, target, zero, count, jnp.bool_(False), refresh, next_masks=masks
-    )
+    no = jnp.bool_(False)
+    if refresh_lib.declare(refresh):  # TrainState.create reading the settings: no masks
+      declared = MaskedUpdateState(count, None, target, count, no, None, refresh)
+      return RigLState(inner.init(params), declared)
+    template = masks_lib.masks_like(params, prunable)
+    masks = masks_lib.magnitude_masks(params, template, sparsity, distribution)
+    record = refresh_lib.RefreshRecord.create(masks, track_revivals)
+    masked = MaskedUpdateState(count, masks, target, count, no, record, refresh, next_masks=masks)
     return RigLState(inner.init(params), masked)
 
   def update_fn(grads, state, params=None, **extra_args):
@@ -175,10 +193,11 @@ def rigl(
 
     def fresh():
       new = rigl_masks(magnitudes, grads, current, refresh.drop_fraction_at(s.count))
-      return new, refresh.flip_rate(current, new), optax.safe_increment(s.count)
+      return new, s.record.after(current, new), optax.safe_increment(s.count)
 
-    due = (s.count > 0) & (s.count % refresh.update_every == 0) & (s.count < refresh.end_step)
-    new, flips, last = jax.lax.cond(due, fresh, lambda: (current, s.flip_rate, s.last_refresh))
+    # The update of step t decides the masks of step t + 1's forward pass.
+    due = refresh.due(optax.safe_increment(s.count))
+    new, record, last = jax.lax.cond(due, fresh, lambda: (current, s.record, s.last_refresh))
     # Keep the update where the weight was and stays kept; elsewhere land on exactly zero.
     both = jax.tree.map(
       lambda a, b: None if a is None else a & b, current, new, is_leaf=lambda x: x is None
@@ -193,7 +212,7 @@ def rigl(
     masked = s._replace(
       count=optax.safe_increment(s.count),
       masks=current,
-      flip_rate=flips,
+      record=record,
       last_refresh=last,
       next_masks=new,
     )
@@ -206,3 +225,39 @@ def _where_masked(masks: Any, tree: Any, fn) -> Any:
   return jax.tree.map(
     lambda m, x: x if m is None else fn(x, m), masks, tree, is_leaf=lambda x: x is None
   )
+
+
+serialization.register_serialization_state(RigLRefresh, lambda _: {}, lambda target, _: target)
+
+
+def check_outermost(opt_state: Any) -> None:
+  """Raises unless every :class:`RigLState` in ``opt_state`` is the last member of each chain
+  that holds it: a transform after ``rigl`` would rescale its ``-W`` updates, so pruned weights
+  would never reach zero and grown ones would not start at zero."""
+  is_rigl = lambda x: isinstance(x, RigLState)
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=is_rigl)[0]:
+    if not is_rigl(leaf):
+      continue
+    node = opt_state
+    for key in key_path:
+      if isinstance(node, tuple) and not hasattr(node, "_fields"):  # an optax.chain's state
+        if key.idx != len(node) - 1:
+          raise ValueError(
+            "dcil_jax.rigl must wrap the whole optimizer (be the last transform of the chain): "
+            f"{len(node) - 1 - key.idx} transform(s) come after it, and they would change its "
+            "updates, so pruned weights would not stay at zero. Put them inside: "
+            "dcil_jax.rigl(optax.chain(..., optax.scale(0.5)), ...)."
+          )
+      node = _child(node, key)
+      if node is None:  # a custom pytree node: no chain can be seen below it
+        break
+
+
+def _child(node: Any, key: Any) -> Any:
+  if isinstance(key, jax.tree_util.GetAttrKey):
+    return getattr(node, key.name)
+  if isinstance(key, jax.tree_util.DictKey):
+    return node[key.key]
+  if isinstance(key, jax.tree_util.SequenceKey):
+    return node[key.idx]
+  return None

@@ -13,44 +13,63 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
+from dcil_jax import losses, paths, rules, sharding
 from dcil_jax import masks as masks_lib
-from dcil_jax import paths, rules, sharding
-from dcil_jax.methods import DCIL, METHODS, Method, check_mask_kind, get_method
+from dcil_jax import refresh as refresh_lib
+from dcil_jax.methods import DCIL, METHODS, Method, check_refresh, get_method
 from dcil_jax.model import FlaxModel, ModeFn, NNXModel, as_model
-from dcil_jax.transform import find_masked_state, get_masks, get_trained_masks, has_masks
+from dcil_jax.refresh import Refresh
+from dcil_jax.rigl import check_outermost
+from dcil_jax.transform import find_masked_state, get_masks, get_trained_masks
 
 __all__ = ["METHODS", "TrainState", "eval_step", "export_variables", "lift", "train_step"]
 
 EvalParamsFn = Callable[[Any, Any], Any]
 
 
-def prunable_rule(
-  tx: optax.GradientTransformation,
-  params: Any,
-  model: FlaxModel | None = None,
-  example_input: Any = None,
-) -> rules.Rule:
-  """The rule that lifts ``params``: ``masked_update``'s own (one source of truth), or, when it
-  was given none, the convolution kernels of ``model`` found by tracing it on ``example_input``."""
-  try:
-    masks = jax.eval_shape(tx.init, params)
-  except masks_lib.PrunableRuleNeeded:
-    if isinstance(model, NNXModel):  # its submodules are known without tracing
-      return rules.conv_kernels(model)
-    if example_input is None or model is None or model.module is None:
-      raise
-    return rules.conv_kernels(model.module, example_input, **model.mode(False))
-  if not has_masks(masks):
+def mask_settings(tx: optax.GradientTransformation, params: Any, method: Method) -> Refresh | None:
+  """The settings of ``tx``'s one mask transform (``None`` for dense training), checked against
+  ``method``: the one place where what is pruned, how and how often is given."""
+  declared = refresh_lib.declared_refreshes(tx, params)
+  if not method.uses_masks:
+    if declared:
+      raise ValueError(
+        "Dense training takes no mask transform (dcil_jax.masked_update or rigl); remove it from the chain."
+      )
+    return None
+  if not declared:
     raise ValueError(
-      "This method needs masks: add dcil_jax.masked_update(...) to the optax chain (anywhere)."
+      f"method={method.name!r} needs masks: add {method.mask_transform} to the optax chain."
     )
-  selected = get_trained_masks(masks)
-  chosen = {
-    p
-    for p, m in jax.tree_util.tree_flatten_with_path(selected, is_leaf=lambda x: x is None)[0]
-    if m is not None
-  }
-  return lambda path, leaf: tuple(path) in chosen
+  if len(declared) > 1:
+    raise ValueError(
+      f"The optimizer has {len(declared)} mask transforms (dcil_jax.masked_update / rigl); use "
+      "exactly one. (It may sit inside one branch of optax.multi_transform, and then prunes "
+      "that branch.)"
+    )
+  check_refresh(method, declared[0])
+  return declared[0]
+
+
+def prunable_rule(
+  refresh: Refresh, model: FlaxModel | NNXModel | None = None, example_input: Any = None
+) -> rules.Rule:
+  """The rule that lifts the params: the mask transform's own, or, when it was given none, the
+  convolution kernels of ``model`` (found by tracing it on ``example_input``; an NNX model's
+  submodules are known without)."""
+  if refresh.prunable is not None:
+    return refresh.prunable
+  if isinstance(model, NNXModel):
+    return rules.conv_kernels(model)
+  if example_input is None or model is None or model.module is None:
+    raise ValueError(
+      "Which parameters to prune is not known: pass prunable= to the mask transform, e.g. "
+      "dcil_jax.rules.conv_kernels(model, example_input) (the official rule: every "
+      "convolution kernel), dcil_jax.rules.dense_kernels(...), dcil_jax.rules.all_kernels or "
+      "your own (key_path, leaf) -> bool; or give TrainState.create / lift the model and an "
+      "example_input so they can find the convolutions themselves."
+    )
+  return rules.conv_kernels(model.module, example_input, **model.mode(False))
 
 
 def lift(
@@ -86,11 +105,8 @@ def _split_variables(variables, tx, method, model, example_input):
   if not isinstance(variables, dict) or "params" not in variables:
     raise TypeError("`variables` must be a Flax variables dict with a 'params' collection.")
   params = variables["params"]
-  rule = None
-  if method.uses_masks:
-    rule = prunable_rule(tx, params, model, example_input)
-  elif _has_masked_update(tx, params):
-    raise ValueError("Dense training takes no masked_update; remove it from the chain.")
+  refresh = mask_settings(tx, params, method)
+  rule = None if refresh is None else prunable_rule(refresh, model, example_input)
   collections = {k: v for k, v in variables.items() if k != "params"} or None
   return params, collections, rule
 
@@ -218,8 +234,7 @@ class TrainState(struct.PyTreeNode):
     # One compile instead of many small eager ops; the outputs are new buffers, so donating the
     # state to train_step never deletes `variables`.
     params, model_state, opt_state = jax.jit(build)(params, collections)
-    if method.uses_masks:
-      check_mask_kind(method, find_masked_state(opt_state).refresh.kind)
+    check_outermost(opt_state)
     state = cls(
       step=jnp.zeros([], jnp.int32),
       params=params,
@@ -234,13 +249,6 @@ class TrainState(struct.PyTreeNode):
       eval_params_fn=eval_params_fn,
     )
     return state if mesh is None else sharding.place_state(state, mesh)
-
-
-def _has_masked_update(tx: optax.GradientTransformation, params: Any) -> bool:
-  try:
-    return has_masks(jax.eval_shape(tx.init, params))
-  except masks_lib.PrunableRuleNeeded:  # only masked_update asks for a rule
-    return True
 
 
 def _resolve_method(method, kd_start_step, temperature, share_non_prunable, strategy) -> Method:
@@ -274,10 +282,16 @@ def check_batch(batch: Any, mesh: Mesh | None = None) -> None:
       f"Need labels [B] or [B, C] for images [B, ...]; got {jnp.shape(label)} and "
       f"{jnp.shape(image)}."
     )
-  if jnp.ndim(label) == 1 and not jnp.issubdtype(jnp.result_type(label), jnp.integer):
+  integer = jnp.issubdtype(jnp.result_type(label), jnp.integer)
+  if jnp.ndim(label) == 1 and not integer:
     raise TypeError(
       f"Labels [B] must be integer class indices, got dtype {jnp.result_type(label)} (soft "
       "targets are [B, C])."
+    )
+  if jnp.ndim(label) == 2 and integer:
+    raise TypeError(
+      f"Integer labels of shape {jnp.shape(label)}: class indices are [B] (e.g. "
+      "labels.squeeze(-1) for a [B, 1] column); target distributions [B, C] are float."
     )
   ways = sharding.data_parallelism(mesh)
   if jnp.shape(label)[0] % ways:
@@ -291,7 +305,8 @@ def check_batch(batch: Any, mesh: Mesh | None = None) -> None:
 def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, Any]]:
   """One optimizer step of ``state.method``; ``state`` is donated.
 
-  A step whose loss, gradients or new parameters are not all finite (NaN/Inf) changes nothing
+  A step whose loss, gradients or new parameters are not all finite (NaN/Inf), or whose batch
+  has a class index outside ``[0, C)`` (``-1`` would train as the last class), changes nothing
   but ``step`` and ``rng``: parameters, model state (BatchNorm statistics) and the optimizer
   state (masks and schedules included) stay those of the last good step, so a bad batch or a
   loss spike never poisons the state. The check runs inside the step (no host sync);
@@ -303,8 +318,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainSta
     ``(new_state, metrics)``: the loss and each term, per-path accuracy, and for DCIL/DPF the
     sparsity of the masks this step used, its target, whether they were refreshed for this
     step (once per refresh, also under ``MultiSteps``), the flip rate of the last refresh, and
-    ``sparsity_out_of_range`` (the schedule left [0, 1); its last valid value was used); and
-    ``finite``.
+    ``sparsity_out_of_range`` (the schedule left [0, 1); its last valid value was used);
+    ``labels_in_range`` (False: the step was skipped for its labels, see above); and ``finite``
+    (whether the step was applied: finite and with valid labels).
   """
   check_batch(batch, state.mesh)
   if state.mesh is not None:
@@ -320,10 +336,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainSta
 
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   tx = optax.with_extra_args_support(state.tx)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params, value=loss)
+  # The forward pass's masks go to the mask transform, which stores them: one computation.
+  updates, opt_state = tx.update(grads, state.opt_state, state.params, value=loss, dcil_masks=masks)
   params = optax.apply_updates(state.params, updates)
   finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(params)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  labels_ok = losses.labels_in_range(jax.tree.leaves(aux["logits"])[0], batch["label"])
+  applied = finite & labels_ok
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(applied, n, o), new, old)
   new_state = state.replace(
     step=state.step + 1,
     params=keep(params, state.params),
@@ -333,7 +352,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainSta
   )
   if state.mesh is not None:  # replicated, whatever XLA would pick
     new_state = sharding.constrain_state(new_state, state.mesh)
-  metrics = {"loss": loss, "finite": finite, **method.metrics(aux)}
+  metrics = {
+    "loss": loss,
+    "finite": finite & labels_ok,
+    "labels_in_range": labels_ok,
+    **method.metrics(aux),
+  }
   if method.uses_masks:
     before, after = find_masked_state(state.opt_state), find_masked_state(new_state.opt_state)
     stepped = after.count != before.count  # False on micro-steps and skipped steps
@@ -342,7 +366,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainSta
       "target_sparsity": after.target_sparsity,
       # Step 0's masks are the ones init computed from W_0: not counted as a refresh.
       "mask_refreshed": stepped & (after.last_refresh == before.count) & (before.count > 0),
-      "flip_rate": after.flip_rate,
+      "flip_rate": after.record.flip_rate,
+      "revived": after.record.revived,
       "sparsity_out_of_range": after.out_of_range,
     }
   return new_state, metrics
@@ -391,8 +416,9 @@ def export_variables(
 
 
 def _eval_sums(logits: jax.Array, batch: dict[str, Any]) -> dict[str, jax.Array]:
-  logits = logits.astype(jnp.float32)
   labels = batch["label"]
+  losses.check_targets(logits, labels)
+  logits = losses.promoted(logits)
   if jnp.ndim(labels) == 2:
     loss = optax.softmax_cross_entropy(logits, labels)
     labels = jnp.argmax(labels, -1)
@@ -401,8 +427,10 @@ def _eval_sums(logits: jax.Array, batch: dict[str, Any]) -> dict[str, jax.Array]
   weight = batch.get("mask", jnp.ones(labels.shape, bool)).astype(jnp.float32)
   _, top = jax.lax.top_k(logits, min(5, logits.shape[-1]))
   hits = top == labels[:, None]
+  valid = (labels >= 0) & (labels < logits.shape[-1])
   return {
     "count": weight.sum(),
+    "invalid_labels": (~valid * weight).sum(),
     "loss": (loss * weight).sum(),
     "top1": (hits[:, 0] * weight).sum(),
     "top5": (hits.any(axis=1) * weight).sum(),
@@ -417,7 +445,9 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], path: str = "spars
   sums count only those. Divide the totals by ``count`` for means.
 
   Returns:
-    ``{"count", "loss", "top1", "top5"}``: examples, summed cross-entropy, top-1 and top-5 hits.
+    ``{"count", "invalid_labels", "loss", "top1", "top5"}``: examples, those whose class index
+    lies outside ``[0, C)`` (counted as misses; a data error to fix), summed cross-entropy, top-1
+    and top-5 hits.
   """
   check_batch(batch, state.mesh)
   logits = state.model.apply_eval(state.export(path), batch["image"])

@@ -8,9 +8,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from flax import serialization
 
 from dcil_jax import granularity as granularity_lib
 from dcil_jax import masks as masks_lib
+from dcil_jax import refresh as refresh_lib
 from dcil_jax.schedules import SparsitySchedule
 
 GRANULARITIES = ("weight", "filter", "nm")
@@ -19,8 +21,9 @@ GRANULARITIES = ("weight", "filter", "nm")
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True, eq=False)
 class MaskRefresh:
-  """How masks are recomputed: static data that travels inside the optimizer state (no leaves),
-  so that the forward pass can compute the masks of its step from the state alone."""
+  """How :func:`masked_update` recomputes masks (a :class:`dcil_jax.refresh.Refresh`): static
+  data that travels inside the optimizer state (no leaves), so that the forward pass can
+  compute the masks of its step from the state alone."""
 
   schedule: SparsitySchedule
   update_every: int
@@ -29,45 +32,59 @@ class MaskRefresh:
   score: str = "l1"
   n_m: tuple[int, int] = (2, 4)
   regrow: bool = True
+  prunable: masks_lib.IsPrunable | None = None
+  track_revivals: bool = False
 
-  @property
-  def kind(self) -> str:
-    """Which methods these masks are for: ``"dynamic"`` (DCIL, DPF) or ``"gmp"``."""
-    return "dynamic" if self.regrow else "gmp"
+  def describe(self) -> str:
+    if not self.regrow:
+      return "dcil_jax.masked_update(schedule, ..., regrow=False) (GMP's masks)"
+    return "dcil_jax.masked_update(schedule, ...) (dynamic masks with regrowth)"
 
   def due(self, count: jax.Array) -> jax.Array:
     return count % self.update_every == 0
 
-  def compute(self, params: Any, template: Any, count: jax.Array, last_target: jax.Array):
-    """``(masks, target, out_of_range)``: magnitude masks of ``params`` at the scheduled sparsity.
+  def target_at(self, count: jax.Array, last_target: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(target, out_of_range)``: the scheduled sparsity of step ``count``.
 
-    A schedule value outside [0, 1) (or NaN) cannot raise inside ``jit``, and pruning every
+    A traced value outside [0, 1) (or NaN) cannot raise inside ``jit``, and pruning every
     weight would silently kill the network: the last valid target is kept instead (0 before
-    any), and ``out_of_range`` says so (``train_step`` reports it as ``sparsity_out_of_range``).
+    any), and ``out_of_range`` says so (``train_step`` reports it as
+    ``sparsity_out_of_range``). A value known at trace time (a schedule that returns a
+    constant) is checked at once.
     """
     if self.granularity == "nm":  # fixed by construction: 1 - n/m
       n, m = self.n_m
-      target = jnp.asarray(1.0 - n / m, jnp.float32)
-      return granularity_lib.nm_masks(params, template, n, m), target, jnp.bool_(False)
-    target = jnp.asarray(self.schedule(count), jnp.float32)
-    out_of_range = ~((target >= 0.0) & (target < 1.0))
-    target = jnp.where(out_of_range, last_target, target)
-    if self.granularity == "filter":
-      masks = granularity_lib.filter_masks(params, template, target, self.score, self.distribution)
-    else:
-      masks = masks_lib.magnitude_masks(
-        params, template, target, self.distribution, keep_pruned=not self.regrow
+      return jnp.asarray(1.0 - n / m, jnp.float32), jnp.bool_(False)
+    value = self.schedule(count)
+    if not isinstance(value, jax.core.Tracer) and not 0.0 <= float(value) < 1.0:
+      raise ValueError(
+        f"The sparsity schedule returned {value!r}, known at trace time (a constant); a "
+        "sparsity lies in [0, 1). (Only a traced value out of range is replaced by the last "
+        "valid one and flagged.)"
       )
-    return masks, target, out_of_range
+    target = jnp.asarray(value, jnp.float32)
+    out_of_range = ~((target >= 0.0) & (target < 1.0))
+    return jnp.where(out_of_range, last_target, target), out_of_range
+
+  def masks_at(self, params: Any, template: Any, target: jax.Array) -> Any:
+    """Magnitude masks of ``params`` (structured like ``template``) at sparsity ``target``."""
+    if self.granularity == "nm":
+      return granularity_lib.nm_masks(params, template, *self.n_m)
+    if self.granularity == "filter":
+      return granularity_lib.filter_masks(params, template, target, self.score, self.distribution)
+    return masks_lib.magnitude_masks(
+      params, template, target, self.distribution, keep_pruned=not self.regrow
+    )
+
+  def compute(self, params: Any, template: Any, count: jax.Array, last_target: jax.Array):
+    """``(masks, target, out_of_range)`` of step ``count`` (see :meth:`target_at`)."""
+    target, out_of_range = self.target_at(count, last_target)
+    return self.masks_at(params, template, target), target, out_of_range
 
   def view(self, masks: Any) -> Any:
     """``masks`` in the unit that is pruned: one bit per filter for filter masks, else as is.
     Flip rates, sparsities and revival counts are taken on this view."""
     return granularity_lib.filter_view(masks) if self.granularity == "filter" else masks
-
-  def flip_rate(self, old: Any, new: Any) -> jax.Array:
-    """Flips in the unit that is pruned: filters for filter masks, weights otherwise."""
-    return masks_lib.flip_rate(self.view(old), self.view(new))
 
   def pruned_fraction(self, masks: Any) -> jax.Array:
     """The pruned fraction in the unit the schedule counts (filters for filter masks)."""
@@ -95,10 +112,12 @@ class MaskedUpdateState(NamedTuple):
       export use them; step ``t``'s forward uses :func:`get_masks` (the same masks, or a fresh
       refresh from ``W_t`` when ``t % update_every == 0``).
     target_sparsity: the schedule's sparsity at the last refresh.
-    flip_rate: fraction of prunable entries whose bit changed at the last refresh.
     last_refresh: the step whose forward pass first used ``masks``.
     out_of_range: the schedule left [0, 1) at the last refresh (its last valid value was used).
-    refresh: how masks are computed (static, no leaves).
+    record: what the last refresh changed (flip rate, revived weights, per-layer flip rates;
+      :class:`dcil_jax.refresh.RefreshRecord`).
+    refresh: how masks are computed (static, no leaves; a
+      :class:`dcil_jax.refresh.Refresh`: :class:`MaskRefresh` or RigL's).
     next_masks: the masks of the next forward pass, for transforms that decide them in the
       update (:func:`dcil_jax.rigl`); ``None`` when they are computed from ``W_t`` on the fly.
   """
@@ -106,11 +125,17 @@ class MaskedUpdateState(NamedTuple):
   count: jax.Array
   masks: Any
   target_sparsity: jax.Array
-  flip_rate: jax.Array
   last_refresh: jax.Array
   out_of_range: jax.Array
-  refresh: MaskRefresh
+  record: refresh_lib.RefreshRecord
+  refresh: refresh_lib.Refresh
   next_masks: Any = None
+
+  @property
+  def flip_rate(self) -> jax.Array:
+    """Fraction of prunable entries (in the pruned unit) whose bit changed at the last
+    refresh."""
+    return self.record.flip_rate
 
 
 def masked_update(
@@ -123,6 +148,7 @@ def masked_update(
   score: str = "l1",
   n_m: tuple[int, int] = (2, 4),
   regrow: bool = True,
+  track_revivals: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Keeps magnitude masks in the optimizer state and refreshes them every ``update_every`` steps.
 
@@ -134,10 +160,12 @@ def masked_update(
   the incoming updates: **its position in the chain does not matter** (first, middle, last, inside
   one branch of ``optax.multi_transform`` or inside ``optax.MultiSteps``, where it counts
   optimizer steps). The forward pass of step ``t`` gets its masks from
-  :func:`get_masks` ``(opt_state, params)``; the update of step ``t`` recomputes the same masks
-  and stores them (a ``lax.cond``, only on refresh steps), so eval and export see what the step
-  trained with. This is the official timing: step ``t``'s forward uses masks computed from
-  ``W_t`` when ``t % k == 0``.
+  :func:`get_masks` ``(opt_state, params)``; the update of step ``t`` stores them, so eval and
+  export see what the step trained with: pass them as ``tx.update(..., dcil_masks=masks)``
+  (``train_step`` does) and they are computed once per refresh; without them the update
+  recomputes the same masks (a ``lax.cond``, only on refresh steps). This is the official
+  timing: step ``t``'s forward uses masks computed from ``W_t`` when ``t % k == 0``. Each
+  refresh leaves a :class:`dcil_jax.refresh.RefreshRecord` in the state.
 
   The updates pass through untouched: pruned weights keep training (that is the method), and
   momentum is never reset.
@@ -161,6 +189,8 @@ def masked_update(
     regrow: ``False`` for GMP (Zhu & Gupta 2017): a pruned weight stays pruned (it ranks below
       every kept one at later refreshes), so masks only shrink under a rising schedule. Weight
       granularity only.
+    track_revivals: also record which weights were ever revived
+      (``RefreshRecord.ever_revived``; one bool per prunable weight).
 
   Returns:
     An optax transform whose state is a :class:`MaskedUpdateState`.
@@ -185,39 +215,69 @@ def masked_update(
   if not regrow and granularity != "weight":
     raise ValueError(f"regrow=False (GMP) takes granularity='weight', got {granularity!r}.")
   refresh = MaskRefresh(
-    sparsity_schedule, int(update_every), distribution, granularity, score, tuple(n_m), regrow
+    sparsity_schedule,
+    int(update_every),
+    distribution,
+    granularity,
+    score,
+    tuple(n_m),
+    regrow,
+    prunable,
+    bool(track_revivals),
   )
 
   def init_fn(params):
-    template = masks_lib.masks_like(params, prunable)
     count = jnp.zeros([], jnp.int32)
     zero = jnp.zeros([], jnp.float32)
+    if refresh_lib.declare(refresh):  # TrainState.create reading the settings: no masks
+      return MaskedUpdateState(count, None, zero, count, jnp.bool_(False), None, refresh)
+    template = masks_lib.masks_like(params, prunable)
     masks, target, out_of_range = refresh.compute(params, template, count, zero)
-    return MaskedUpdateState(count, masks, target, zero, count, out_of_range, refresh)
+    record = refresh_lib.RefreshRecord.create(refresh.view(masks), refresh.track_revivals)
+    return MaskedUpdateState(count, masks, target, count, out_of_range, record, refresh)
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(updates, state, params=None, *, dcil_masks=None, **extra_args):
     del extra_args
     if params is None:
       raise ValueError("masked_update needs `params`: call tx.update(grads, state, params).")
-
-    magnitudes = refresh_input(params, state.masks)
+    given = _as_state_masks(dcil_masks, state.masks)
+    magnitudes = None if given is not None else refresh_input(params, state.masks)
 
     def fresh():
-      masks, target, out_of_range = refresh.compute(
-        magnitudes, state.masks, state.count, state.target_sparsity
-      )
-      flips = refresh.flip_rate(state.masks, masks)
-      return masks, target, flips, state.count, out_of_range
+      target, out_of_range = refresh.target_at(state.count, state.target_sparsity)
+      if given is not None:  # the forward pass's masks of this step: computed once
+        masks = given
+      else:
+        masks = refresh.masks_at(magnitudes, state.masks, target)
+      record = state.record.after(refresh.view(state.masks), refresh.view(masks))
+      return masks, target, record, state.count, out_of_range
 
     def kept():
       s = state
-      return s.masks, s.target_sparsity, s.flip_rate, s.last_refresh, s.out_of_range
+      return s.masks, s.target_sparsity, s.record, s.last_refresh, s.out_of_range
 
-    masks, target, flips, last, out_of_range = jax.lax.cond(refresh.due(state.count), fresh, kept)
+    masks, target, record, last, out_of_range = jax.lax.cond(refresh.due(state.count), fresh, kept)
     count = optax.safe_increment(state.count)
-    return updates, MaskedUpdateState(count, masks, target, flips, last, out_of_range, refresh)
+    return updates, MaskedUpdateState(count, masks, target, last, out_of_range, record, refresh)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _as_state_masks(given: Any, state_masks: Any) -> Any:
+  """The forward pass's masks (``dcil_masks``, plain: ``None`` at unpruned leaves) in the
+  layout of the state's (``optax.MaskedNode`` where another optimizer branch owns a leaf), or
+  ``None`` when none were given or they do not fit (then the update recomputes them)."""
+  if given is None:
+    return None
+  masked_node = lambda x: isinstance(x, optax.MaskedNode)
+  flat_state, tree = jax.tree.flatten(state_masks, is_leaf=masked_node)
+  node_free = [None if masked_node(x) else x for x in flat_state]
+  plain = jax.tree.unflatten(tree, node_free)
+  if jax.tree.structure(plain) != jax.tree.structure(given):
+    return None
+  as_given = jax.tree.leaves(given)
+  it = iter(as_given)
+  return jax.tree.unflatten(tree, [x if masked_node(x) else next(it) for x in flat_state])
 
 
 def _is_masked_state(x: Any) -> bool:
@@ -267,13 +327,20 @@ def get_masks(opt_state: Any, params: Any) -> Any:
     return masks_lib.plain_masks(state.next_masks)
   trained = masks_lib.plain_masks(state.masks)
   magnitudes = refresh_input(params, trained)
-  return jax.lax.cond(
-    state.refresh.due(state.count),
-    lambda: state.refresh.compute(magnitudes, trained, state.count, state.target_sparsity)[0],
-    lambda: trained,
-  )
+  refresh = state.refresh
+
+  def fresh():
+    target, _ = refresh.target_at(state.count, state.target_sparsity)
+    return refresh.masks_at(magnitudes, trained, target)
+
+  return jax.lax.cond(refresh.due(state.count), fresh, lambda: trained)
 
 
 def get_trained_masks(opt_state: Any) -> Any:
   """The masks the last optimizer step trained with: those to evaluate and export."""
   return masks_lib.plain_masks(find_masked_state(opt_state).masks)
+
+
+# The settings are static (no leaves): flax.serialization (to_bytes / from_bytes of a state that
+# holds them) keeps the target's own.
+serialization.register_serialization_state(MaskRefresh, lambda _: {}, lambda target, _: target)

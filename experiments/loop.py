@@ -70,6 +70,12 @@ class NonfiniteMonitor:
       if bool(metrics["finite"]):
         self.consecutive = 0
         continue
+      if not bool(metrics.get("labels_in_range", True)):  # a data error: never skipped on
+        raise ValueError(
+          f"Step {step}: the batch has a class index outside [0, num_classes) (e.g. -1 or "
+          "num_classes); the step was not applied. Check the dataset's labels and the model's "
+          "num_classes."
+        )
       self.total += 1
       self.consecutive += 1
       loss = float(metrics["loss"])

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
-from dcil_jax import stability
+from experiments import statistics
 from experiments.metric_writers import read_jsonl
 
 REPORT = "REPORT.md"
@@ -271,9 +271,9 @@ def _unit(sweep: Sweep) -> str:
 
 
 def _spread(values: Sequence[float | None]) -> dict[str, float] | None:
-  """:func:`stability.seed_spread` of the values that exist, or None."""
+  """:func:`statistics.seed_spread` of the values that exist, or None."""
   kept = [v for v in values if v is not None]
-  return stability.seed_spread(kept) if kept else None
+  return statistics.seed_spread(kept) if kept else None
 
 
 def _cell(spread: dict[str, float] | None) -> str:
@@ -332,7 +332,7 @@ def compare(dcil: Sequence[float], other: Sequence[float]) -> dict[str, Any]:
   """DCIL vs a baseline's final accuracies (fractions): difference of means (DCIL − baseline)
   in percentage points, the larger seed sd, the Welch t-test p-value (None with fewer than 2
   seeds a side) and the verdict ("DCIL higher", "DCIL lower" or "no clear difference")."""
-  a, b = stability.seed_spread(dcil), stability.seed_spread(other)
+  a, b = statistics.seed_spread(dcil), statistics.seed_spread(other)
   diff = 100 * (a["mean"] - b["mean"])
   larger_sd = 100 * max(a["sd"], b["sd"]) if min(a["n"], b["n"]) >= 2 else None
   p = None
@@ -476,7 +476,7 @@ def _stability_values(runs: Sequence[RunData]) -> dict[str, Any]:
 
 def _largest_drop(run: RunData) -> float | None:
   curve = [r["top1"] for r in run.evals() if _num(r.get("top1")) is not None]
-  return stability.largest_drop(curve) if len(curve) >= 2 else None
+  return statistics.largest_drop(curve) if len(curve) >= 2 else None
 
 
 def _compared(name: str, dcil: float, other: float, fmt: Callable[[float | None], str]) -> str:

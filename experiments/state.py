@@ -20,9 +20,8 @@ import numpy as np
 import optax
 
 import dcil_jax
-from dcil_jax import compress, deploy_stats, sharding, stability
+from dcil_jax import compress, deploy_stats
 from dcil_jax.models import create_model
-from dcil_jax.transform import find_masked_state
 from experiments import input_pipeline
 
 # RigL's published settings: replace 30 % of the kept weights at first (cosine-decayed), and stop
@@ -92,6 +91,7 @@ def make_optimizer(
       end_step=max(1, round(RIGL_END_FRACTION * total)),
       drop_fraction=RIGL_DROP_FRACTION,
       distribution="erk",
+      track_revivals=True,
     )
   if config.method != "dense":
     ramp = ramp_steps(config, steps_per_epoch)
@@ -107,6 +107,7 @@ def make_optimizer(
         granularity=config.granularity,
         score=config.filter_score,
         regrow=config.method != "gmp",
+        track_revivals=True,
       )
     )
   return optax.chain(*parts)
@@ -145,18 +146,10 @@ def create_train_state(
   )
 
 
-def create_tracker(state: dcil_jax.TrainState, mesh: jax.sharding.Mesh) -> Any:
-  """The revival tracker of a sparse method, on the mesh like the state (a checkpoint restores
-  it there); ``None`` for dense training."""
-  if not state.method.uses_masks:
-    return None
-  view = _refresh(state).view(state.trained_masks)  # filters for filter masks
-  return sharding.place_state(stability.RevivalTracker.create(view), mesh)
-
-
-def _refresh(state: dcil_jax.TrainState) -> Any:
-  """The static refresh rule in the state's optimizer: its ``view`` counts in the pruned unit."""
-  return find_masked_state(state.opt_state).refresh
+def _refresh(state: dcil_jax.TrainState) -> dcil_jax.refresh.Refresh:
+  """The mask transform's settings in the state's optimizer: its ``view`` counts in the pruned
+  unit."""
+  return dcil_jax.find_masked_state(state.opt_state).refresh
 
 
 def describe(state: dcil_jax.TrainState) -> dict[str, Any]:
@@ -179,7 +172,7 @@ def compile_train_step(state: dcil_jax.TrainState, batch: dict[str, jax.Array]) 
 # Checkpoints: the arrays of a state, and back
 
 
-def checkpoint_tree(state: dcil_jax.TrainState, tracker: Any) -> dict[str, Any]:
+def checkpoint_tree(state: dcil_jax.TrainState) -> dict[str, Any]:
   """The arrays a checkpoint holds (the static parts of the state come from the config)."""
   tree = {
     "step": state.step,
@@ -188,12 +181,12 @@ def checkpoint_tree(state: dcil_jax.TrainState, tracker: Any) -> dict[str, Any]:
     "opt_state": state.opt_state,
     "rng": state.rng,
   }
-  return tree if tracker is None else tree | {"tracker": tracker}
+  return tree
 
 
-def from_checkpoint_tree(state: dcil_jax.TrainState, tree: dict[str, Any]) -> tuple[Any, Any]:
-  """``(state, tracker)`` with the arrays of a restored :func:`checkpoint_tree`."""
-  return state.replace(**{k: v for k, v in tree.items() if k != "tracker"}), tree.get("tracker")
+def from_checkpoint_tree(state: dcil_jax.TrainState, tree: dict[str, Any]) -> Any:
+  """``state`` with the arrays of a restored :func:`checkpoint_tree`."""
+  return state.replace(**tree)
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,41 +204,25 @@ def eval_counts(state: dcil_jax.TrainState, batch: dict[str, jax.Array], path: s
   return dcil_jax.eval_step(state, batch, path)
 
 
-@jax.jit
-def track_refresh(
-  tracker: stability.RevivalTracker, state: dcil_jax.TrainState
-) -> tuple[stability.RevivalTracker, dict[str, Any]]:
-  """Mask churn of the refresh the next step makes (``state.trained_masks`` -> ``state.masks``),
-  if it makes one; called before the step, which donates the old masks.
-
-  Runs on the devices, without a host sync; the loop fetches the results when it logs and keeps
-  those of the steps whose ``mask_refreshed`` metric is set. A skipped (non-finite) step
-  refreshes again at the next one, to the same masks: the tracker's update is idempotent.
-  """
-  masked = find_masked_state(state.opt_state)
-  due = masked.refresh.due(masked.count) & (masked.count > 0)  # step 0's masks are init's
-
-  def measure(tracker):
-    # Counted in the pruned unit: filters for filter masks, weights otherwise.
-    old, new = masked.refresh.view(state.trained_masks), masked.refresh.view(state.masks)
-    tracker = tracker.update(old, new)
-    return tracker, {
-      "flip_rate": dcil_jax.flip_rate(old, new),
-      "revived": stability.fraction(stability.revived(old, new)),
-      "ever_revived": tracker.ever_revived_fraction,
-      "layer_flip_rate": stability.layer_flip_rates(old, new),
-    }
-
-  skip = lambda tracker: (
-    tracker,
-    jax.tree.map(jnp.zeros_like, jax.eval_shape(measure, tracker)[1]),
-  )
-  return jax.lax.cond(due, measure, skip, tracker)
+def refresh_record(state: dcil_jax.TrainState, refreshed: jax.Array) -> dict[str, Any]:
+  """The last refresh's record in the state's mask transform (device values: the loop fetches
+  them when it logs, and keeps those of the steps whose ``refreshed`` is set): the flip rate,
+  the fraction revived, the fraction ever revived and the per-layer flip rates, counted in the
+  pruned unit (filters for filter masks). Nothing is recomputed: the step's update made it."""
+  record = dcil_jax.find_masked_state(state.opt_state).record
+  return {
+    "flip_rate": record.flip_rate,
+    "revived": record.revived,
+    "ever_revived": record.ever_revived_fraction,
+    "layer_flip_rate": record.layer_flip_rate,
+    "refreshed": refreshed,
+  }
 
 
-def ever_revived(tracker: stability.RevivalTracker) -> float:
+def ever_revived(state: dcil_jax.TrainState) -> float:
   """The fraction of weights revived at least once so far (one explicit host transfer)."""
-  return float(jax.device_get(tracker.ever_revived_fraction))
+  record = dcil_jax.find_masked_state(state.opt_state).record
+  return float(jax.device_get(record.ever_revived_fraction))
 
 
 def trained_sparsity(state: dcil_jax.TrainState) -> float:
@@ -265,7 +242,7 @@ def mask_report(state: dcil_jax.TrainState) -> dict[str, Any]:
   flat = jax.tree_util.tree_flatten_with_path(exported)[0]
   pruned = {
     jax.tree_util.keystr(p)
-    for p, _ in jax.tree_util.tree_flatten_with_path(weights[dcil_jax.paths.PRUNABLE])[0]
+    for p, _ in jax.tree_util.tree_flatten_with_path(weights[dcil_jax.PRUNABLE])[0]
   }
   conv = [np.asarray(x) for path, x in flat if jax.tree_util.keystr(path) in pruned]
   return {
@@ -306,7 +283,7 @@ def deploy_report(state: dcil_jax.TrainState, example_input: Any) -> dict[str, i
   variables = jax.device_get(dcil_jax.export_variables(state))
   masks = None
   if state.method.uses_masks:
-    prunable = jax.device_get(state.trained_masks[dcil_jax.paths.PRUNABLE])
+    prunable = jax.device_get(state.trained_masks[dcil_jax.PRUNABLE])
     masks = _plain_masks(variables["params"], prunable)
   module = getattr(state.model, "module", None)
   if module is not None:

@@ -29,8 +29,8 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from dcil_jax import sharding, stability
-from experiments import checkpoints, input_pipeline, loop, preemption, resolve
+from dcil_jax import sharding
+from experiments import checkpoints, input_pipeline, loop, preemption, resolve, statistics
 from experiments import state as lib  # the one door to the library's TrainState
 from experiments.metric_writers import MetricWriter, read_jsonl
 from experiments.resolve import BadConfigError  # noqa: F401  (the loop raises it)
@@ -111,7 +111,6 @@ class Start(NamedTuple):
   """Where a run starts: a fresh state at step 0, or what the newest checkpoint held."""
 
   state: Any
-  tracker: Any
   step: int
   data_position: Any  # the train iterator's position after the last batch trained on
   pending: list[dict[str, Any]]  # train metrics not yet logged (host values)
@@ -124,18 +123,17 @@ def restore_or_init(
   workpath: epath.Path,
   checkpointer: checkpoints.RunCheckpointer,
   fresh: Any,
-  tracker: Any,
   lead: bool,
 ) -> Start:
-  """``fresh`` (and ``tracker``), or the newest readable checkpoint in ``workpath`` restored
-  into them, after checking that the workdir holds this experiment (``config`` but ``run``).
+  """``fresh``, or the newest readable checkpoint in ``workpath`` restored into it, after
+  checking that the workdir holds this experiment (``config`` but ``run``).
 
   A fresh run writes ``config.json``; a resumed one cuts ``metrics.jsonl`` back to its step.
 
   Raises:
     CheckpointMismatchError: the workdir's config or checkpoint is another experiment's.
   """
-  restored = checkpointer.restore_latest(lib.checkpoint_tree(fresh, tracker))
+  restored = checkpointer.restore_latest(lib.checkpoint_tree(fresh))
   config_path = workpath / "config.json"
   force, what = config.run.force_resume, str(workpath)
   if restored is not None:
@@ -146,12 +144,10 @@ def restore_or_init(
   if restored is None:
     if lead:
       config_path.write_text(json.dumps(config.to_dict(), indent=2, default=str))
-    return Start(fresh, tracker, 0, None, [], (0, 0), rewind_metrics(workpath, 0, write=lead))
-  restored_state, restored_tracker = lib.from_checkpoint_tree(fresh, restored.state)
+    return Start(fresh, 0, None, [], (0, 0), rewind_metrics(workpath, 0, write=lead))
   meta = restored.meta
   return Start(
-    restored_state,
-    restored_tracker,
+    lib.from_checkpoint_tree(fresh, restored.state),
     restored.step,
     meta["data"],
     meta["pending_train"],
@@ -203,6 +199,12 @@ def evaluate(state: Any, batches) -> dict[str, float]:
     n = max(float(t["count"]), 1.0)
     results |= {f"{prefix}{k}": float(t[k]) / n for k in ("loss", "top1", "top5")}
   results["examples"] = float(jax.device_get(totals["sparse"])["count"])
+  invalid = float(jax.device_get(totals["sparse"])["invalid_labels"])
+  if invalid:
+    raise ValueError(
+      f"{invalid:.0f} evaluation examples have a class index outside [0, num_classes): check "
+      "the eval split's labels and the model's num_classes."
+    )
   return results
 
 
@@ -234,11 +236,11 @@ class Evaluator:
     finally:
       _close(it)
 
-  def __call__(self, state: Any, tracker: Any, step: int) -> dict[str, Any]:
+  def __call__(self, state: Any, step: int) -> dict[str, Any]:
     result = evaluate(state, self.batches())
     result |= {"step": step, "epoch": step / self.steps_per_epoch}
-    if tracker is not None:
-      result["ever_revived"] = lib.ever_revived(tracker)
+    if state.method.uses_masks:
+      result["ever_revived"] = lib.ever_revived(state)
       result["sparsity"] = lib.trained_sparsity(state)
     self.records.append(result)
     self.writer.write(step, "eval", {k: v for k, v in result.items() if k != "step"})
@@ -258,10 +260,10 @@ class CheckpointPolicy:
   def due(self, step: int, evaluated: bool, stop: bool) -> bool:
     return evaluated or stop or loop.itstime(step, self.every)
 
-  def save(self, step, state, tracker, data_position, buffer, monitor, top1=None) -> None:
+  def save(self, step, state, data_position, buffer, monitor, top1=None) -> None:
     self.checkpointer.save(
       step,
-      lib.checkpoint_tree(state, tracker),
+      lib.checkpoint_tree(state),
       {
         "data": data_position,
         "pending_train": buffer.pending(),
@@ -319,13 +321,12 @@ def train_and_evaluate(
     async_save=config.run.async_checkpointing,
   )
   try:
-    start = restore_or_init(
-      config, workpath, checkpointer, fresh, lib.create_tracker(fresh, mesh), lead
-    )
+    start = restore_or_init(config, workpath, checkpointer, fresh, lead)
   except BaseException:
     checkpointer.close()
     raise
-  state, tracker = start.state, start.tracker
+  state = start.state
+  masked = state.method.uses_masks
   writer = MetricWriter(workdir, enabled=lead)
   verbose = lead and progress is None
   info = lib.describe(state)
@@ -389,23 +390,21 @@ def train_and_evaluate(
         if step_fn is None:  # a step that cannot fit in device memory fails here, clearly
           step_fn = lib.compile_train_step(state, batch)
           check_memory(step_fn, config.batch_size // ways)
-        if tracker is not None:  # measured before the step, which donates the old masks
-          tracker, refresh = lib.track_refresh(tracker, state)
         state, metrics = step_fn(state, batch)
         throughput.step(metrics, config.batch_size)
         buffer.append(metrics)
-        if tracker is not None:
-          refreshes.append(step, refresh | {"refreshed": metrics["mask_refreshed"]})
+        if masked:  # the refresh's record, from the state (device values: no host sync)
+          refreshes.append(step, lib.refresh_record(state, metrics["mask_refreshed"]))
         progress.update(1)
         if loop.itstime(step, config.log_every_steps, plan.num_steps):
           fetch(step)
           log_train(step)
         evaluated = loop.itstime(step, plan.eval_every, plan.num_steps)
-        top1 = evaluator(state, tracker, step)["top1"] if evaluated else None
+        top1 = evaluator(state, step)["top1"] if evaluated else None
         stop = should_stop(step)
         if saver.due(step, evaluated, stop):
           fetch(step)  # every record up to `step` is written before its checkpoint exists
-          saver.save(step, state, tracker, data_position, buffer, monitor, top1)
+          saver.save(step, state, data_position, buffer, monitor, top1)
         if stop:
           checkpointer.wait()
           raise preemption.Preempted(step, guard.signum or signal.SIGTERM)
@@ -422,7 +421,7 @@ def train_and_evaluate(
         _close(train_iterator)
       checkpointer.close()
 
-  summary = summarize(config, state, tracker, evaluator.records, refreshes.records, plan)
+  summary = summarize(config, state, evaluator.records, refreshes.records, plan)
   summary["num_params"] = info["num_params"]
   summary["nonfinite_steps"] = monitor.total
   # Eval time is included; the first step (compilation) is not.
@@ -485,7 +484,7 @@ def flip_rate_summary(refreshes: list[dict[str, Any]], ramp_end: int) -> dict[st
   return out
 
 
-def summarize(config, state, tracker, evals, refreshes, plan: Plan) -> dict[str, Any]:
+def summarize(config, state, evals, refreshes, plan: Plan) -> dict[str, Any]:
   """Best and final sparse-path accuracy, its variability over the last quarter of the evals,
   per-layer sparsity, mask flip rates and revived weights, and the deployable model's kept
   parameters, MACs and bytes (``deploy``)."""
@@ -502,11 +501,11 @@ def summarize(config, state, tracker, evals, refreshes, plan: Plan) -> dict[str,
     "best": {k: best[k] for k in ("top1", "top5", "step", "epoch")},
   }
   if len(evals) >= 2:
-    summary["top1_variability"] = stability.accuracy_variability([r["top1"] for r in evals])
-  if tracker is not None:
+    summary["top1_variability"] = statistics.accuracy_variability([r["top1"] for r in evals])
+  if state.method.uses_masks:
     summary |= lib.mask_report(state)
     summary |= flip_rate_summary(refreshes, lib.ramp_steps(config, plan.steps_per_epoch))
-    summary["ever_revived"] = lib.ever_revived(tracker)
+    summary["ever_revived"] = lib.ever_revived(state)
   summary["deploy"] = lib.deploy_report(state, lib.example_input(config))
   return summary
 

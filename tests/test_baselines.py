@@ -80,7 +80,7 @@ def test_methods_refuse_the_other_methods_masks(tiny_model, tiny_variables, tiny
   schedule = dcil_jax.constant_sparsity(0.5)
   dynamic = optax.chain(optax.sgd(0.1), dcil_jax.masked_update(schedule))
   no_regrow = optax.chain(optax.sgd(0.1), dcil_jax.masked_update(schedule, regrow=False))
-  rigl = dcil_jax.rigl(optax.sgd(0.1), 0.5, end_step=10)
+  rigl = dcil_jax.rigl(optax.sgd(0.1), 0.5, update_every=5, end_step=10)
   cases = [("gmp", dynamic), ("dpf", no_regrow), ("dcil", rigl), ("rigl", dynamic)]
   for method, tx in cases:
     with pytest.raises(ValueError, match=f"method='{method}' trains with"):
@@ -171,13 +171,16 @@ def test_rigl_drop_and_grow_counts_follow_the_schedule(rigl_run):
 
 
 def test_rigl_needs_params_and_valid_settings():
-  tx = dcil_jax.rigl(optax.sgd(0.1), 0.5, end_step=10, prunable=lambda p, x: True)
+  tx = dcil_jax.rigl(optax.sgd(0.1), 0.5, 5, end_step=10, prunable=lambda p, x: True)
   params = {"w": jnp.ones(4)}
   with pytest.raises(ValueError, match="needs `params`"):
     tx.update(params, tx.init(params))
   with pytest.raises(ValueError, match="end_step"):
     dcil_jax.rigl(optax.sgd(0.1), 0.5, end_step=0)
   with pytest.raises(ValueError, match="drop_fraction"):
-    dcil_jax.rigl(optax.sgd(0.1), 0.5, end_step=10, drop_fraction=1.5)
+    dcil_jax.rigl(optax.sgd(0.1), 0.5, 5, end_step=10, drop_fraction=1.5)
   with pytest.raises(ValueError, match="Sparsity"):
-    dcil_jax.rigl(optax.sgd(0.1), 1.0, end_step=10)
+    dcil_jax.rigl(optax.sgd(0.1), 1.0, 5, end_step=10)
+  # Issue 23: with update_every >= end_step the masks would never move.
+  with pytest.raises(ValueError, match="would never be updated"):
+    dcil_jax.rigl(optax.sgd(0.1), 0.5, update_every=100, end_step=100)

@@ -115,7 +115,7 @@ def test_the_rule_is_given_once(tiny_model, tiny_variables, tiny_batch):
   params, _ = dcil_jax.lift(tiny_variables, tx)
   assert set(params["prunable"]) == {"Conv_0", "Conv_1", "Dense_0"}
   assert "kernel" not in params["sparse"].get("Dense_0", {})
-  with pytest.raises(ValueError, match="takes no masked_update"):  # as TrainState.create
+  with pytest.raises(ValueError, match="takes no mask transform"):  # as TrainState.create
     dcil_jax.lift(tiny_variables, tx, "dense")
 
 
@@ -410,10 +410,14 @@ def _check_experiments_count_filters(state):
   assert report["weight_sparsity"] == pytest.approx(float(dcil_jax.sparsity(state.trained_masks)))
   for fraction in report["layer_sparsity"].values():  # whole filters of 4 and 8
     assert fraction * 8 == pytest.approx(round(fraction * 8))
-  tracker = lib.create_tracker(state, dcil_jax.make_mesh())
-  assert [x.shape for x in jax.tree.leaves(tracker.ever_revived)] == [(4,), (8,)]  # one per filter
-  _, measured = lib.track_refresh(tracker, state)
+  refresh = dcil_jax.find_masked_state(state.opt_state).refresh
+  view = refresh.view(state.trained_masks)
+  assert [x.shape for x in jax.tree.leaves(view)] == [(4,), (8,)]  # one bit per filter
+  record = dcil_jax.refresh.RefreshRecord.create(view, track_revivals=True).after(view, view)
+  assert [x.shape for x in jax.tree.leaves(record.ever_revived)] == [(4,), (8,)]
+  measured = lib.refresh_record(state, True)
   assert 0.0 <= float(measured["flip_rate"]) <= 1.0
+  assert len(measured["layer_flip_rate"]) == 2
 
 
 def conv_1_only(path, leaf):
