@@ -34,7 +34,8 @@ def mask_settings(tx: optax.GradientTransformation, params: Any, method: Method)
   if not method.uses_masks:
     if declared:
       raise ValueError(
-        "Dense training takes no mask transform (dcil_jax.masked_update or rigl); remove it from the chain."
+        "Dense training takes no mask transform (dcil_jax.masked_update or rigl); remove it "
+        "from the chain."
       )
     return None
   if not declared:

@@ -5,7 +5,7 @@ import pytest
 
 import dcil_jax
 from dcil_jax import granularity as gr
-from dcil_jax import stability
+from dcil_jax import refresh
 
 
 def conv_kernels(path, leaf):
@@ -102,7 +102,8 @@ def test_filter_units_for_stability_metrics(params, template):
   )
   assert changed > 0
   assert float(dcil_jax.flip_rate(va, vb)) == pytest.approx(changed / 40)
-  assert float(stability.fraction(stability.revived(va, vb))) == pytest.approx(
+  record = refresh.RefreshRecord.create(va).after(va, vb)
+  assert float(record.revived) == pytest.approx(
     sum(
       int(np.sum(~np.asarray(x) & np.asarray(y)))
       for x, y in zip(jax.tree.leaves(va), jax.tree.leaves(vb))

@@ -199,16 +199,15 @@ def test_restore_or_init_starts_fresh_then_restores_the_newest_checkpoint(tmp_pa
   config = resolve.resolve_config(local_config())
   mesh = sharding.make_mesh()
   fresh = lib.create_train_state(config, mesh, steps_per_epoch=11)
-  tracker = lib.create_tracker(fresh, mesh)
   saver = checkpoints.RunCheckpointer(tmp_path / "checkpoints", async_save=False)
-  start = train.restore_or_init(config, tmp_path, saver, fresh, tracker, lead=True)
+  start = train.restore_or_init(config, tmp_path, saver, fresh, lead=True)
   assert start.step == 0 and start.data_position is None and start.state is fresh
   assert json.loads((tmp_path / "config.json").read_text())["model"] == "small_cnn"
 
   moved = fresh.replace(step=fresh.step + 5, rng=jax.random.PRNGKey(9))
   meta = {"data": {"pos": 5}, "pending_train": [{"loss": 1.5}], "nonfinite": [1, 0]}
-  saver.save(5, lib.checkpoint_tree(moved, tracker), meta | {"config": config.to_dict()})
-  start = train.restore_or_init(config, tmp_path, saver, fresh, tracker, lead=True)
+  saver.save(5, lib.checkpoint_tree(moved), meta | {"config": config.to_dict()})
+  start = train.restore_or_init(config, tmp_path, saver, fresh, lead=True)
   assert (start.step, start.data_position, start.pending, start.nonfinite) == (
     5,
     {"pos": 5},
@@ -254,7 +253,6 @@ def guarded_run(tmp_path_factory):
     # after it move data between host and device by design; the steps must not.
     for owner, name in (
       (lib, "create_train_state"),
-      (lib, "create_tracker"),
       (train, "restore_or_init"),
       (train.Evaluator, "__call__"),
       (train.CheckpointPolicy, "save"),
