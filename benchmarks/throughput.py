@@ -316,7 +316,7 @@ def run_imagenet(args: argparse.Namespace) -> dict[str, Any]:
       items = []
       for (method, strategy), config in configs.items():
         if method == "dcil":
-          strategy = strategy or dcil_jax.paths.default_strategy()
+          strategy = strategy or dcil_jax.default_strategy()
         items.append(
           prepare(
             method if strategy is None else f"{method}/{strategy}",

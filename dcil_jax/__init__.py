@@ -1,6 +1,6 @@
 """dcil-jax: Dynamic Collective Intelligence Learning (DCIL) and DPF for JAX, Flax and optax."""
 
-from dcil_jax import refresh, rules
+from dcil_jax import models, pool_gradient, refresh, rules, sharding
 from dcil_jax.losses import dcil_loss, dense_loss, distillation_kl, dpf_loss
 from dcil_jax.masks import (
   apply_masks,
@@ -65,13 +65,16 @@ __all__ = [
   "map_paths",
   "masked_update",
   "masks_like",
+  "models",
   "path_mesh",
   "path_params",
+  "pool_gradient",
   "refresh",
   "rigl",
   "rigl_masks",
   "rules",
   "shard_batch",
+  "sharding",
   "sparsity",
   "to_nnx",
   "train_step",

@@ -487,7 +487,7 @@ def dpf_loss(
 ) -> tuple[jax.Array, dict[str, Any]]:
   """DPF (Lin et al. 2020): one pruned path with the straight-through estimator.
 
-  Takes lifted params with a ``"sparse"`` part (``lift(..., path_names=("sparse",))``) and the
+  Takes lifted params with a ``"sparse"`` part (``dcil_jax.lift(..., "dpf")``) and the
   lifted model state ``{"sparse": ...}``; ``aux`` as :func:`dcil_loss`, without the path axis.
   """
   model = as_model(model)

@@ -67,16 +67,16 @@ def masks_like(params: Params, prunable: IsPrunable | None = None) -> Masks:
     )
   disagree = []
 
-  def make(path, leaf):
+  def make(key_path, leaf):
     if _is_masked_node(leaf):
       return leaf
     if lifted:
-      part, plain_path = rules.key_names(path[:1])[0], path[1:]
+      part, plain_path = rules.key_names(key_path[:1])[0], key_path[1:]
       chosen = part == paths.PRUNABLE
       if prunable is not None and bool(prunable(plain_path, leaf)) != chosen:
         disagree.append(f"{part}{jax.tree_util.keystr(plain_path)}")
     else:
-      chosen = bool(prunable(path, leaf))
+      chosen = bool(prunable(key_path, leaf))
     return jnp.ones(jnp.shape(leaf), dtype=bool) if chosen else None
 
   masks = jax.tree_util.tree_map_with_path(make, params, is_leaf=_is_masked_node)
@@ -112,15 +112,15 @@ def check_masks(masks: Masks, params: Params) -> list[tuple[Any, Any, Any]]:
       "dcil_jax.masks_like(params)."
     )
   out = []
-  for (path, m), (_, p) in zip(flat_masks, flat_params):
+  for (key_path, m), (_, p) in zip(flat_masks, flat_params):
     if m is None:
       continue
     if jnp.shape(m) != jnp.shape(p):
       raise ValueError(
         f"Mask shape {jnp.shape(m)} does not match parameter shape {jnp.shape(p)} at "
-        f"{jax.tree_util.keystr(path)}."
+        f"{jax.tree_util.keystr(key_path)}."
       )
-    out.append((path, m, p))
+    out.append((key_path, m, p))
   return out
 
 
@@ -264,9 +264,9 @@ def _magnitude_masks(
     new = [_keep_top(s, _num_pruned(layer_sparsity[i], s.size)) for i, s in enumerate(scores)]
   else:
     raise AssertionError(distribution)  # checked by magnitude_masks
-  by_path = {path: m for (path, _, _), m in zip(pairs, new)}
+  by_path = {key_path: m for (key_path, _, _), m in zip(pairs, new)}
   return jax.tree_util.tree_map_with_path(
-    lambda path, m: None if m is None else by_path[path], masks, is_leaf=_is_none
+    lambda key_path, m: None if m is None else by_path[key_path], masks, is_leaf=_is_none
   )
 
 
@@ -280,9 +280,9 @@ def sparsity(masks: Masks) -> jax.Array:
 
 
 def layer_sparsities(masks: Masks) -> dict[str, jax.Array]:
-  """Fraction pruned per prunable leaf, keyed by its path (e.g. ``"['Conv_0']['kernel']"``)."""
+  """Fraction pruned per prunable leaf, keyed by its key path (e.g. ``"['Conv_0']['kernel']"``)."""
   flat, _ = jax.tree_util.tree_flatten_with_path(masks)
-  return {jax.tree_util.keystr(path): 1.0 - jnp.mean(m) for path, m in flat}
+  return {jax.tree_util.keystr(key_path): 1.0 - jnp.mean(m) for key_path, m in flat}
 
 
 def flip_rate(old: Masks, new: Masks) -> jax.Array:

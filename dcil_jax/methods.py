@@ -1,5 +1,6 @@
-"""The training methods as objects: each says how to lift a plain model, its loss, its metrics and
-which paths it exports. ``TrainState`` holds one and never branches on a method name.
+"""The training methods as objects: each says how to lay out a plain model (``layout``), its
+loss, its metrics and which paths it exports. ``TrainState`` holds one and never branches on a
+method name.
 
 All three are frozen dataclasses, so a state that holds one stays a valid ``jit`` argument.
 """
@@ -32,7 +33,7 @@ class Dense:
 
   task_loss: losses.TaskLoss = losses.batch_cross_entropy
   name = "dense"
-  path_names = ("sparse",)  # the one exported model ("sparse" is the deployable one's name)
+  path_names = ()  # the DCIL paths it trains (none: it trains the plain model)
   uses_masks = False
   mask_transform = "no mask transform"  # how to build the optimizer's masks, for errors
 
@@ -42,7 +43,7 @@ class Dense:
     del refresh
     return False
 
-  def lift(self, params: Any, model_state: Any, prunable: Any) -> tuple[Any, Any]:
+  def layout(self, params: Any, model_state: Any, prunable: Any) -> tuple[Any, Any]:
     del prunable
     return jax.tree.map(jnp.array, params), jax.tree.map(jnp.array, model_state or None)
 
@@ -61,17 +62,18 @@ class DPF(Dense):
   """DPF (Lin et al. 2020): one pruned path, straight-through estimator for pruned weights."""
 
   name = "dpf"
+  path_names = ("sparse",)
   uses_masks = True
   mask_transform = "dcil_jax.masked_update(schedule, ...)"
 
   def fits(self, refresh: Refresh) -> bool:
     return isinstance(refresh, MaskRefresh) and refresh.regrow
 
-  def lift(self, params: Any, model_state: Any, prunable: Any) -> tuple[Any, Any]:
+  def layout(self, params: Any, model_state: Any, prunable: Any) -> tuple[Any, Any]:
     names = ("sparse",)
     return (
-      paths.lift(params, prunable, path_names=names),
-      paths.lift_collections(model_state, names),
+      paths.split_params(params, prunable, path_names=names),
+      paths.split_collections(model_state, names),
     )
 
   def loss(self, model, params, masks, model_state, batch, rngs, step, mesh=None):
@@ -114,10 +116,10 @@ class DCIL(Dense):
   mask_transform = DPF.mask_transform
   fits = DPF.fits
 
-  def lift(self, params: Any, model_state: Any, prunable: Any) -> tuple[Any, Any]:
+  def layout(self, params: Any, model_state: Any, prunable: Any) -> tuple[Any, Any]:
     return (
-      paths.lift(params, prunable, share_non_prunable=self.share_non_prunable),
-      paths.lift_collections(model_state),
+      paths.split_params(params, prunable, share_non_prunable=self.share_non_prunable),
+      paths.split_collections(model_state),
     )
 
   def kd_weight_at(self, step: jax.Array) -> jax.Array:

@@ -89,7 +89,7 @@ def merge(*trees: Any) -> dict:
   return out
 
 
-def lift(
+def split_params(
   params: Any,
   prunable: Callable[[tuple, Any], bool],
   *,
@@ -125,7 +125,7 @@ def lift(
   return lifted
 
 
-def lift_collections(collections: Any, path_names: Sequence[str] = PATH_NAMES) -> dict | None:
+def split_collections(collections: Any, path_names: Sequence[str] = PATH_NAMES) -> dict | None:
   """The model state (every collection but ``params``), one copy per path (``None`` if empty)."""
   if not collections:
     return None

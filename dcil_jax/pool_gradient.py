@@ -29,6 +29,8 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jex_core
 
+__all__ = ["late_pool_indices"]
+
 _MAX_POOL = jex_core.primitives.reduce_window_max_p
 _JIT = jex_core.primitives.jit_p
 

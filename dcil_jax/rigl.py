@@ -76,10 +76,10 @@ def rigl_masks(params: Any, grads: Any, masks: Any, drop_fraction: jax.Array) ->
     The new masks, with as many kept entries per leaf as ``masks``.
   """
   pairs = masks_lib.check_masks(masks, params)
-  grad_of = {path: g for path, _, g in masks_lib.check_masks(masks, grads)}
+  grad_of = {key_path: g for key_path, _, g in masks_lib.check_masks(masks, grads)}
   new = {}
-  for path, m, w in pairs:
-    g = grad_of[path]
+  for key_path, m, w in pairs:
+    g = grad_of[key_path]
     size = m.size
     kept = jnp.sum(m, dtype=jnp.int32)
     k = jnp.round(drop_fraction * kept).astype(jnp.int32)
@@ -88,9 +88,9 @@ def rigl_masks(params: Any, grads: Any, masks: Any, drop_fraction: jax.Array) ->
     w2, g2 = jnp.square(w.astype(jnp.float32)), jnp.square(g.astype(jnp.float32))
     survive = masks_lib._keep_top(jnp.where(m, w2, -1.0), size - kept + k) & m
     grow = masks_lib._keep_top(jnp.where(survive, -1.0, g2), size - k)
-    new[path] = survive | grow
+    new[key_path] = survive | grow
   return jax.tree_util.tree_map_with_path(
-    lambda path, m: None if m is None else new[path], masks, is_leaf=lambda x: x is None
+    lambda key_path, m: None if m is None else new[key_path], masks, is_leaf=lambda x: x is None
   )
 
 

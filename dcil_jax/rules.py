@@ -26,6 +26,18 @@ from flax import nnx
 
 from dcil_jax.model import NNXModel
 
+__all__ = [
+  "Rule",
+  "all_kernels",
+  "conv_and_dense_kernels",
+  "conv_kernels",
+  "dense_kernels",
+  "kernels_of",
+  "key_names",
+  "module_types",
+]
+
+
 KeyPath = tuple[Any, ...]
 Rule = Callable[[KeyPath, Any], bool]
 
@@ -46,10 +58,10 @@ DENSE_TYPES: tuple[type, ...] = (
 )
 
 
-def key_names(path: KeyPath) -> tuple[str, ...]:
+def key_names(key_path: KeyPath) -> tuple[str, ...]:
   """The names in a key path (``DictKey.key``, ``GetAttrKey.name``, ``SequenceKey.idx``)."""
   out = []
-  for key in path:
+  for key in key_path:
     for attr in ("key", "name", "idx"):
       if hasattr(key, attr):
         out.append(str(getattr(key, attr)))
@@ -69,7 +81,7 @@ def module_types(model: Any, *example_args: Any, **example_kwargs: Any) -> dict:
   if isinstance(model, NNXModel):
     return model.module_paths
   if isinstance(model, nnx.Module):
-    return {tuple(str(k) for k in path): type(m) for path, m in nnx.iter_modules(model)}
+    return {tuple(str(k) for k in key_path): type(m) for key_path, m in nnx.iter_modules(model)}
   module = getattr(model, "module", None) or model  # a dcil_jax.FlaxModel, or the module
   seen: dict[tuple[str, ...], type] = {}
 
@@ -83,12 +95,12 @@ def module_types(model: Any, *example_args: Any, **example_kwargs: Any) -> dict:
 
 
 def _module_rule(types_by_path: dict, types: tuple[type, ...], leaf_names: Iterable[str]) -> Rule:
-  owners = {path for path, t in types_by_path.items() if issubclass(t, types)}
+  owners = {key_path for key_path, t in types_by_path.items() if issubclass(t, types)}
   names = frozenset(leaf_names)
 
-  def rule(path: KeyPath, leaf: Any) -> bool:
+  def rule(key_path: KeyPath, leaf: Any) -> bool:
     del leaf
-    keys = key_names(path)
+    keys = key_names(key_path)
     return bool(keys) and keys[-1] in names and keys[:-1] in owners
 
   return rule
@@ -135,8 +147,8 @@ def conv_and_dense_kernels(module: Any, *example_args: Any, **example_kwargs: An
   return kernels_of(module, *example_args, types=CONV_TYPES + DENSE_TYPES, **example_kwargs)
 
 
-def all_kernels(path: KeyPath, leaf: Any) -> bool:
+def all_kernels(key_path: KeyPath, leaf: Any) -> bool:
   """Every leaf named ``kernel``, whatever its module (needs no model)."""
   del leaf
-  keys = key_names(path)
+  keys = key_names(key_path)
   return bool(keys) and keys[-1] == "kernel"

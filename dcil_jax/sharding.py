@@ -20,6 +20,19 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from dcil_jax.paths import NUM_PATHS, PATH_AXIS
 
+__all__ = [
+  "DATA_AXIS",
+  "batch_sharding",
+  "constrain_batch",
+  "constrain_state",
+  "data_parallelism",
+  "has_axis",
+  "make_mesh",
+  "place_state",
+  "shard_batch",
+  "state_shardings",
+]
+
 DATA_AXIS = "data"
 
 

@@ -97,7 +97,7 @@ def lift(
   method = get_method(method)
   model = None if model is None else as_model(model)
   params, collections, rule = _split_variables(variables, tx, method, model, example_input)
-  return method.lift(params, collections, rule)
+  return method.layout(params, collections, rule)
 
 
 def _split_variables(variables, tx, method, model, example_input):
@@ -148,8 +148,8 @@ class TrainState(struct.PyTreeNode):
     """Optimizer steps taken (differs from ``step`` under ``optax.MultiSteps``)."""
     return find_masked_state(self.opt_state).count if self.method.uses_masks else self.step
 
-  def export(self, path: str = "sparse") -> dict[str, Any]:
-    """Plain variables of one path; see :func:`export_variables`."""
+  def export(self, path: str | None = None) -> dict[str, Any]:
+    """Plain variables of the deployable model or one path; see :func:`export_variables`."""
     params = self.params
     if self.eval_params_fn is not None:
       params = self.eval_params_fn(self.opt_state, params)
@@ -229,7 +229,7 @@ class TrainState(struct.PyTreeNode):
     params, collections, rule = _split_variables(variables, tx, method, model, example_input)
 
     def build(params, collections):
-      params, model_state = method.lift(params, collections, rule)
+      params, model_state = method.layout(params, collections, rule)
       return params, model_state, tx.init(params)
 
     # One compile instead of many small eager ops; the outputs are new buffers, so donating the
@@ -380,28 +380,33 @@ def _all_finite(tree: Any) -> jax.Array:
 
 
 def export_variables(
-  params: Any, masks: Any = None, model_state: Any = None, *, path: str = "sparse"
+  params: Any, masks: Any = None, model_state: Any = None, *, path: str | None = None
 ) -> dict[str, Any]:
-  """Plain variables for the unmodified model: the deployable sparse network by default.
+  """Plain variables for the unmodified model: the deployable network by default.
 
   Works on a ``TrainState`` (``export_variables(state)``) or on the pieces of your own loop:
   ``export_variables(params, dcil_jax.get_trained_masks(opt_state), model_state)``.
 
-  ``path="sparse"`` gives ``W⊙M`` with the sparse path's own leaves and model state (for DPF:
-  ``W⊙M``; for dense training, the plain params); ``path="dense"`` gives DCIL's dense path ``W``
-  with its own BatchNorm and head. Pass the masks the last step trained with
-  (``state.trained_masks``), not ones refreshed for a step no BN statistic has seen yet.
+  ``path=None`` (default) gives the deployable model: the sparse path of DCIL and DPF, the
+  plain model of dense training. ``path="sparse"`` gives ``W⊙M`` with the sparse path's own
+  leaves and model state; ``path="dense"`` gives DCIL's dense path ``W`` with its own BatchNorm
+  and head (dense training has no DCIL path: it exports its model). Pass the masks the last
+  step trained with (``state.trained_masks``), not ones refreshed for a step no BN statistic has
+  seen yet.
   """
   if isinstance(params, TrainState):
     if masks is not None or model_state is not None:
       raise TypeError("export_variables(state, path=...) takes no masks or model state.")
     return params.export(path)
-  if path not in paths.PATH_NAMES:
-    raise ValueError(f"path must be one of {paths.PATH_NAMES}, got {path!r}.")
+  if path is not None and path not in paths.PATH_NAMES:
+    raise ValueError(f"path must be None or one of {paths.PATH_NAMES}, got {path!r}.")
   if not paths.is_lifted(params):  # dense training: the plain model
-    if path != "sparse":
-      raise ValueError("Only DCIL has a dense path; these params are a plain model's.")
+    if path is not None:
+      raise ValueError(
+        f"Dense training has no {path!r} path: export_variables(...) with no path gives its model."
+      )
     return {"params": params, **(model_state or {})}
+  path = path or "sparse"
   other = paths.PATH_NAMES[1 - paths.PATH_NAMES.index(path)]
   if (other in params and path not in params) or (model_state and path not in model_state):
     raise ValueError(f"Only DCIL has a dense path; these params have no {path!r} part (DPF).")
@@ -439,8 +444,9 @@ def _eval_sums(logits: jax.Array, batch: dict[str, Any]) -> dict[str, jax.Array]
 
 
 @functools.partial(jax.jit, static_argnames="path")
-def eval_step(state: TrainState, batch: dict[str, jax.Array], path: str = "sparse"):
-  """Sums over one batch of an exported path in eval mode (running BN statistics).
+def eval_step(state: TrainState, batch: dict[str, jax.Array], path: str | None = None):
+  """Sums over one batch of the exported model (``path=None``: the deployable one; or a DCIL
+  path, see :func:`export_variables`) in eval mode (running BN statistics).
 
   ``batch["mask"]`` (optional, ``[B]`` bool) marks the real examples of a padded batch; the
   sums count only those. Divide the totals by ``count`` for means.

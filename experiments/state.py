@@ -193,14 +193,14 @@ def from_checkpoint_tree(state: dcil_jax.TrainState, tree: dict[str, Any]) -> An
 # Evaluation, refresh measurements, the final masks
 
 
-def eval_paths(state: dcil_jax.TrainState) -> tuple[str, ...]:
-  """The paths an evaluation reports: the sparse (deployable) one, and DCIL's dense one."""
-  return state.method.path_names
+def eval_paths(state: dcil_jax.TrainState) -> tuple[str | None, ...]:
+  """What an evaluation reports: the deployable model (``None``), and DCIL's dense path."""
+  return (None, *(p for p in state.method.path_names if p != "sparse"))
 
 
-def eval_counts(state: dcil_jax.TrainState, batch: dict[str, jax.Array], path: str = "sparse"):
-  """Summed loss and top-1/top-5 hits of one exported path over the unpadded examples
-  (``batch["mask"]``): the library's ``eval_step``."""
+def eval_counts(state: dcil_jax.TrainState, batch: dict[str, jax.Array], path: str | None = None):
+  """Summed loss and top-1/top-5 hits of the deployable model (``path=None``) or a DCIL path
+  over the unpadded examples (``batch["mask"]``): the library's ``eval_step``."""
   return dcil_jax.eval_step(state, batch, path)
 
 

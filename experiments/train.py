@@ -195,11 +195,11 @@ def evaluate(state: Any, batches) -> dict[str, float]:
   results = {}
   for path in paths:
     t = jax.device_get(totals[path])
-    prefix = "" if path == "sparse" else "dense_"
+    prefix = "" if path is None else f"{path}_"
     n = max(float(t["count"]), 1.0)
     results |= {f"{prefix}{k}": float(t[k]) / n for k in ("loss", "top1", "top5")}
-  results["examples"] = float(jax.device_get(totals["sparse"])["count"])
-  invalid = float(jax.device_get(totals["sparse"])["invalid_labels"])
+  results["examples"] = float(jax.device_get(totals[None])["count"])
+  invalid = float(jax.device_get(totals[None])["invalid_labels"])
   if invalid:
     raise ValueError(
       f"{invalid:.0f} evaluation examples have a class index outside [0, num_classes): check "

@@ -64,8 +64,8 @@ def test_a_users_chain_updates_the_lifted_tree_as_the_plain_model(name, lifted_s
   rule, params, grads = lifted_setup
   tx = USER_CHAINS[name]()
   plain_updates, _ = tx.update(grads, tx.init(params), params)
-  lifted = paths.lift(params, rule)
-  lifted_updates, _ = tx.update(paths.lift(grads, rule), tx.init(lifted), lifted)
+  lifted = paths.split_params(params, rule)
+  lifted_updates, _ = tx.update(paths.split_params(grads, rule), tx.init(lifted), lifted)
   for path_name in paths.PATH_NAMES:  # each path's copy is updated as the plain leaf
     tree_allclose(paths.path_params(lifted_updates, path_name), plain_updates, rtol=1e-6)
 
@@ -107,7 +107,7 @@ def test_the_rule_is_given_once(tiny_model, tiny_variables, tiny_batch):
   """Issue 10.3: lifted with one rule and pruned by another, the kernels only the second
   named were silently copied per path and never pruned."""
   x = tiny_batch["image"]
-  params = paths.lift(tiny_variables["params"], rules.conv_kernels(tiny_model, x))
+  params = paths.split_params(tiny_variables["params"], rules.conv_kernels(tiny_model, x))
   with pytest.raises(ValueError, match="lifted with another prunable rule"):
     masked(prunable=rules.all_kernels).init(params)
   # dcil_jax.lift reads the rule from the chain: one source of truth.
@@ -231,7 +231,7 @@ def test_each_path_draws_its_own_dropout_mask(tiny_batch):
   model, x = AttentionLike(), jax.random.normal(jax.random.PRNGKey(2), (8, 6, 3))
   batch = {"image": x, "label": tiny_batch["label"]}
   variables = model.init(jax.random.PRNGKey(0), x)
-  params = paths.lift(variables["params"], rules.conv_kernels(model, x))
+  params = paths.split_params(variables["params"], rules.conv_kernels(model, x))
   masks = dcil_jax.masks_like(params)  # all kept: the two paths compute the same function
   rngs = {"dropout": jax.random.PRNGKey(7)}
 

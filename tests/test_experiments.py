@@ -84,7 +84,7 @@ def test_optimizer_has_masked_update_except_for_dense():
   for method in ("dcil", "dpf", "dense"):
     config = resolved(cifar, method=method, sparsity=0.0 if method == "dense" else 0.9)
     tx = lib.make_optimizer(config, steps_per_epoch=10)
-    lifted = dcil_jax.paths.lift(params, dcil_jax.rules.all_kernels)
+    lifted = dcil_jax.paths.split_params(params, dcil_jax.rules.all_kernels)
     state = tx.init(lifted)
     if method == "dense":
       with pytest.raises(ValueError):

@@ -16,11 +16,11 @@ KD = 1.0  # exercise the distillation terms too
 def lifted(model, variables, x, sparsity=0.6, **lift_kwargs):
   """Lifted params, their masks at ``sparsity`` and the lifted model state (or None)."""
   rule = rules.conv_kernels(model, x)
-  params = paths.lift(variables["params"], rule, **lift_kwargs)
+  params = paths.split_params(variables["params"], rule, **lift_kwargs)
   masks = dcil_jax.magnitude_masks(params, dcil_jax.masks_like(params), sparsity)
   names = lift_kwargs.get("path_names", paths.PATH_NAMES)
   rest = {k: v for k, v in variables.items() if k != "params"}
-  return params, masks, paths.lift_collections(rest, names)
+  return params, masks, paths.split_collections(rest, names)
 
 
 def plain_apply(model, params, state, x):
@@ -162,7 +162,9 @@ def test_dpf_applies_the_pruned_model_gradient_to_every_weight(
   assert float(loss) == pytest.approx(float(ref_loss), rel=1e-6)
   tree_allclose(
     grads,
-    paths.lift(ref_grads, lambda p, _: jax.tree_util.keystr(p) in KERNELS, path_names=("sparse",)),
+    paths.split_params(
+      ref_grads, lambda p, _: jax.tree_util.keystr(p) in KERNELS, path_names=("sparse",)
+    ),
     rtol=1e-5,
   )
   pruned_entries = ~masks["prunable"]["Conv_1"]["kernel"]

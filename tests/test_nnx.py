@@ -85,9 +85,9 @@ def test_one_step_equals_the_linen_model(
 
 def test_gradients_equal_the_linen_model(nnx_model, tiny_model, tiny_variables, tiny_batch):
   rule = dcil_jax.rules.conv_kernels(nnx_model)
-  params = paths.lift(tiny_variables["params"], rule)
+  params = paths.split_params(tiny_variables["params"], rule)
   masks = dcil_jax.magnitude_masks(params, dcil_jax.masks_like(params), 0.5)
-  stats = paths.lift_collections({"batch_stats": tiny_variables["batch_stats"]})
+  stats = paths.split_collections({"batch_stats": tiny_variables["batch_stats"]})
 
   def grads(model):
     fn = lambda p: dcil_jax.dcil_loss(model, p, masks, tiny_batch, stats, kd_weight=1.0)  # noqa: E731
@@ -118,9 +118,9 @@ def test_export_writes_back_into_the_users_class(nnx_model, tiny_variables, tiny
 def test_each_path_draws_its_own_dropout_mask(tiny_batch):
   model, variables = dcil_jax.from_nnx(NNXSmallCNN(nnx.Rngs(0, dropout=1), dropout=0.5))
   assert model.rng_tags == ("dropout",)
-  params = paths.lift(variables["params"], dcil_jax.rules.conv_kernels(model))
+  params = paths.split_params(variables["params"], dcil_jax.rules.conv_kernels(model))
   masks = dcil_jax.masks_like(params)  # all kept: the paths differ by dropout alone
-  stats = paths.lift_collections({"batch_stats": variables["batch_stats"]})
+  stats = paths.split_collections({"batch_stats": variables["batch_stats"]})
   rngs = {"dropout": jax.random.PRNGKey(3)}
   loss = jax.jit(
     lambda strategy: dcil_jax.dcil_loss(

@@ -254,3 +254,66 @@ def test_mask_settings_are_read_without_building_masks(tiny_variables):
   assert isinstance(refresh, dcil_jax.refresh.Refresh) and refresh.update_every == 7
   assert refresh.prunable is None
   assert dcil_jax.refresh.declared_refreshes(optax.sgd(0.1), tiny_variables["params"]) == ()
+
+
+# --------------------------------------------------------------------------------------------
+# The library boundary
+
+
+def _library_names_used(root):
+  """``(file, module, name, imported)`` for every ``dcil_jax`` name the files under ``root``
+  use: ``from dcil_jax.X import Y`` (imported), ``from dcil_jax import X``, ``import
+  dcil_jax.X`` and attribute chains ``dcil_jax.X.Y``."""
+  import ast
+  from pathlib import Path
+
+  used = []
+  for file in sorted(Path(root).rglob("*.py")):
+    for node in ast.walk(ast.parse(file.read_text())):
+      if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dcil_jax"):
+        module = node.module.removeprefix("dcil_jax").lstrip(".") or None
+        used += [(file.name, module, alias.name, True) for alias in node.names]
+      elif isinstance(node, ast.Import):
+        for alias in node.names:
+          if alias.name.startswith("dcil_jax."):
+            module, _, name = alias.name.removeprefix("dcil_jax.").rpartition(".")
+            used.append((file.name, module or None, name, True))
+      elif isinstance(node, ast.Attribute):
+        chain, inner = [node.attr], node.value
+        while isinstance(inner, ast.Attribute):
+          chain.append(inner.attr)
+          inner = inner.value
+        if isinstance(inner, ast.Name) and inner.id == "dcil_jax":
+          chain.reverse()
+          used.append((file.name, None, chain[0], False))
+          if len(chain) >= 2:
+            used.append((file.name, chain[0], chain[1], False))
+  return used
+
+
+@pytest.mark.parametrize("root", ["experiments", "benchmarks"])
+def test_experiments_and_benchmarks_use_only_public_library_names(root):
+  """Public: a name in ``dcil_jax.__all__``, or a name in the ``__all__`` of a module that is
+  itself in ``dcil_jax.__all__`` (``dcil_jax.rules``, ``dcil_jax.models``, ...)."""
+  import importlib
+  import types
+  from pathlib import Path
+
+  private = []
+  for file, module, name, imported in _library_names_used(Path(__file__).parent.parent / root):
+    if name.startswith("__") and name.endswith("__"):  # dcil_jax.__file__ and friends
+      continue
+    if module is None:
+      if name not in dcil_jax.__all__:
+        private.append(f"{file}: dcil_jax.{name}")
+      continue
+    top = module.split(".")[0]
+    is_module = isinstance(getattr(dcil_jax, top, None), types.ModuleType)
+    if not imported and not is_module:  # an attribute of a public object (train_step.lower)
+      continue
+    if top not in dcil_jax.__all__ or not is_module:
+      private.append(f"{file}: dcil_jax.{module} (not a public module)")
+      continue
+    if name not in getattr(importlib.import_module(f"dcil_jax.{module}"), "__all__", ()):
+      private.append(f"{file}: dcil_jax.{module}.{name}")
+  assert not private, "private dcil_jax names used:\n" + "\n".join(sorted(set(private)))
