@@ -204,11 +204,13 @@ def eval_counts(state: dcil_jax.TrainState, batch: dict[str, jax.Array], path: s
   return dcil_jax.eval_step(state, batch, path)
 
 
+@jax.jit
 def refresh_record(state: dcil_jax.TrainState, refreshed: jax.Array) -> dict[str, Any]:
   """The last refresh's record in the state's mask transform (device values: the loop fetches
   them when it logs, and keeps those of the steps whose ``refreshed`` is set): the flip rate,
   the fraction revived, the fraction ever revived and the per-layer flip rates, counted in the
-  pruned unit (filters for filter masks). Nothing is recomputed: the step's update made it."""
+  pruned unit (filters for filter masks). Nothing is recomputed: the step's update made it.
+  Jitted: it runs on the devices, so the loop transfers nothing between steps."""
   record = dcil_jax.find_masked_state(state.opt_state).record
   return {
     "flip_rate": record.flip_rate,
