@@ -33,6 +33,7 @@ import optax
 
 import dcil_jax
 import dcil_jax.pool_gradient
+from benchmarks import step_time_report  # the prose, written from the result alone
 from benchmarks.common import (
   cost_stats,
   cpu_snapshot,
@@ -51,13 +52,20 @@ from benchmarks.common import (
   vm_hwm_kb,
   vm_rss_kb,
 )
+from benchmarks.step_time_report import (
+  BATCH,
+  DEVICE_FLAG,
+  MAIN,
+  NUM_CLASSES,
+  PROBE_UPDATE_EVERY,
+  SPARSITY,
+  TWO_DEV,
+  UPDATE_EVERY,
+  find,
+  row_model,
+)
 from dcil_jax import models
 
-SPARSITY = 0.9
-UPDATE_EVERY = 16
-PROBE_UPDATE_EVERY = 2
-BATCH = 128
-NUM_CLASSES = 10
 MODELS = {
   "resnet20": (models.resnet20, (32, 32, 3)),
   "small_cnn": (models.SmallCNN, (8, 8, 1)),
@@ -73,8 +81,6 @@ TARGETS = {
   "sequential_memory_vs_dense": 1.1,
 }
 KD_OFF_STEP = 10**9  # kd_start_step that keeps distillation off for the whole benchmark
-DEVICE_FLAG = "--xla_force_host_platform_device_count=2"
-MAIN, TWO_DEV = "main", "2-dev"
 # (method, strategy, distillation on): DCIL's kd_weight is traced (on from step 0, or off for the
 # whole run), as in training, so "sequential" decides on its teacher forward under lax.cond.
 MAIN_CONFIGS = (
@@ -680,13 +686,6 @@ def library_info() -> dict[str, Any]:
 # Analysis
 
 
-def find(records: list[dict[str, Any]], model: str, label: str, process: str | None = None):
-  for r in records:
-    if r["model"] == model and r["label"] == label and (process is None or r["process"] == process):
-      return r
-  return None
-
-
 def add_ratios(records: list[dict[str, Any]]) -> None:
   """``ratio_to_dense``: median of per-round ratios to the dense step of the same process.
 
@@ -721,12 +720,6 @@ def analyse_refresh(result: dict[str, Any]) -> None:
       and r["update_every"] == UPDATE_EVERY
       and ("previous_run" in r) == ("previous_run" in ref)
     }
-
-
-def row_model(record: dict[str, Any]) -> str:
-  """A timed row's model, with its batch when that is not the default."""
-  batch = record.get("batch", BATCH)
-  return record["model"] if batch == BATCH else f"{record['model']} (batch {batch})"
 
 
 def evaluate(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -1031,7 +1024,6 @@ def merge_previous(result: dict[str, Any], path: Path) -> None:
 
 def finish(result: dict[str, Any], out: Path) -> None:
   """Analysis of the raw measurements, then the JSON and markdown files."""
-  from benchmarks import step_time_report  # the prose, written from the result alone
 
   add_ratios(result["records"])
   analyse_refresh(result)

@@ -8,18 +8,28 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import MB
-from benchmarks.step_time import (
-  BATCH,
-  DEVICE_FLAG,
-  MAIN,
-  NUM_CLASSES,
-  PROBE_UPDATE_EVERY,
-  SPARSITY,
-  TWO_DEV,
-  UPDATE_EVERY,
-  find,
-  row_model,
-)
+
+# The benchmark's settings, shared with step_time.py (which imports them from here).
+SPARSITY = 0.9
+UPDATE_EVERY = 16
+PROBE_UPDATE_EVERY = 2
+BATCH = 128
+NUM_CLASSES = 10
+DEVICE_FLAG = "--xla_force_host_platform_device_count=2"
+MAIN, TWO_DEV = "main", "2-dev"
+
+
+def find(records: list[dict[str, Any]], model: str, label: str, process: str | None = None):
+  for r in records:
+    if r["model"] == model and r["label"] == label and (process is None or r["process"] == process):
+      return r
+  return None
+
+
+def row_model(record: dict[str, Any]) -> str:
+  """A timed row's model, with its batch when that is not the default."""
+  batch = record.get("batch", BATCH)
+  return record["model"] if batch == BATCH else f"{record['model']} (batch {batch})"
 
 
 def profile_notes(result: dict[str, Any]) -> list[str]:

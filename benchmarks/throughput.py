@@ -49,7 +49,8 @@ import ml_collections
 import numpy as np
 
 import dcil_jax
-from benchmarks import common
+from benchmarks import common, throughput_report  # the report: prose from the result alone
+from benchmarks.throughput_report import DCIL_TARGET, SPARSITY
 from dcil_jax import sharding
 from experiments import input_pipeline, resolve
 from experiments import state as lib
@@ -58,9 +59,6 @@ from experiments.configs import cifar as cifar_configs
 from experiments.configs import imagenet as imagenet_configs
 
 REPO = Path(__file__).resolve().parents[1]
-SPARSITY = 0.9
-DCIL_TARGET = 0.48  # DCIL images/s >= 0.48x dense (issue); the floor of two passes is 0.5
-DCIL_FLOOR = 0.5
 CPU_METHODS = (("dense", None), ("dpf", None), ("dcil", None))  # None: the config's default
 GPU_METHODS = (("dense", None), ("dpf", None), ("dcil", "unrolled"), ("dcil", "vmap"))
 MESH_CONFIGS = (("dense", False), ("dcil", False), ("dcil", True))  # (method, path_parallel)
@@ -480,7 +478,6 @@ def evaluate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def analyse(result: dict[str, Any]) -> None:
-  from benchmarks import throughput_report  # the prose, written from the result alone
 
   add_ratios(result["records"])
   result["targets"] = evaluate(result["records"])
@@ -492,7 +489,6 @@ def analyse(result: dict[str, Any]) -> None:
 
 
 def write_results(result: dict[str, Any], out: Path) -> None:
-  from benchmarks import throughput_report
 
   analyse(result)
   name = f"throughput_{result['mode']}"
