@@ -145,3 +145,27 @@ def start_processes(argv, *, count: int = 2, merge_output: bool = False) -> list
     )
     for process_id in range(count)
   ]
+
+
+def lifted(model, variables, x, sparsity=0.6, **lift_kwargs):
+  """Lifted params, their masks at ``sparsity`` and the lifted model state (or None)."""
+  import dcil_jax
+  from dcil_jax import paths, rules
+
+  rule = rules.conv_kernels(model, x)
+  params = paths.split_params(variables["params"], rule, **lift_kwargs)
+  masks = dcil_jax.magnitude_masks(params, dcil_jax.masks_like(params), sparsity)
+  names = lift_kwargs.get("path_names", paths.PATH_NAMES)
+  rest = {k: v for k, v in variables.items() if k != "params"}
+  return params, masks, paths.split_collections(rest, names)
+
+
+def assert_same(got, want):
+  """Two ``((loss, aux), grads)`` of DCIL losses agree: value, gradients, model state, terms."""
+  (loss, aux), grads = got
+  (ref_loss, ref_aux), ref_grads = want
+  assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
+  tree_allclose(grads, ref_grads, rtol=1e-4, atol=1e-6)
+  tree_allclose(aux["model_state"], ref_aux["model_state"])
+  for key in ("ce", "kl", "accuracy", "logits"):
+    tree_allclose(aux[key], ref_aux[key], rtol=1e-5, atol=1e-6)

@@ -5,22 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import tree_allclose
+from conftest import lifted, tree_allclose
 
 import dcil_jax
 from dcil_jax import losses, paths, rules
 
 KD = 1.0  # exercise the distillation terms too
-
-
-def lifted(model, variables, x, sparsity=0.6, **lift_kwargs):
-  """Lifted params, their masks at ``sparsity`` and the lifted model state (or None)."""
-  rule = rules.conv_kernels(model, x)
-  params = paths.split_params(variables["params"], rule, **lift_kwargs)
-  masks = dcil_jax.magnitude_masks(params, dcil_jax.masks_like(params), sparsity)
-  names = lift_kwargs.get("path_names", paths.PATH_NAMES)
-  rest = {k: v for k, v in variables.items() if k != "params"}
-  return params, masks, paths.split_collections(rest, names)
 
 
 def plain_apply(model, params, state, x):

@@ -15,9 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import tree_allclose
-from test_losses import lifted
-from test_sequential import assert_same
+from conftest import assert_same, lifted, tree_allclose
 
 import dcil_jax
 from dcil_jax.pool_gradient import late_pool_indices

@@ -15,8 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import tree_allclose
-from test_losses import lifted
+from conftest import assert_same, lifted, tree_allclose
 
 import dcil_jax
 from dcil_jax import paths
@@ -53,16 +52,6 @@ def value_and_grad(model, dual, masks, stats, batch, strategy, kd, rngs=None, tr
   if traced_kd:
     return jax.jit(jax.value_and_grad(fn, has_aux=True))(dual, jnp.float32(kd))
   return jax.jit(jax.value_and_grad(lambda p: fn(p, kd), has_aux=True))(dual)
-
-
-def assert_same(got, want):
-  (loss, aux), grads = got
-  (ref_loss, ref_aux), ref_grads = want
-  assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
-  tree_allclose(grads, ref_grads, rtol=1e-4, atol=1e-6)
-  tree_allclose(aux["model_state"], ref_aux["model_state"])
-  for key in ("ce", "kl", "accuracy", "logits"):
-    tree_allclose(aux[key], ref_aux[key], rtol=1e-5, atol=1e-6)
 
 
 FORMS = ["sequential_unrolled", "sequential_loop"]
