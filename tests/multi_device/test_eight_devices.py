@@ -184,14 +184,14 @@ def test_checkpoint_of_a_sharded_state_restores_values_and_shardings(
 
   mesh, (state, _, _) = on_mesh("dcil", True)
   saver = checkpoints.RunCheckpointer(tmp_path)
-  saver.save(STEPS, lib.checkpoint_tree(state, None), {"data": None})
+  saver.save(STEPS, lib.checkpoint_tree(state), {"data": None})
   saver.close()  # waits for the asynchronous write
   fresh = dcil_jax.TrainState.create(
     tiny_model, tiny_variables, make_tx(), mesh=mesh, example_input=global_batch["image"][:1]
   )
   restored = checkpoints.RunCheckpointer(tmp_path).restore_latest(lib.checkpoint_tree(fresh, None))
   assert restored.step == STEPS
-  expected = jax.tree.leaves(lib.checkpoint_tree(state, None))
+  expected = jax.tree.leaves(lib.checkpoint_tree(state))
   for got, want in zip(jax.tree.leaves(restored.state), expected, strict=True):
     assert got.sharding == want.sharding  # replicated
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
