@@ -189,7 +189,7 @@ def test_checkpoint_of_a_sharded_state_restores_values_and_shardings(
   fresh = dcil_jax.TrainState.create(
     tiny_model, tiny_variables, make_tx(), mesh=mesh, example_input=global_batch["image"][:1]
   )
-  restored = checkpoints.RunCheckpointer(tmp_path).restore_latest(lib.checkpoint_tree(fresh, None))
+  restored = checkpoints.RunCheckpointer(tmp_path).restore_latest(lib.checkpoint_tree(fresh))
   assert restored.step == STEPS
   expected = jax.tree.leaves(lib.checkpoint_tree(state))
   for got, want in zip(jax.tree.leaves(restored.state), expected, strict=True):
