@@ -16,6 +16,7 @@ import os
 
 import ml_collections
 
+from dcil_jax.granularity import FILTER_SCORES
 from dcil_jax.models import MODELS
 from experiments import input_pipeline, recipes, state
 
@@ -172,9 +173,11 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
   if config.granularity not in ("weight", "filter"):
     problems.append(f"granularity must be 'weight' or 'filter', got {config.granularity!r}")
   if config.granularity == "filter" and (
-    config.filter_score not in ("l1", "l2") or config.distribution == "erk"
+    config.filter_score not in FILTER_SCORES or config.distribution == "erk"
   ):
-    problems.append("filter masks take filter_score 'l1' or 'l2' and a global/layerwise split")
+    problems.append(
+      f"filter masks take filter_score in {FILTER_SCORES} and a global/layerwise split"
+    )
   if config.dcil_preset not in state.DCIL_PRESETS:
     problems.append(f"dcil_preset must be one of {state.DCIL_PRESETS}, got {config.dcil_preset!r}")
   if config.kd_ramp_epochs is not None and config.kd_ramp_epochs < 0:

@@ -17,7 +17,9 @@ def base_config() -> ConfigDict:
   config.sparsity = 0.9  # final fraction of conv weights pruned
   config.distribution = "global"  # global (official) | layerwise | erk
   config.granularity = "weight"  # weight (official) | filter (official structured mode)
-  config.filter_score = "l1"  # filter masks: l1 (mean |w|) | l2 (mean w^2)
+  # filter masks: l1 (mean |w|) | l2 (mean w^2), or l1_relative | l2_relative (divided by the
+  # layer's mean filter score, dcil_jax.granularity.filter_scores)
+  config.filter_score = "l1"
   config.update_every = 16  # mask refresh period in steps (official: 16)
   config.temperature = 2.0  # distillation temperature (official: 2)
   # DCIL's setting: official (the official code exactly) | robust (dcil_jax.DCIL.robust: the
