@@ -194,11 +194,17 @@ def _host(tree: Any) -> Any:
 
 
 def trace(
-  config, workdir: str, steps: int | None = None, sharpness_every: int = 0
+  config,
+  workdir: str,
+  steps: int | None = None,
+  sharpness_every: int = 0,
+  trace_from: int = 0,
 ) -> list[dict[str, Any]]:
-  """Trains ``config`` (a DCIL config) for ``steps`` (default: the whole run), writing one record
-  per step to ``workdir/trace.jsonl``; returns the records. Every ``sharpness_every`` steps (0:
-  never) a record also holds :func:`sharpness` without and with distillation."""
+  """Trains ``config`` (a DCIL config) for ``steps`` (default: the whole run), writing a record
+  per step from step ``trace_from`` on (before it, once per epoch: a large model's diagnostics
+  cost several steps each) to ``workdir/trace.jsonl``; returns the records. Every
+  ``sharpness_every`` traced steps (0: never) a record also holds :func:`sharpness` without and
+  with distillation."""
   platform = resolve.platform_name(jax.default_backend())
   config = resolve.resolve_config(config, data_parallelism=1, platform=platform)
   if config.method != "dcil":
@@ -223,6 +229,12 @@ def trace(
   with open(os.path.join(workdir, TRACE_FILE), "w") as out:
     for step in range(1, num_steps + 1):
       batch = sharding.shard_batch(next(iterator), mesh)
+      if step < trace_from and step % plan.steps_per_epoch:
+        state, metrics = dcil_jax.train_step(state, batch)
+        if not bool(metrics["finite"]):
+          print(f"non-finite at step {step}; stopping", file=sys.stderr)
+          break
+        continue
       record = _host(diagnose(state, batch))
       if sharpness_every and step % sharpness_every == 0:
         record["sharpness_task"] = float(sharpness(state, batch, 0.0))
@@ -320,6 +332,7 @@ config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "The DCIL run to trace
 flags.DEFINE_string("workdir", None, "Where trace.jsonl and config.json go.")
 flags.DEFINE_integer("steps", None, "Trace this many steps (default: the whole run).")
 flags.DEFINE_integer("sharpness_every", 0, "Measure the loss sharpness every this many steps.")
+flags.DEFINE_integer("trace_from", 0, "Trace every step from this one (before: once an epoch).")
 flags.DEFINE_string("plot", None, "Plot the traces in the positional workdirs to this PNG.")
 flags.DEFINE_list("labels", None, "Column titles for --plot (default: the workdirs' names).")
 
@@ -332,7 +345,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("--workdir is required to trace a run.")
   config = FLAGS.config
   config.run.progress = False
-  trace(config, FLAGS.workdir, FLAGS.steps, FLAGS.sharpness_every)
+  trace(config, FLAGS.workdir, FLAGS.steps, FLAGS.sharpness_every, FLAGS.trace_from)
 
 
 if __name__ == "__main__":
