@@ -13,14 +13,14 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from dcil_jax import losses, paths, rules, sharding
+from dcil_jax import granularity, losses, paths, rules, sharding
 from dcil_jax import masks as masks_lib
 from dcil_jax import refresh as refresh_lib
 from dcil_jax.methods import DCIL, METHODS, Method, check_refresh, get_method
 from dcil_jax.model import FlaxModel, ModeFn, NNXModel, as_model
 from dcil_jax.refresh import Refresh
 from dcil_jax.rigl import check_outermost
-from dcil_jax.transform import find_masked_state, get_masks, get_trained_masks
+from dcil_jax.transform import MaskRefresh, find_masked_state, get_masks, get_trained_masks
 
 __all__ = ["METHODS", "TrainState", "eval_step", "export_variables", "lift", "train_step"]
 
@@ -320,7 +320,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainSta
     sparsity of the masks this step used, its target, whether they were refreshed for this
     step (once per refresh, also under ``MultiSteps``), the flip rate of the last refresh, and
     ``sparsity_out_of_range`` (the schedule left [0, 1); its last valid value was used);
-    ``labels_in_range`` (False: the step was skipped for its labels, see above); and ``finite``
+    ``labels_in_range`` (False: the step was skipped for its labels, see above); for filter
+    masks ``layers_at_floor`` (layers kept at their one last filter); and ``finite``
     (whether the step was applied: finite and with valid labels).
   """
   check_batch(batch, state.mesh)
@@ -371,6 +372,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainSta
       "revived": after.record.revived,
       "sparsity_out_of_range": after.out_of_range,
     }
+    if isinstance(before.refresh, MaskRefresh) and before.refresh.granularity == "filter":
+      # Layers kept at one filter (the floor that keeps a layer from being emptied).
+      metrics["layers_at_floor"] = granularity.layers_at_floor(masks)
   return new_state, metrics
 
 

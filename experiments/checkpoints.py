@@ -3,8 +3,8 @@
 A checkpoint is a step directory under ``WORKDIR/checkpoints/`` with two items:
 
 - ``state``: every array the run needs to continue: params of both paths, BatchNorm
-  statistics, the optimizer state with the masks, the step counter, the PRNG key and the
-  stability tracker. Saved by every process, sharded as the arrays are (orbax + tensorstore).
+  statistics, the optimizer state with the masks and the refresh record, the step counter and
+  the PRNG key. Saved by every process, sharded as the arrays are (orbax + tensorstore).
 - ``meta`` (JSON): the step, the input pipeline's position (grain iterator state), the train
   metrics not yet logged, the resolved config, and the shape and dtype of every state leaf (so
   a checkpoint of another model is refused with a readable message before orbax reads it).
