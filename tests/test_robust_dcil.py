@@ -18,11 +18,11 @@ from experiments.configs import mnist1d
 @pytest.fixture(scope="module")
 def setup(tiny_model, tiny_variables, tiny_batch):
   rule = rules.conv_kernels(tiny_model, tiny_batch["image"])
-  params = paths.lift(tiny_variables["params"], rule)
+  params = paths.split_params(tiny_variables["params"], rule)
   params["dense"] = jax.tree.map(lambda x: x * 1.5 + 0.1, params["dense"])
   masks = dcil_jax.magnitude_masks(params, dcil_jax.masks_like(params), 0.6)
   rest = {k: v for k, v in tiny_variables.items() if k != "params"}
-  return tiny_model, params, masks, paths.lift_collections(rest)
+  return tiny_model, params, masks, paths.split_collections(rest)
 
 
 def value_and_grad(setup, batch, method, step=0):
