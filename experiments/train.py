@@ -30,7 +30,7 @@ import numpy as np
 from etils import epath
 
 from dcil_jax import sharding, stability
-from experiments import checkpoints, input_pipeline, loop, preemption, resolve
+from experiments import checkpoints, input_pipeline, loop, preemption, resolve, watchdog
 from experiments import state as lib  # the one door to the library's TrainState
 from experiments.metric_writers import MetricWriter, read_jsonl
 from experiments.resolve import BadConfigError  # noqa: F401  (the loop raises it)
@@ -230,6 +230,7 @@ class Evaluator:
       for i, batch in enumerate(it):
         if config.run.max_eval_steps is not None and i >= config.run.max_eval_steps:
           break
+        watchdog.beat(f"eval batch {i}")
         yield sharding.shard_batch(batch, self.mesh)
     finally:
       _close(it)
@@ -313,11 +314,13 @@ def train_and_evaluate(
   plan = Plan.from_config(config)
   workpath = prepare_workdir(workdir, lead)
   fresh = lib.create_train_state(config, mesh, plan.steps_per_epoch)
+  watchdog.beat("train state initialised")
   checkpointer = checkpoints.RunCheckpointer(
     workpath / checkpoints.CHECKPOINT_DIR,
     keep=config.run.keep_checkpoints,
     async_save=config.run.async_checkpointing,
   )
+  watchdog.beat("checkpoint manager opened")
   try:
     start = restore_or_init(
       config, workpath, checkpointer, fresh, lib.create_tracker(fresh, mesh), lead
@@ -326,6 +329,7 @@ def train_and_evaluate(
     checkpointer.close()
     raise
   state, tracker = start.state, start.tracker
+  watchdog.beat(f"start state ready (step {start.step})")
   writer = MetricWriter(workdir, enabled=lead)
   verbose = lead and progress is None
   info = lib.describe(state)
@@ -387,11 +391,14 @@ def train_and_evaluate(
       for step in range(start.step + 1, plan.num_steps + 1):
         batch, data_position = next(batches)
         if step_fn is None:  # a step that cannot fit in device memory fails here, clearly
+          watchdog.beat("first batch read; compiling the train step")
           step_fn = lib.compile_train_step(state, batch)
+          watchdog.beat("train step compiled")
           check_memory(step_fn, config.batch_size // ways)
         if tracker is not None:  # measured before the step, which donates the old masks
           tracker, refresh = lib.track_refresh(tracker, state)
         state, metrics = step_fn(state, batch)
+        watchdog.beat(f"train step {step} dispatched")
         throughput.step(metrics, config.batch_size)
         buffer.append(metrics)
         if tracker is not None:
@@ -408,6 +415,7 @@ def train_and_evaluate(
           saver.save(step, state, tracker, data_position, buffer, monitor, top1)
         if stop:
           checkpointer.wait()
+          watchdog.beat(f"checkpoint of step {step} written")
           raise preemption.Preempted(step, guard.signum or signal.SIGTERM)
       checkpointer.wait()
       jax.block_until_ready(state)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import start_processes
+from conftest import start_processes, subprocess_env
 from test_resume import FLAGS, STEPS, assert_same_run, checkpoint_steps, wait_for_checkpoint
 
-from experiments import preemption, train
+from experiments import launch, preemption, train, watchdog
 from experiments.configs import digits
 
 SHORT = 11  # one epoch (an eval at its end): enough to compare with one process
@@ -125,3 +125,19 @@ def test_two_processes_stop_together_on_sigterm_to_one_and_resume_exactly(
   outs = finish_two(start_two(workdir), 0)
   assert f"resumed at step {stopped}" in outs[0]
   assert_same_run(workdir, reference)
+
+
+def test_watchdog_prints_every_stack_and_exits_when_a_peer_never_joins(tmp_path):
+  """Process 0 of 2 starts alone: it waits in jax.distributed.initialize() for a peer that never
+  comes. After --watchdog_seconds without progress it prints where it was and every thread's
+  stack, and exits with the watchdog's code (no watchdog: it would wait for minutes)."""
+  argv = ["-m", "experiments.digits", f"--workdir={tmp_path}", *FLAGS, "--watchdog_seconds=2"]
+  root = Path(__file__).parent.parent
+  (p,) = launch.start_local_processes(argv, process_ids=[0], cwd=root, env=subprocess_env())
+  out = p.communicate(timeout=120)[0]
+  assert p.returncode == watchdog.EXIT_STALLED, out[-3000:]
+  assert "watchdog (process 0, pid" in out and "no progress for 2 s" in out
+  assert "the last progress was: jax.distributed.initialize() called" in out
+  # Every thread: the watchdog's own and the main thread, stuck in the distributed start.
+  assert "Current thread" in out and "in _watch" in out
+  assert "in initialize_distributed" in out and "jax/_src/distributed.py" in out
