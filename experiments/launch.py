@@ -10,7 +10,12 @@ another experiment: one message says what to change); 3 a NaN/Inf step with
 ``--config.run.on_nonfinite=stop``; 75 stopped by SIGTERM/SIGINT after writing a checkpoint (run the
 same command to continue); 128 + signal number for a second signal (exit at once); 4 the watchdog
 saw no progress for ``--watchdog_seconds`` (every thread's stack is printed first: a hang, or a
-peer process that died); 1 anything else (a bug: please report it with the traceback).
+peer process that died); 5 another process of a multi-process run is gone (killed, crashed, lost
+its host): this one stops at its next collective, without waiting for the runtime's shutdown
+barrier (run the same command on every host to resume from the last checkpoint); 1 anything
+else (a bug: please report it with the traceback). A process whose coordinator (process 0) dies
+is stopped by the JAX runtime itself within seconds ("the JAX distributed service detected
+fatal errors": SIGABRT).
 """
 
 from __future__ import annotations
@@ -30,6 +35,17 @@ ACCELERATORS = ("tpu", "gpu", "cpu")  # dtype defaults per platform: experiments
 PLATFORMS = {"tpu": "tpu", "gpu": None, "cpu": "cpu"}
 EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 3
+EXIT_PEER_LOST = 5
+# What the runtime's errors say when another process of the run is gone: gloo's broken
+# connection in a collective, the coordination service's missed heartbeats or failed barriers.
+PEER_LOST_MARKERS = (
+  "Gloo",
+  "Connection closed by peer",
+  "Connection reset by peer",
+  "heartbeat timeout",
+  "CoordinationService",
+  "coordination service",
+)
 # The watchdog's limit for a multi-process run (one that calls jax.distributed.initialize): long
 # enough for the slowest legitimate gap between two progress beats (a first compilation of a
 # large model, an ImageNet evaluation pass, a checkpoint write on a slow disk), short enough
@@ -193,6 +209,32 @@ def start(accelerator: str | None, distributed: str, watch: float | None = None)
   return platform
 
 
+def lost_peer(error: BaseException) -> bool:
+  """Whether ``error`` means that another process of this multi-process run is gone."""
+  import jax
+
+  if jax.process_count() == 1 or not isinstance(error, jax.errors.JaxRuntimeError):
+    return False
+  return any(marker in str(error) for marker in PEER_LOST_MARKERS)
+
+
+def exit_lost_peer(error: BaseException) -> None:
+  """One clear message and exit :data:`EXIT_PEER_LOST` at once: a normal exit would wait in the
+  runtime's shutdown barrier for the dead peer, then abort with a C++ stack trace."""
+  import jax
+
+  first = str(error).strip().splitlines()[0][:400]
+  print(
+    f"error: process {jax.process_index()} of {jax.process_count()}: another process of this "
+    f"run is gone (killed, crashed, or its host lost), so this one stops too ({first}). Run the "
+    "same command on every host to resume from the last checkpoint.",
+    file=sys.stderr,
+    flush=True,
+  )
+  sys.stdout.flush()
+  os._exit(EXIT_PEER_LOST)
+
+
 def bad_input_errors() -> tuple[type[BaseException], ...]:
   """The exceptions that mean bad input (exit code 2, one message, no traceback)."""
   from experiments import checkpoints, input_pipeline, resolve, train
@@ -222,6 +264,10 @@ def main(argv: Sequence[str]) -> None:
     fail(EXIT_BAD_INPUT, e)
   except FloatingPointError as e:
     fail(EXIT_NONFINITE, e)
+  except Exception as e:
+    if lost_peer(e):
+      exit_lost_peer(e)
+    raise
 
 
 def reserve_port(host: str = "127.0.0.1") -> socket.socket:

@@ -409,14 +409,16 @@ def train_and_evaluate(
           log_train(step)
         evaluated = loop.itstime(step, plan.eval_every, plan.num_steps)
         top1 = evaluator(state, tracker, step)["top1"] if evaluated else None
-        stop = should_stop(step)
+        asked = step == config.run.stop_after_step and step < plan.num_steps
+        stop = should_stop(step) or asked
         if saver.due(step, evaluated, stop):
           fetch(step)  # every record up to `step` is written before its checkpoint exists
           saver.save(step, state, tracker, data_position, buffer, monitor, top1)
         if stop:
           checkpointer.wait()
           watchdog.beat(f"checkpoint of step {step} written")
-          raise preemption.Preempted(step, guard.signum or signal.SIGTERM)
+          signum = guard.signum or (None if asked else signal.SIGTERM)
+          raise preemption.Preempted(step, signum)
       checkpointer.wait()
       jax.block_until_ready(state)
       train_seconds = throughput.seconds()
