@@ -79,11 +79,16 @@ def one_start(i: int, args: argparse.Namespace, logs: Path) -> dict:
     }
   argv = ["-m", "experiments.digits", f"--workdir={workdir / 'run'}", *FLAGS]
   argv.append(f"--watchdog_seconds={args.watchdog_seconds}")
-  began = time.monotonic()
+  began, load_average = time.monotonic(), os.getloadavg()[0]
   procs = launch.start_local_processes(argv, count=2, cwd=ROOT, env=env)
   outcome = "ok"
   try:
     outs = [p.communicate(timeout=args.timeout)[0] for p in procs]
+  except KeyboardInterrupt:  # the loop is stopped: this start is not counted
+    for p in procs:
+      p.kill()
+    shutil.rmtree(workdir, ignore_errors=True)
+    raise
   except subprocess.TimeoutExpired:
     outcome = "timeout"
     for p in procs:
@@ -105,7 +110,17 @@ def one_start(i: int, args: argparse.Namespace, logs: Path) -> dict:
     )
     (logs / f"start_{i:03d}_{outcome}.txt").write_text(text)
   shutil.rmtree(workdir, ignore_errors=True)
-  return {"run": i, "outcome": outcome, "seconds": round(seconds, 1), "codes": codes}
+  return {
+    "run": i,
+    "outcome": outcome,
+    "seconds": round(seconds, 1),
+    "codes": codes,
+    "load_average": round(load_average, 1),
+  }
+
+
+def interrupt(signum, frame) -> None:
+  raise KeyboardInterrupt
 
 
 def main() -> None:
@@ -125,8 +140,9 @@ def main() -> None:
   logs = Path(args.logs)
   logs.mkdir(parents=True, exist_ok=True)
   load = start_load(args.load, args.load_command, args.nice)
-  results = []
+  results, interrupted = [], False
   began = datetime.datetime.now(datetime.UTC)
+  signal.signal(signal.SIGTERM, interrupt)  # stopped early: the starts done so far are recorded
   try:
     for i in range(args.runs):
       r = one_start(i, args, logs)
@@ -134,8 +150,12 @@ def main() -> None:
       print(json.dumps(r), flush=True)
       if r["outcome"] != "ok" and args.stop_on_failure:
         break
+  except KeyboardInterrupt:
+    interrupted = True
   finally:
     stop_load(load)
+  if not results:
+    return
   counts = {k: sum(r["outcome"] == k for r in results) for k in ("ok", "stalled", "timeout")}
   counts["failed"] = len(results) - sum(counts.values())
   streak = best = 0
@@ -147,7 +167,9 @@ def main() -> None:
   row = (
     f"| {began:%Y-%m-%d %H:%M} | {len(results)} | {load_text} (nice {args.nice}) | {args.cache} "
     f"| {counts['ok']} | {counts['stalled']} | {counts['timeout']} | {counts['failed']} | {best} "
-    f"| {statistics.median(times):.0f} / {max(times):.0f} | {args.note} |"
+    f"| {statistics.median(times):.0f} / {max(times):.0f} "
+    f"| {statistics.median(r['load_average'] for r in results):.0f} "
+    f"| {args.note}{' (stopped early)' if interrupted else ''} |"
   )
   print(row)
   print(f"host: {platform.node()}, {os.cpu_count()} cores, load average {os.getloadavg()}")
