@@ -49,13 +49,14 @@ def run_cli(workdir, *extra, timeout=240):
   return p.returncode, out
 
 
-def run_in_process(workdir):
+def run_in_process(workdir, stop_after_step=None):
   """What ``cli(workdir)`` runs, in this process (no signal needed: no subprocess either)."""
   config = digits.get_config("local")
   with config.unlocked():
     config.num_train_steps = STEPS
     config.run.checkpoint_every_steps = 2
     config.run.progress = False
+    config.run.stop_after_step = stop_after_step
   return train.train_and_evaluate(config, str(workdir))
 
 
@@ -216,3 +217,17 @@ def test_a_data_position_resumes_the_same_global_batches_on_another_process_coun
     parts = [next(it) for it in resumed]
     for key in ("image", "label"):
       np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), want[key])
+
+
+def test_stop_after_step_stops_with_a_checkpoint_there_and_the_run_resumes_exactly(
+  tmp_path, uninterrupted
+):
+  """``run.stop_after_step`` (a run group field: the same experiment) stops like a SIGTERM, at a
+  chosen step: what moves a run to another process or device count at a known point."""
+  workdir = tmp_path / "run"
+  with pytest.raises(preemption.Preempted, match="as asked") as stopped:
+    run_in_process(workdir, stop_after_step=7)  # not a checkpoint step of its own
+  assert stopped.value.step == 7 and stopped.value.signum is None
+  assert checkpoint_steps(workdir)[-1] == 7
+  run_in_process(workdir)
+  assert_same_run(workdir, uninterrupted)
