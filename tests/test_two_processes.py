@@ -206,3 +206,28 @@ def test_a_run_moves_from_2_devices_to_2_processes_to_1_device_and_ends_as_the_u
       assert abs(a["top1"] - b["top1"]) <= 0.05
   assert summary["sparsity"] == ref_summary["sparsity"]
   assert summary["layer_sparsity"] == ref_summary["layer_sparsity"]
+
+
+STALL = """
+import os, signal, time
+from experiments import watchdog
+watchdog.start(1.0, name="the test")
+os.kill(os.getpid(), signal.SIGUSR1)  # stacks, and the process goes on
+for i in range(8):
+  watchdog.beat(f"beat {i}")
+  time.sleep(0.3)
+print("alive after the beats", flush=True)
+time.sleep(60)
+print("not reached", flush=True)
+"""
+
+
+def test_watchdog_waits_while_beats_come_and_sigusr1_prints_stacks_without_stopping():
+  root = Path(__file__).parent.parent
+  p = subprocess.run(
+    [sys.executable, "-c", STALL], cwd=root, capture_output=True, text=True, timeout=60
+  )
+  assert p.returncode == watchdog.EXIT_STALLED, p.stdout + p.stderr
+  assert "alive after the beats" in p.stdout and "not reached" not in p.stdout
+  assert "the last progress was: beat 7" in p.stderr and "watchdog (the test, pid" in p.stderr
+  assert p.stderr.count("Current thread") == 2  # SIGUSR1's dump, then the watchdog's
