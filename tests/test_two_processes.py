@@ -181,7 +181,8 @@ def test_a_run_moves_from_2_devices_to_2_processes_to_1_device_and_ends_as_the_u
   batches. The result is not bit for bit the uninterrupted one-device run's: the gradient
   all-reduce sums in an order that depends on the device count, and the warm-up amplifies the
   last-bit differences (as in test_two_processes_train_like_one). So: the same records, every
-  eval over the same 360 digits, the same exact-count sparsity, and top-1 within 0.05."""
+  eval over the same 360 digits, the same exact-count sparsity (each layer's share within
+  0.05), and top-1 within 0.05."""
   from test_resume import outcome, run_in_process
 
   workdir = tmp_path / "moved"
@@ -205,7 +206,11 @@ def test_a_run_moves_from_2_devices_to_2_processes_to_1_device_and_ends_as_the_u
       assert a["sparsity"] == b["sparsity"]
       assert abs(a["top1"] - b["top1"]) <= 0.05
   assert summary["sparsity"] == ref_summary["sparsity"]
-  assert summary["layer_sparsity"] == ref_summary["layer_sparsity"]
+  # A global threshold over weights that drifted apart: the layers' shares of the pruned count
+  # move a little (the total above does not).
+  layers, ref_layers = summary["layer_sparsity"], ref_summary["layer_sparsity"]
+  assert layers.keys() == ref_layers.keys()
+  assert all(abs(layers[k] - ref_layers[k]) <= 0.05 for k in layers), (layers, ref_layers)
 
 
 STALL = """
