@@ -21,14 +21,16 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class Preempted(Exception):
-  """The run stopped on a signal after writing a checkpoint at ``step``."""
+  """The run stopped on a signal (``signum``), or where asked (``signum=None``:
+  ``config.run.stop_after_step``), after writing a checkpoint at ``step``."""
 
-  def __init__(self, step: int, signum: int):
+  def __init__(self, step: int, signum: int | None):
     self.step, self.signum = step, signum
-    name = signal.Signals(signum).name
+    by = "as asked (run.stop_after_step)" if signum is None else f"by {signal.Signals(signum).name}"
     super().__init__(
-      f"Stopped by {name} after step {step}; a checkpoint of step {step} was written. Run the "
-      "same command again to continue."
+      f"Stopped {by} after step {step}; a checkpoint of step {step} was written. Run the same "
+      "command again to continue (on any number of processes or devices: the global batch "
+      "does not depend on them)."
     )
 
 

@@ -151,7 +151,7 @@ def main(argv: Sequence[str]) -> None:
     sweep.make_grid(f.methods, [f.sparsity], [f.seed])
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  launch.start(f.accelerator, f.distributed)
+  launch.start(f.accelerator, f.distributed, f.watchdog_seconds)
   run(
     f.config,
     f.workdir,

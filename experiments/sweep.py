@@ -198,7 +198,7 @@ def main(argv: Sequence[str]) -> None:
     shard = parse_shard(f.shard)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  launch.start(f.accelerator, f.distributed)
+  launch.start(f.accelerator, f.distributed, f.watchdog_seconds)
   run_or_exit(f.config, f.workdir, runs, shard=shard, progress=f.progress)
 
 

@@ -30,7 +30,7 @@ import numpy as np
 from etils import epath
 
 from dcil_jax import sharding
-from experiments import checkpoints, input_pipeline, loop, preemption, resolve, statistics
+from experiments import checkpoints, input_pipeline, loop, preemption, resolve, statistics, watchdog
 from experiments import state as lib  # the one door to the library's TrainState
 from experiments.metric_writers import MetricWriter, read_jsonl
 from experiments.resolve import BadConfigError  # noqa: F401  (the loop raises it)
@@ -232,6 +232,7 @@ class Evaluator:
       for i, batch in enumerate(it):
         if config.run.max_eval_steps is not None and i >= config.run.max_eval_steps:
           break
+        watchdog.beat(f"eval batch {i}")
         yield sharding.shard_batch(batch, self.mesh)
     finally:
       _close(it)
@@ -315,11 +316,13 @@ def train_and_evaluate(
   plan = Plan.from_config(config)
   workpath = prepare_workdir(workdir, lead)
   fresh = lib.create_train_state(config, mesh, plan.steps_per_epoch)
+  watchdog.beat("train state initialised")
   checkpointer = checkpoints.RunCheckpointer(
     workpath / checkpoints.CHECKPOINT_DIR,
     keep=config.run.keep_checkpoints,
     async_save=config.run.async_checkpointing,
   )
+  watchdog.beat("checkpoint manager opened")
   try:
     start = restore_or_init(config, workpath, checkpointer, fresh, lead)
   except BaseException:
@@ -327,6 +330,7 @@ def train_and_evaluate(
     raise
   state = start.state
   masked = state.method.uses_masks
+  watchdog.beat(f"start state ready (step {start.step})")
   writer = MetricWriter(workdir, enabled=lead)
   verbose = lead and progress is None
   info = lib.describe(state)
@@ -388,9 +392,12 @@ def train_and_evaluate(
       for step in range(start.step + 1, plan.num_steps + 1):
         batch, data_position = next(batches)
         if step_fn is None:  # a step that cannot fit in device memory fails here, clearly
+          watchdog.beat("first batch read; compiling the train step")
           step_fn = lib.compile_train_step(state, batch)
+          watchdog.beat("train step compiled")
           check_memory(step_fn, config.batch_size // ways)
         state, metrics = step_fn(state, batch)
+        watchdog.beat(f"train step {step} dispatched")
         throughput.step(metrics, config.batch_size)
         buffer.append(metrics)
         if masked:  # the refresh's record, from the state (device values: no host sync)
@@ -401,13 +408,16 @@ def train_and_evaluate(
           log_train(step)
         evaluated = loop.itstime(step, plan.eval_every, plan.num_steps)
         top1 = evaluator(state, step)["top1"] if evaluated else None
-        stop = should_stop(step)
+        asked = step == config.run.stop_after_step and step < plan.num_steps
+        stop = should_stop(step) or asked
         if saver.due(step, evaluated, stop):
           fetch(step)  # every record up to `step` is written before its checkpoint exists
           saver.save(step, state, data_position, buffer, monitor, top1)
         if stop:
           checkpointer.wait()
-          raise preemption.Preempted(step, guard.signum or signal.SIGTERM)
+          watchdog.beat(f"checkpoint of step {step} written")
+          signum = guard.signum or (None if asked else signal.SIGTERM)
+          raise preemption.Preempted(step, signum)
       checkpointer.wait()
       jax.block_until_ready(state)
       train_seconds = throughput.seconds()

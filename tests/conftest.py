@@ -15,9 +15,7 @@ once. ``FILE_SECONDS`` hands the longest files out first so that none starts las
 """
 
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
@@ -125,26 +123,12 @@ def tree_allclose(a, b, rtol=1e-5, atol=1e-6):
 
 def start_processes(argv, *, count: int = 2, merge_output: bool = False) -> list[subprocess.Popen]:
   """``python argv...`` as ``count`` local JAX processes (``jax.distributed`` on CPU with gloo
-  collectives, a fresh coordinator port), run from the repository root."""
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    coordinator = f"127.0.0.1:{s.getsockname()[1]}"
-  return [
-    subprocess.Popen(
-      [sys.executable, *argv],
-      cwd=Path(__file__).parent.parent,
-      env=subprocess_env(
-        JAX_PLATFORMS="cpu",
-        JAX_COORDINATOR_ADDRESS=coordinator,
-        JAX_NUM_PROCESSES=str(count),
-        JAX_PROCESS_ID=str(process_id),
-      ),
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT if merge_output else subprocess.PIPE,
-      text=True,
-    )
-    for process_id in range(count)
-  ]
+  collectives, a coordinator port held for them: ``experiments.launch.start_local_processes``),
+  run from the repository root with this process's environment."""
+  from experiments import launch
+
+  root = Path(__file__).parent.parent
+  return launch.start_local_processes(argv, count=count, cwd=root, merge_output=merge_output)
 
 
 def lifted(model, variables, x, sparsity=0.6, **lift_kwargs):

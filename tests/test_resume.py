@@ -49,13 +49,14 @@ def run_cli(workdir, *extra, timeout=240):
   return p.returncode, out
 
 
-def run_in_process(workdir):
+def run_in_process(workdir, stop_after_step=None):
   """What ``cli(workdir)`` runs, in this process (no signal needed: no subprocess either)."""
   config = digits.get_config("local")
   with config.unlocked():
     config.num_train_steps = STEPS
     config.run.checkpoint_every_steps = 2
     config.run.progress = False
+    config.run.stop_after_step = stop_after_step
   return train.train_and_evaluate(config, str(workdir))
 
 
@@ -181,4 +182,52 @@ def test_a_finished_run_run_again_only_writes_the_same_summary(tmp_path, uninter
   shutil.copytree(uninterrupted, workdir)
   run_in_process(workdir)
   assert f"resumed at step {STEPS}" in capsys.readouterr().out
+  assert_same_run(workdir, uninterrupted)
+
+
+@pytest.mark.parametrize("saved_on, resumed_on", [(2, 1), (1, 2), (2, 4)])
+def test_a_data_position_resumes_the_same_global_batches_on_another_process_count(
+  saved_on, resumed_on
+):
+  """The checkpointed data position (process 0's iterator state) counts global batches, and
+  global batch t is a function of (seed, t) only: the processes of a resumed run, however many,
+  read together exactly the batches the uninterrupted run would have read."""
+  from experiments import input_pipeline
+
+  def iterators(count):
+    return [
+      input_pipeline.create_train_iterator(
+        "digits", global_batch_size=32, seed=3, process_index=p, process_count=count
+      )
+      for p in range(count)
+    ]
+
+  uninterrupted = iterators(1)[0]
+  reference = [next(uninterrupted) for _ in range(13)]  # past an epoch's end (11 batches)
+  saved = iterators(saved_on)
+  for _ in range(4):
+    for it in saved:
+      next(it)
+  position = saved[0].get_state()
+  assert all(it.get_state() == position for it in saved)  # any process's state would do
+  resumed = iterators(resumed_on)
+  for it in resumed:
+    it.set_state(position)
+  for want in reference[4:]:
+    parts = [next(it) for it in resumed]
+    for key in ("image", "label"):
+      np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), want[key])
+
+
+def test_stop_after_step_stops_with_a_checkpoint_there_and_the_run_resumes_exactly(
+  tmp_path, uninterrupted
+):
+  """``run.stop_after_step`` (a run group field: the same experiment) stops like a SIGTERM, at a
+  chosen step: what moves a run to another process or device count at a known point."""
+  workdir = tmp_path / "run"
+  with pytest.raises(preemption.Preempted, match="as asked") as stopped:
+    run_in_process(workdir, stop_after_step=7)  # not a checkpoint step of its own
+  assert stopped.value.step == 7 and stopped.value.signum is None
+  assert checkpoint_steps(workdir)[-1] == 7
+  run_in_process(workdir)
   assert_same_run(workdir, uninterrupted)

@@ -91,6 +91,9 @@ def run_config() -> ConfigDict:
   run.keep_checkpoints = 2
   run.async_checkpointing = True  # write while training goes on
   run.force_resume = False  # continue a workdir whose checkpoint has a different config
+  # Stop after this step as on a SIGTERM (checkpoint, exit 75): to move a run to another machine,
+  # process count or device count at a chosen step (the same command there continues it).
+  run.stop_after_step = config_dict.placeholder(int)
   # A NaN/Inf loss, gradient or parameter: the step is never applied; then "stop" the run (and
   # name the step) or "skip" it and go on, up to max_consecutive_nonfinite steps in a row.
   run.on_nonfinite = "stop"

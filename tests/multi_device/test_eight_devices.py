@@ -207,3 +207,31 @@ def test_a_global_batch_that_does_not_split_over_the_devices_stops_the_run_at_st
   with pytest.raises(train.BadConfigError, match="split evenly over the 8 data-parallel devices"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("devices, path_parallel", [(2, True), (1, False)])
+def test_a_checkpoint_of_8_devices_restores_bit_for_bit_on_fewer(
+  on_mesh, tiny_model, tiny_variables, global_batch, tmp_path, devices, path_parallel
+):
+  """A run moved to another device count (a preempted slice that comes back smaller) resumes
+  from the same values: orbax reads each array into the new mesh's shardings."""
+  from experiments import checkpoints
+  from experiments import state as lib
+
+  _, (state, _, _) = on_mesh("dcil", True)  # written from a data x path mesh of 8
+  saver = checkpoints.RunCheckpointer(tmp_path)
+  saver.save(STEPS, lib.checkpoint_tree(state, None), {"data": {"next_index": STEPS}})
+  saver.close()
+  mesh = sharding.make_mesh(path_parallel=path_parallel, devices=jax.devices()[:devices])
+  fresh = dcil_jax.TrainState.create(
+    tiny_model, tiny_variables, make_tx(), mesh=mesh, example_input=global_batch["image"][:1]
+  )
+  target = lib.checkpoint_tree(fresh, None)
+  restored = checkpoints.RunCheckpointer(tmp_path).restore_latest(target)
+  assert restored.step == STEPS and restored.meta["data"] == {"next_index": STEPS}
+  expected = jax.tree.leaves(lib.checkpoint_tree(state, None))
+  for got, want, like in zip(
+    jax.tree.leaves(restored.state), expected, jax.tree.leaves(target), strict=True
+  ):
+    assert got.sharding == like.sharding and len(got.sharding.device_set) == devices
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
