@@ -21,6 +21,24 @@ from dcil_jax import masks as masks_lib
 from dcil_jax import paths, pool_gradient
 from dcil_jax.model import as_model
 
+__all__ = [
+  "DEFAULT_KD_WEIGHT",
+  "DEFAULT_TEMPERATURE",
+  "TaskLoss",
+  "accuracy",
+  "batch_cross_entropy",
+  "check_targets",
+  "cross_entropy",
+  "dcil_kernels",
+  "dcil_loss",
+  "dense_loss",
+  "distillation_kl",
+  "distillation_term",
+  "dpf_kernels",
+  "dpf_loss",
+  "labels_in_range",
+]
+
 TaskLoss = Callable[[jax.Array, dict[str, Any]], jax.Array]
 
 # The DCIL defaults, shared by :func:`dcil_loss` and :class:`dcil_jax.DCIL` (one owner): the

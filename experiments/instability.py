@@ -36,7 +36,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import dcil_jax
-from dcil_jax import losses, paths, sharding
+from dcil_jax import losses, sharding
 from experiments import input_pipeline, resolve, train
 from experiments import state as lib
 
@@ -73,7 +73,7 @@ def diagnose(state: dcil_jax.TrainState, batch: dict[str, jax.Array]) -> dict[st
   """The quantities of the module docstring for the step ``state`` is about to take."""
   method = state.method
   masks, old = state.masks, state.trained_masks
-  kernel_masks = masks[paths.PRUNABLE]
+  kernel_masks = masks[dcil_jax.PRUNABLE]
 
   def loss(params, kd_weight, task_loss):
     return losses.dcil_loss(
@@ -92,10 +92,10 @@ def diagnose(state: dcil_jax.TrainState, batch: dict[str, jax.Array]) -> dict[st
   g_task, aux = grad(state.params, 0.0, losses.batch_cross_entropy)
   g_kl, _ = grad(state.params, 1.0, lambda z, b: jnp.zeros([], jnp.float32))
   (task_kept, task_pruned), (kl_kept, kl_pruned) = (
-    _split(g[paths.PRUNABLE], kernel_masks) for g in (g_task, g_kl)
+    _split(g[dcil_jax.PRUNABLE], kernel_masks) for g in (g_task, g_kl)
   )
   z_s, z_d = aux["logits"]
-  kernels = state.params[paths.PRUNABLE]
+  kernels = state.params[dcil_jax.PRUNABLE]
   w_kept, w_pruned = _split(kernels, kernel_masks)
   layers = {}
   for name, w in _leaves(kernels).items():
@@ -105,8 +105,8 @@ def diagnose(state: dcil_jax.TrainState, batch: dict[str, jax.Array]) -> dict[st
       "pruned_norm": _norm(pruned),
       "max_abs": jnp.max(jnp.abs(w)),
     }
-  regrown = jax.tree.map(lambda a, b: ~a & b, old[paths.PRUNABLE], kernel_masks)
-  stayed = jax.tree.map(lambda a, b: a & b, old[paths.PRUNABLE], kernel_masks)
+  regrown = jax.tree.map(lambda a, b: ~a & b, old[dcil_jax.PRUNABLE], kernel_masks)
+  stayed = jax.tree.map(lambda a, b: a & b, old[dcil_jax.PRUNABLE], kernel_masks)
   abs_w = jax.tree.map(jnp.abs, kernels)
 
   def count(selected):
@@ -131,8 +131,8 @@ def diagnose(state: dcil_jax.TrainState, batch: dict[str, jax.Array]) -> dict[st
     "kl_grad_pruned": _norm(kl_pruned),
     "cos_kept": _cosine(task_kept, kl_kept),
     "cos_pruned": _cosine(task_pruned, kl_pruned),
-    "task_grad_heads": _norm({k: v for k, v in g_task.items() if k != paths.PRUNABLE}),
-    "kl_grad_heads": _norm({k: v for k, v in g_kl.items() if k != paths.PRUNABLE}),
+    "task_grad_heads": _norm({k: v for k, v in g_task.items() if k != dcil_jax.PRUNABLE}),
+    "kl_grad_heads": _norm({k: v for k, v in g_kl.items() if k != dcil_jax.PRUNABLE}),
     "regrown": count(regrown),
     "regrown_mean_abs": mean_abs(regrown),
     "stayed_mean_abs": mean_abs(stayed),
