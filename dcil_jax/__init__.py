@@ -1,6 +1,6 @@
 """dcil-jax: Dynamic Collective Intelligence Learning (DCIL) and DPF for JAX, Flax and optax."""
 
-from dcil_jax import losses, models, pool_gradient, refresh, rules, sharding
+from dcil_jax import granularity, losses, models, pool_gradient, refresh, rules, sharding
 from dcil_jax.losses import dcil_loss, dense_loss, distillation_kl, dpf_loss
 from dcil_jax.masks import (
   apply_masks,
@@ -57,6 +57,7 @@ __all__ = [
   "get_masks",
   "get_method",
   "get_trained_masks",
+  "granularity",
   "is_lifted",
   "layer_sparsities",
   "lift",

@@ -43,6 +43,19 @@ from dcil_jax.masks import _keep_top, _num_pruned, check_masks, check_sparsity
 Params = Any
 Masks = Any
 FilterScore = Literal["l1", "l2", "l1_relative", "l2_relative"]
+__all__ = [
+  "FILTER_SCORES",
+  "filter_masks",
+  "filter_scores",
+  "filter_sparsity",
+  "filter_view",
+  "is_filter_structured",
+  "layer_filter_counts",
+  "layers_at_floor",
+  "nm_compatible",
+  "nm_masks",
+]
+
 FILTER_SCORES = ("l1", "l2", "l1_relative", "l2_relative")
 FilterDistribution = Literal["global", "layerwise"]
 
