@@ -499,6 +499,7 @@ def compact(
   input_shape: tuple[int, ...],
   align: int = 1,
   dtype: Any = jnp.float32,
+  remove: bool = True,
 ) -> Compacted:
   """A physically smaller program whose eval-mode result equals the filter-masked model's.
 
@@ -515,6 +516,8 @@ def compact(
     align: keep some removable channels so that every width is a multiple of ``align`` (or the
       full width): CPU and accelerator kernels often run faster on such widths.
     dtype: the input's dtype.
+    remove: ``False`` keeps every channel (constants are still folded): the masked model as a
+      program of input-dependent equations, e.g. to export it next to the compact one.
 
   Returns:
     A :class:`Compacted` (program, constants, report).
@@ -581,6 +584,9 @@ def compact(
         )
 
   removed, extra, _ = _removed_masks(g, an, align)
+  if not remove:
+    removed = {r: np.zeros_like(m) for r, m in removed.items()}
+    extra = {}
   uf = an.uf
 
   def keep(v: int, a: int) -> np.ndarray | None:
