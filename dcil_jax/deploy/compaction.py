@@ -5,7 +5,7 @@ shapes, same FLOPs, same speed. :func:`compact` removes them for any JAX model (
 plain function of ``(variables, x)``), with no per-family code: it traces the eval-mode forward
 pass of one example (:mod:`dcil_jax.deploy.graph`), finds which channels are coupled, removes
 those it can, and folds the constants they still carried. The result is a program of the same
-primitives with smaller shapes (:class:`Compacted`), which :mod:`dcil_jax.deploy.export` writes
+primitives with smaller shapes (:class:`Compacted`), which :mod:`dcil_jax.deploy.files` writes
 as StableHLO or ONNX.
 
 How it works, on the flat list of primitives:
@@ -95,11 +95,13 @@ class CompactModel:
     graph: the flat program of one example (batch 1), input-dependent equations only.
     input_shape: one example's shape.
     out_tree: the tree structure of the model's result.
+    names: ``constant id -> param path`` for the constants that are (sliced) params.
   """
 
   graph: graph_lib.Graph
   input_shape: tuple[int, ...]
   out_tree: Any
+  names: dict[int, str] = dataclasses.field(default_factory=dict)
 
   def apply(self, variables: dict[str, Any], x: jax.Array) -> Any:
     """The model's eval-mode result for ``x`` of shape ``[batch, *input_shape]``."""
@@ -687,7 +689,9 @@ def compact(
   report["params"] = int(sum(np.size(v) for v in jax.tree.leaves(params)))
   report["compact_params"] = int(sum(np.size(c) for c in out.consts.values() if np.size(c) > 1))
   consts = {str(k): jnp.asarray(v) for k, v in out.consts.items()}
-  module = CompactModel(out, tuple(input_shape), out_tree)
+  module = CompactModel(
+    out, tuple(input_shape), out_tree, {k: names[k] for k in out.consts if k in names}
+  )
   return Compacted(module, {"constants": consts}, report)
 
 
