@@ -9,7 +9,7 @@
   values for unstructured or N:M sparsity (:mod:`dcil_jax.deploy.compression`).
 """
 
-from dcil_jax.deploy.compaction import CompactModel, Compacted, compact, plain_masks
+from dcil_jax.deploy.compaction import Compacted, CompactModel, compact, plain_masks
 from dcil_jax.deploy.compression import compress, load_compressed, save_compressed
 from dcil_jax.deploy.files import export, masked_function, save_compact, to_stablehlo
 from dcil_jax.deploy.onnx_export import to_onnx

@@ -132,7 +132,9 @@ class Compacted:
     module: a :class:`CompactModel`.
     variables: ``{"constants": {id: array}}``: every constant the program reads (sliced
       kernels, folded BatchNorm terms, folded contributions of removed channels).
-    report: ``{"filters", "pruned", "removed", "layers": [...], "params", "compact_params"}``;
+    report: ``{"filters", "pruned", "removed", "layers": [...], "params", "compact_params",
+      "folded_constants"}`` (parameter counts: the model's; the compact program's constants
+      less the folded contributions of removed channels, which are counted alone);
       each layer entry has the kernel's ``name``, ``filters``, ``pruned``, ``removed``, ``kept``
       and ``not_removed``: a list of ``{"channels": [...], "reason": ...}`` for pruned filters
       that stayed.
@@ -181,7 +183,9 @@ class _Analysis:
   folds: dict[int, list[tuple[int, tuple[int, ...]]]] = dataclasses.field(default_factory=dict)
 
 
-def _reshape_groups(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int], list[int]]] | None:
+def _reshape_groups(
+  a: tuple[int, ...], b: tuple[int, ...]
+) -> list[tuple[list[int], list[int]]] | None:
   """Splits a reshape ``a -> b`` into groups of axes with equal products (row-major)."""
   groups, i, j = [], 0, 0
   while i < len(a) or j < len(b):
@@ -209,7 +213,9 @@ def _reshape_groups(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[i
   return groups
 
 
-def _analyse(g: graph_lib.Graph, dep: set[int], values: dict[int, Any], names: dict[int, str]) -> _Analysis:
+def _analyse(
+  g: graph_lib.Graph, dep: set[int], values: dict[int, Any], names: dict[int, str]
+) -> _Analysis:
   """Channel spaces, writers, derived spaces and folds of the input-dependent equations."""
   an = _Analysis()
   uf, fixed = an.uf, an.fixed
@@ -230,7 +236,7 @@ def _analyse(g: graph_lib.Graph, dep: set[int], values: dict[int, Any], names: d
     handled: set[Node] = set()  # operand axes this rule maps; the rest are fixed
     touched: set[Node] = set()  # output axes this rule maps; the rest are fixed
 
-    def join(a: Node, b: Node) -> None:
+    def join(a: Node, b: Node, out: int = out, handled=handled, touched=touched) -> None:
       uf.union(a, b)
       (handled if a[0] != out or b[0] == out else touched).add(a)
       (touched if b[0] == out else handled).add(b)
@@ -272,7 +278,9 @@ def _analyse(g: graph_lib.Graph, dep: set[int], values: dict[int, Any], names: d
         if len(gi1) == 1 and len(go1) == 1:
           join((v, gi1[0]), (out, go1[0]))
         elif len(gi1) > 1 and len(go1) == 1:
-          an.derived.append(((out, go1[0]), "merge", [(v, i) for i in gi1], [shape(v)[i] for i in gi1]))
+          an.derived.append(
+            ((out, go1[0]), "merge", [(v, i) for i in gi1], [shape(v)[i] for i in gi1])
+          )
           handled.update((v, i) for i in gi1)
           touched.add((out, go1[0]))
         handled.update((v, i) for i in gi if shape(v)[i] == 1)
@@ -287,7 +295,16 @@ def _analyse(g: graph_lib.Graph, dep: set[int], values: dict[int, Any], names: d
         for a, src in enumerate(kept):
           join((v, src), (out, a))
         handled.update((v, a) for a in p["dimensions"])
-    elif name in ("reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or", "argmax", "argmin"):
+    elif name in (
+      "reduce_sum",
+      "reduce_max",
+      "reduce_min",
+      "reduce_prod",
+      "reduce_and",
+      "reduce_or",
+      "argmax",
+      "argmin",
+    ):
       v, axes = ins[0], tuple(p["axes"])
       rest = [a for a in range(len(shape(v))) if a not in axes]
       for a, src in enumerate(rest):
@@ -403,7 +420,9 @@ def _removed_masks(g: graph_lib.Graph, an: _Analysis, align: int) -> tuple[dict,
       have = get(node)
       if kind == "merge":
         grid = have.reshape(sizes)
-        cons = [grid.all(axis=tuple(j for j in range(len(sizes)) if j != i)) for i in range(len(parts))]
+        cons = [
+          grid.all(axis=tuple(j for j in range(len(sizes)) if j != i)) for i in range(len(parts))
+        ]
       else:
         cons = np.split(have, np.cumsum(sizes)[:-1])
       for part, c in zip(parts, cons):
@@ -473,7 +492,8 @@ def plain_masks(masks: Any, params: Any) -> Any:
       )
     if np.shape(m) != np.shape(flat_params[where]):
       raise ValueError(
-        f"The mask at {where} has shape {np.shape(m)}, its parameter {np.shape(flat_params[where])}."
+        f"The mask at {where} has shape {np.shape(m)}, its parameter "
+        f"{np.shape(flat_params[where])}."
       )
   return masks
 
@@ -578,7 +598,9 @@ def compact(
     mask = mask_of.get(kernel_id) if kernel_id is not None else None
     if mask is not None:
       dn = g.eqns[w.eqn].params["dimension_numbers"]
-      m = np.moveaxis(np.asarray(mask, bool), dn.rhs_spec[0], 0).reshape(mask.shape[dn.rhs_spec[0]], -1)
+      m = np.moveaxis(np.asarray(mask, bool), dn.rhs_spec[0], 0).reshape(
+        mask.shape[dn.rhs_spec[0]], -1
+      )
       if not (m.all(axis=1) | ~m.any(axis=1)).all():
         raise ValueError(
           f"The mask of {w.name} is not a filter mask (a filter is partly pruned); compact() "
@@ -629,6 +651,7 @@ def compact(
     out.avals[vid] = (tuple(shape), np.dtype(dt))
     return vid
 
+  fold_ids: set[int] = set()
   for idx, eqn in enumerate(g.eqns):
     if not any(o in dep for o in eqn.outs):
       continue
@@ -680,6 +703,7 @@ def compact(
       new_eqn.outs = [tmp]
       c = fresh(fold.shape, g.avals[o][1])
       out.consts[c] = fold.astype(g.avals[o][1])
+      fold_ids.add(c)
       out.eqns.append(graph_lib.Eqn(lax.add_p, {}, [tmp, c], [o]))
   for v in g.outputs:
     if v not in dep:
@@ -687,7 +711,9 @@ def compact(
 
   report = _report(g, an, removed, extra, names, mask_of)
   report["params"] = int(sum(np.size(v) for v in jax.tree.leaves(params)))
-  report["compact_params"] = int(sum(np.size(c) for c in out.consts.values() if np.size(c) > 1))
+  sizes = {k: int(np.size(c)) for k, c in out.consts.items() if np.size(c) > 1}
+  report["compact_params"] = sum(n for k, n in sizes.items() if k not in fold_ids)
+  report["folded_constants"] = sum(n for k, n in sizes.items() if k in fold_ids)
   consts = {str(k): jnp.asarray(v) for k, v in out.consts.items()}
   module = CompactModel(
     out, tuple(input_shape), out_tree, {k: names[k] for k in out.consts if k in names}

@@ -23,7 +23,6 @@ import numpy as np
 
 from dcil_jax.deploy.compaction import plain_masks
 
-
 FORMAT = "dcil-jax-compressed-v1"
 
 

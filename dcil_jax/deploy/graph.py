@@ -2,9 +2,10 @@
 
 :func:`trace` records ``fn(variables, x)`` with :func:`jax.make_jaxpr` and inlines the nested
 calls a Flax model produces (``jit`` around activations, ``custom_jvp_call`` around ``relu``), so
-the compaction (:mod:`dcil_jax.deploy.compaction`), the ONNX writer (:mod:`dcil_jax.deploy.onnx_export`)
-and the MAC counter (:mod:`dcil_jax.deploy.stats`) each read one list of primitives instead of a
-tree of jaxprs. Literals become constants, so every operand is a variable id.
+the compaction (:mod:`dcil_jax.deploy.compaction`), the ONNX writer
+(:mod:`dcil_jax.deploy.onnx_export`) and the MAC counter (:mod:`dcil_jax.deploy.stats`) each
+read one list of primitives instead of a tree of jaxprs. Literals become constants, so every
+operand is a variable id.
 """
 
 from __future__ import annotations

@@ -197,7 +197,9 @@ def to_onnx(
       if len(rest) > 2:  # ONNX pools [N, C, spatial...]: merge the leading axes into N
         x = node("Reshape", [x, const([-1, src[rest[-1]], *[src[a] for a in window]])], tmp())
       if prim == "reduce_window_max":
-        y = node("MaxPool", [x], tmp(), dilations=[p["window_dilation"][a] for a in window], **attrs)
+        y = node(
+          "MaxPool", [x], tmp(), dilations=[p["window_dilation"][a] for a in window], **attrs
+        )
       else:
         y = node("AveragePool", [x], tmp(), count_include_pad=1, **attrs)
         size = float(np.prod(attrs["kernel_shape"]))
@@ -260,7 +262,13 @@ def to_onnx(
       steps = p["strides"] or [1] * len(src)
       node(
         "Slice",
-        [ins[0], const(list(p["start_indices"])), const(ends), const(list(range(len(src)))), const(list(steps))],
+        [
+          ins[0],
+          const(list(p["start_indices"])),
+          const(ends),
+          const(list(range(len(src)))),
+          const(list(steps)),
+        ],
         out,
       )
     else:

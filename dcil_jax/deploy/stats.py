@@ -56,8 +56,11 @@ def layer_stats(
   mask_leaves = (
     jax.tree.leaves(
       {
-        k: (jax.tree.map(lambda p, m: m, v, masks, is_leaf=lambda m: m is None) if k == "params"
-            else jax.tree.map(lambda _: None, v))
+        k: (
+          jax.tree.map(lambda p, m: m, v, masks, is_leaf=lambda m: m is None)
+          if k == "params"
+          else jax.tree.map(lambda _: None, v)
+        )
         for k, v in variables.items()
       },
       is_leaf=lambda m: m is None,
