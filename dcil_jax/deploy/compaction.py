@@ -478,11 +478,10 @@ def plain_masks(masks: Any, params: Any) -> Any:
     return None
   if paths.is_lifted(masks):
     masks = paths.path_params(masks, "sparse")
-  flat_params = {
-    jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(params)[0]
-  }
+  keystr = lambda path: "/".join(str(getattr(k, "key", k)) for k in path)
+  flat_params = {keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
   for key, m in jax.tree_util.tree_flatten_with_path(masks)[0]:
-    where = jax.tree_util.keystr(key)
+    where = keystr(key)
     if where not in flat_params:
       raise ValueError(
         f"The masks have a leaf at {where} that the params do not have. Pass masks over the "
@@ -670,7 +669,8 @@ def compact(
       )
     elif name == "conv_general_dilated" and eparams["feature_group_count"] > 1:
       dn = eparams["dimension_numbers"]
-      eparams["feature_group_count"] = new_shape(eqn.ins[0])[dn.lhs_spec[1]]
+      if eparams["feature_group_count"] == g.avals[eqn.ins[0]][0][dn.lhs_spec[1]]:  # depthwise
+        eparams["feature_group_count"] = new_shape(eqn.ins[0])[dn.lhs_spec[1]]
     fold = None
     for operand, axes in an.folds.get(idx, []):
       v = eqn.ins[operand]
