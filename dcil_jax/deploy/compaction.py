@@ -172,6 +172,8 @@ class _Writer:
   zero: np.ndarray  # which output channels the (constant) kernel writes as zero
   name: str | None  # the kernel's param path
   eqn: int
+  kernel: int  # the kernel's variable id
+  axis: int  # the kernel's output-channel axis
 
 
 @dataclasses.dataclass
@@ -337,7 +339,9 @@ def _analyse(
           an.folds[idx] = [(0, (dn.lhs_spec[1],))]
           kernel = np.moveaxis(np.asarray(values[rhs]), dn.rhs_spec[0], 0)
           zero = ~kernel.reshape(kernel.shape[0], -1).any(axis=1)
-          an.writers.append(_Writer((out, dn.out_spec[1]), zero, names.get(rhs), idx))
+          an.writers.append(
+            _Writer((out, dn.out_spec[1]), zero, names.get(rhs), idx, rhs, dn.rhs_spec[0])
+          )
         elif groups == cin == cout and shape(rhs)[dn.rhs_spec[1]] == 1:  # depthwise
           join((lhs, dn.lhs_spec[1]), (out, dn.out_spec[1]))
           join((rhs, dn.rhs_spec[0]), (out, dn.out_spec[1]))
@@ -361,7 +365,7 @@ def _analyse(
             if side not in dep:  # a constant kernel writes this axis
               kernel = np.moveaxis(np.asarray(values[side]), a, 0)
               zero = ~kernel.reshape(kernel.shape[0], -1).any(axis=1)
-              an.writers.append(_Writer((out, k), zero, names.get(side), idx))
+              an.writers.append(_Writer((out, k), zero, names.get(side), idx, side, a))
           k += 1
     elif name == "concatenate":
       d = p["dimension"]
@@ -395,8 +399,9 @@ def _analyse(
   return an
 
 
-def _removed_masks(g: graph_lib.Graph, an: _Analysis, align: int) -> tuple[dict, dict, dict]:
-  """``root -> removed channels`` for every space, and why some removable ones were kept."""
+def _allowed(g: graph_lib.Graph, an: _Analysis) -> tuple[dict, dict]:
+  """``root -> channels that may go`` (every writer zeroes them, no op needs them), and the
+  derived spaces by root."""
   uf = an.uf
   size = lambda n: g.avals[n[0]][0][n[1]]
   derived_roots: dict[Node, list] = {}
@@ -431,6 +436,13 @@ def _removed_masks(g: graph_lib.Graph, an: _Analysis, align: int) -> tuple[dict,
         if not np.array_equal(new, get(part)):
           allowed[r] = new
           changed = True
+  return allowed, derived_roots
+
+
+def _removed_masks(g: graph_lib.Graph, an: _Analysis, align: int) -> tuple[dict, dict, dict]:
+  """``root -> removed channels`` for every space, and why some removable ones were kept."""
+  uf = an.uf
+  allowed, derived_roots = _allowed(g, an)
   removed: dict[Node, np.ndarray] = {}
   extra: dict[Node, dict[int, str]] = {}
   for r, mask in allowed.items():
@@ -513,42 +525,20 @@ def as_function(model: Any) -> Callable[[Any, jax.Array], Any]:
   raise TypeError(f"Expected a Flax Linen module or a function (variables, x); got {type(model)}.")
 
 
-def compact(
-  model: Any,
-  variables: dict[str, Any],
-  masks: Any,
-  input_shape: tuple[int, ...],
-  align: int = 1,
-  dtype: Any = jnp.float32,
-  remove: bool = True,
-) -> Compacted:
-  """A physically smaller program whose eval-mode result equals the filter-masked model's.
+@dataclasses.dataclass
+class _Traced:
+  g: graph_lib.Graph
+  dep: set[int]
+  values: dict[int, Any]
+  names: dict[int, str]
+  mask_of: dict[int, Any]
+  an: _Analysis
+  out_tree: Any
 
-  Args:
-    model: a Flax Linen module (run as ``model.apply(variables, x)``) or a function
-      ``fn(variables, x)``; any architecture made of the primitives listed in ``KNOWN``.
-    variables: its variables, e.g. ``{"params": ..., "batch_stats": ...}`` from
-      :func:`dcil_jax.export_variables` (pruned filters zeroed or not: the mask decides).
-    masks: filter masks over ``variables["params"]`` (``None`` at unpruned leaves), e.g.
-      :func:`dcil_jax.granularity.filter_masks`, or ``state.trained_masks`` (its sparse path).
-      A masked conv or dense kernel must be all-kept or all-pruned along each output filter.
-    input_shape: one example's shape, e.g. ``(32, 32, 3)``; the compact program is specialised
-      to it (any batch size).
-    align: keep some removable channels so that every width is a multiple of ``align`` (or the
-      full width): CPU and accelerator kernels often run faster on such widths.
-    dtype: the input's dtype.
-    remove: ``False`` keeps every channel (constants are still folded): the masked model as a
-      program of input-dependent equations, e.g. to export it next to the compact one.
 
-  Returns:
-    A :class:`Compacted` (program, constants, report).
-
-  Raises:
-    ValueError: an input-dependent primitive the analysis does not know (named), masks that do
-      not fit the params, or masks that are not filter masks (the layer is named).
-  """
-  if not isinstance(align, int) or align < 1:
-    raise ValueError(f"align must be a positive integer, got {align!r}.")
+def _trace(model, variables, masks, input_shape, dtype) -> _Traced:
+  """The masked model's flat graph of one example, its constants' values and its channel
+  analysis."""
   fn = as_function(model)
   params = variables["params"]
   masks = plain_masks(masks, params)
@@ -591,6 +581,52 @@ def compact(
 
   values = graph_lib.run(g, [np.asarray(v) for v in leaves] + [np.zeros(x.shape, dtype)])
   an = _analyse(g, dep, values, names)
+
+  return _Traced(g, dep, values, names, mask_of, an, out_tree)
+
+
+def compact(
+  model: Any,
+  variables: dict[str, Any],
+  masks: Any,
+  input_shape: tuple[int, ...],
+  align: int = 1,
+  dtype: Any = jnp.float32,
+  remove: bool = True,
+) -> Compacted:
+  """A physically smaller program whose eval-mode result equals the filter-masked model's.
+
+  Args:
+    model: a Flax Linen module (run as ``model.apply(variables, x)``) or a function
+      ``fn(variables, x)``; any architecture made of the primitives listed in ``KNOWN``.
+    variables: its variables, e.g. ``{"params": ..., "batch_stats": ...}`` from
+      :func:`dcil_jax.export_variables` (pruned filters zeroed or not: the mask decides).
+    masks: filter masks over ``variables["params"]`` (``None`` at unpruned leaves), e.g.
+      :func:`dcil_jax.granularity.filter_masks`, or ``state.trained_masks`` (its sparse path).
+      A masked conv or dense kernel must be all-kept or all-pruned along each output filter.
+    input_shape: one example's shape, e.g. ``(32, 32, 3)``; the compact program is specialised
+      to it (any batch size).
+    align: keep some removable channels so that every width is a multiple of ``align`` (or the
+      full width): CPU and accelerator kernels often run faster on such widths.
+    dtype: the input's dtype.
+    remove: ``False`` keeps every channel (constants are still folded): the masked model as a
+      program of input-dependent equations, e.g. to export it next to the compact one.
+
+  Returns:
+    A :class:`Compacted` (program, constants, report).
+
+  Raises:
+    ValueError: an input-dependent primitive the analysis does not know (named), masks that do
+      not fit the params, or masks that are not filter masks (the layer is named).
+  """
+  if not isinstance(align, int) or align < 1:
+    raise ValueError(f"align must be a positive integer, got {align!r}.")
+  t = _trace(model, variables, masks, input_shape, dtype)
+  g, dep, values, names, mask_of, an, out_tree = (
+    t.g, t.dep, t.values, t.names, t.mask_of, t.an, t.out_tree
+  )
+  params = variables["params"]
+  x_id = g.inputs[-1]
 
   for w in an.writers:  # masked kernels must be filter masks
     kernel_id = g.eqns[w.eqn].ins[1] if g.eqns[w.eqn].prim.name == "conv_general_dilated" else None
