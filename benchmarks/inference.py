@@ -15,8 +15,8 @@ masks say where a criterion puts the pruned filters, not which are right). Filte
   ``cost_weight=0``: coupled channel groups (a residual stream's writers together), scores
   normalised per layer;
 - ``groups+macs``: the same with ``cost_weight=0.5``: a group's score divided by the square
-  root of the MACs its
-  removal saves (relative to the mean), so pruned filters land where they pay.
+  root of the MACs its removal saves (relative to the mean), so pruned filters land where they
+  pay.
 
 Each masked model is compacted (:func:`dcil_jax.deploy.compact`), checked against the masked
 model, and timed jitted in JAX and as ONNX (:func:`dcil_jax.deploy.to_onnx`) in onnxruntime, at
@@ -193,7 +193,8 @@ def report(result: dict[str, Any]) -> str:
     "Allocation criteria (see the module docstring of `benchmarks/inference.py`): **global** = "
     "today's `filter_masks` (one mean-|w| threshold over all convs); **groups** = "
     "`cost_aware_filter_masks(cost_weight=0)` (coupled channel groups, per-layer-normalised "
-    "scores); **groups+macs** = `cost_aware_filter_masks(cost_weight=0.5)` (score divided by the square root of the MACs saved).",
+    "scores); **groups+macs** = `cost_aware_filter_masks(cost_weight=0.5)` (score divided by "
+    "the square root of the MACs saved).",
     "",
     "Speed-up = dense time / compact time in the same runtime and batch (higher is faster).",
     "",

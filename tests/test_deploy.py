@@ -123,39 +123,40 @@ def test_inference_report_on_a_fake_result():
   from benchmarks import inference
 
   def cfg(label, speed, **extra):
+    keys = ("jax b1", "jax b128", "onnxruntime b1", "onnxruntime b128")
     return {
+      "model": "resnet32",
       "label": label,
-      "macs": 1e6,
-      "params": 10,
-      "bytes": 100,
-      "median_s": {"1": 0.01 / speed, "128": 1.0 / speed},
-      "speedup": {"1": speed, "128": speed},
+      "macs": 2e6,
+      "median_s": {k: 0.01 / speed for k in keys},
+      "speedup": {k: speed for k in keys},
       **extra,
     }
 
   result = {
-    "model": "resnet32",
     "date": "2026-01-01",
-    "rounds": 20,
+    "rounds": 5,
+    "batches": [1, 128],
     "notes": "",
     "machine": {
       "cpu": "cpu",
       "cores": 2,
       "jax": "x",
       "flax": "y",
+      "onnxruntime": "z",
       "load_average_start": [1.0, 1.0, 1.0],
     },
     "load_average_end": [1.0, 1.0, 1.0],
-    "checks": {"max_abs_logit_diff_compact_vs_masked": {"global 40%": 1e-7}},
-    "goal": {"speedup": 1.2, "met": False},
+    "max_diff": 1e-7,
+    "goal": {"speedup": 1.4, "best": 1.2, "where": "resnet32 global 40%, jax", "met": False},
     "configs": [
       cfg("dense", 1.0),
-      cfg("compact global 40%", 1.2, filters=10, filters_pruned=4, filters_removed=3),
+      cfg("global 40%", 1.2, filters=10, pruned=4, removed=3, fraction=0.4),
     ],
   }
   text = inference.report(result)
-  assert "| compact global 40% | 3 / 4 of 10 |" in text
-  assert "measured 1.20× (not met)" in text
+  assert "| global 40% | 4 / 3 of 10 | 2.00 | - | 1.20× (8.33 ms) |" in text
+  assert "best measured 1.20× (resnet32 global 40%, jax) (not met)" in text
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,13 @@
 - :func:`export`, :func:`save_compact`, :func:`to_stablehlo`, :func:`to_onnx`: StableHLO and
   ONNX files that load without ``dcil_jax`` (:mod:`dcil_jax.deploy.files`).
 - :func:`deploy_stats`, :func:`layer_stats`: kept parameters and MACs (:mod:`.stats`).
+- :func:`cost_aware_filter_masks`: filter masks that prune coupled channel groups where they
+  save MACs (:mod:`dcil_jax.deploy.allocation`).
 - :func:`compress`, :func:`save_compressed`, :func:`load_compressed`: bit-packed masks plus kept
   values for unstructured or N:M sparsity (:mod:`dcil_jax.deploy.compression`).
 """
 
+from dcil_jax.deploy.allocation import channel_groups, cost_aware_filter_masks
 from dcil_jax.deploy.compaction import Compacted, CompactModel, compact, plain_masks
 from dcil_jax.deploy.compression import compress, load_compressed, save_compressed
 from dcil_jax.deploy.files import export, masked_function, save_compact, to_stablehlo
@@ -17,6 +20,8 @@ from dcil_jax.deploy.stats import deploy_stats, layer_stats
 
 __all__ = [
   "CompactModel",
+  "channel_groups",
+  "cost_aware_filter_masks",
   "Compacted",
   "compact",
   "compress",
