@@ -272,3 +272,29 @@ def test_align_rounds_widths_up_and_stays_exact():
     assert base["kept"] <= layer["kept"] < base["kept"] + 8
     rounded += layer["kept"] - base["kept"]
   assert rounded > 0
+
+
+def test_an_nnx_model_compacts_through_from_nnx():
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.conv0 = nnx.Conv(3, 8, (3, 3), use_bias=False, rngs=rngs)
+      self.bn0 = nnx.BatchNorm(8, epsilon=0.1, rngs=rngs)
+      self.conv1 = nnx.Conv(8, 8, (3, 3), rngs=rngs)
+      self.head = nnx.Linear(8, 4, rngs=rngs)
+
+    def __call__(self, x):
+      x = nnx.relu(self.bn0(self.conv0(x)))
+      return self.head(nnx.relu(self.conv1(x)).mean(axis=(1, 2)))
+
+  model, variables = dcil_jax.from_nnx(Net(nnx.Rngs(0)))
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(lambda v: v + rng.uniform(0.1, 0.5, np.shape(v)), variables)
+  template = dcil_jax.masks_like(variables["params"], conv_kernels)
+  masks = gr.filter_masks(variables["params"], template, 0.5, distribution="layerwise")
+  x = rng.normal(size=(2, 6, 6, 3)).astype(np.float32)
+  c = compact(model, variables, masks, x.shape[1:])
+  masked = dict(variables, params=dcil_jax.apply_masks(variables["params"], masks))
+  assert_close(run(c, x), model.apply_eval(masked, x))
+  assert c.report["removed"] == c.report["pruned"] == 8

@@ -40,9 +40,11 @@ from dcil_jax.deploy import compaction
 def _macs(g: Any, eqn: Any) -> int:
   out = g.avals[eqn.outs[0]][0]
   if eqn.prim.name == "conv_general_dilated":
-    return int(np.prod(out)) * int(np.prod(g.avals[eqn.ins[1]][0])) // out[
-      eqn.params["dimension_numbers"].out_spec[1]
-    ]
+    return (
+      int(np.prod(out))
+      * int(np.prod(g.avals[eqn.ins[1]][0]))
+      // out[eqn.params["dimension_numbers"].out_spec[1]]
+    )
   (lc, _), _ = eqn.params["dimension_numbers"]
   lhs = g.avals[eqn.ins[0]][0]
   return int(np.prod(out)) * int(np.prod([lhs[a] for a in lc]))

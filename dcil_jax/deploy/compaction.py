@@ -517,9 +517,12 @@ def _param_names(params: Any) -> list[str]:
 
 
 def as_function(model: Any) -> Callable[[Any, jax.Array], Any]:
-  """``fn(variables, x)`` in eval mode for a Flax Linen module, or ``model`` if a function."""
+  """``fn(variables, x)`` in eval mode: for a Flax Linen module, a model adapter of
+  :func:`dcil_jax.as_model` or :func:`dcil_jax.from_nnx` (NNX), or ``model`` if a function."""
   if isinstance(model, nn.Module):
     return lambda variables, x: model.apply(variables, x)
+  if hasattr(model, "apply_eval"):  # dcil_jax.as_model / from_nnx adapters (Linen or NNX)
+    return model.apply_eval
   if callable(model):
     return model
   raise TypeError(f"Expected a Flax Linen module or a function (variables, x); got {type(model)}.")
@@ -597,7 +600,8 @@ def compact(
   """A physically smaller program whose eval-mode result equals the filter-masked model's.
 
   Args:
-    model: a Flax Linen module (run as ``model.apply(variables, x)``) or a function
+    model: a Flax Linen module (run as ``model.apply(variables, x)``), the model of
+      ``dcil_jax.from_nnx(nnx_module)`` (with its variables), or a function
       ``fn(variables, x)``; any architecture made of the primitives listed in ``KNOWN``.
     variables: its variables, e.g. ``{"params": ..., "batch_stats": ...}`` from
       :func:`dcil_jax.export_variables` (pruned filters zeroed or not: the mask decides).
@@ -623,7 +627,13 @@ def compact(
     raise ValueError(f"align must be a positive integer, got {align!r}.")
   t = _trace(model, variables, masks, input_shape, dtype)
   g, dep, values, names, mask_of, an, out_tree = (
-    t.g, t.dep, t.values, t.names, t.mask_of, t.an, t.out_tree
+    t.g,
+    t.dep,
+    t.values,
+    t.names,
+    t.mask_of,
+    t.an,
+    t.out_tree,
   )
   params = variables["params"]
   x_id = g.inputs[-1]
