@@ -148,7 +148,11 @@ def test_inference_report_on_a_fake_result():
     },
     "load_average_end": [1.0, 1.0, 1.0],
     "max_diff": 1e-7,
-    "goal": {"speedup": 1.4, "best": 1.2, "where": "resnet32 global 40%, jax", "met": False},
+    "goal": {
+      "speedup": 1.4,
+      "model": "resnet32",
+      "at_40": {"global, jax": 1.2, "groups, jax": 1.5},
+    },
     "configs": [
       cfg("dense", 1.0),
       cfg("global 40%", 1.2, filters=10, pruned=4, removed=3, fraction=0.4),
@@ -156,7 +160,7 @@ def test_inference_report_on_a_fake_result():
   }
   text = inference.report(result)
   assert "| global 40% | 4 / 3 of 10 | 2.00 | - | 1.20× (8.33 ms) |" in text
-  assert "best measured 1.20× (resnet32 global 40%, jax) (not met)" in text
+  assert "on resnet32: global, jax 1.20× (not met), groups, jax 1.50× (met)." in text
 
 
 @pytest.fixture(scope="module")

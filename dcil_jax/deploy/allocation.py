@@ -19,7 +19,8 @@ same trace as :func:`dcil_jax.deploy.compact`:
 - groups are pruned in order of ``score / (cost / mean cost) ** cost_weight`` until the
   pruned filters reach ``fraction`` of all prunable filters (``target="filters"``, comparable
   with ``filter_masks``' count) or the MACs fall to ``1 - fraction`` of the dense model's
-  (``target="macs"``). A space always keeps one channel.
+  (``target="macs"``). At most ``max_group_fraction`` of a space's channels go (and never
+  all of them).
 
 This is a separate function, not a mode of ``filter_masks``: it needs the model's trace (which
 the mask refresh inside the optimizer does not have), so it gives masks once, e.g. for one-shot
@@ -133,6 +134,7 @@ def cost_aware_filter_masks(
   *,
   target: str = "filters",
   cost_weight: float = 1.0,
+  max_group_fraction: float = 0.75,
   dtype: Any = jnp.float32,
 ) -> Any:
   """Filter masks that prune whole channel groups, cheapest score per MAC first.
@@ -145,6 +147,8 @@ def cost_aware_filter_masks(
     target: ``"filters"`` or ``"macs"``.
     cost_weight: how much the MACs saved count against the score (``0``: groups by score
       alone, per-layer normalised).
+    max_group_fraction: at most this fraction of a space's channels is pruned, so that the
+      cheapest layers are not emptied for their MACs alone (at least one channel always stays).
 
   Returns:
     Masks like ``template`` (``None`` where it has none): each pruned filter all ``False``.
@@ -183,7 +187,8 @@ def cost_aware_filter_masks(
   for _, i, k in candidates:
     if (done_filters if target == "filters" else saved) >= goal:
       break
-    if pruned[i].sum() + 1 >= pruned[i].size:
+    limit = min(pruned[i].size - 1, int(max_group_fraction * pruned[i].size))
+    if pruned[i].sum() + 1 > limit:
       continue  # never empty a space
     pruned[i][k] = True
     done_filters += len(groups[i]["writers"])
