@@ -71,6 +71,12 @@ def channel_groups(
     ``score`` (per-layer-normalised mean ``|w|``, averaged over writers) and ``cost`` (MACs per
     example saved by removing each channel).
   """
+  return _groups(model, variables, template, input_shape, dtype)[0]
+
+
+def _groups(model, variables, template, input_shape, dtype):
+  """The groups of :func:`channel_groups`, and per conv / dense layer ``(macs, out group, out
+  size, in group, in size)`` (group indices or ``None``)."""
   t = compaction._trace(model, variables, None, input_shape, dtype)
   g, an = t.g, t.an
   uf = an.uf
@@ -86,6 +92,7 @@ def channel_groups(
   for w in an.writers:
     by_root.setdefault(uf.find(w.node), []).append(w)
   cost: dict[Any, np.ndarray] = {}
+  layer_axes = []
   for eqn in g.eqns:
     if eqn.prim.name not in ("conv_general_dilated", "dot_general") or eqn.outs[0] not in t.dep:
       continue
@@ -97,12 +104,14 @@ def channel_groups(
     else:
       (lc, _), _ = eqn.params["dimension_numbers"]
       axes = [(eqn.outs[0], len(g.avals[eqn.outs[0]][0]) - 1)] + [(eqn.ins[0], a) for a in lc]
+    layer_axes.append((macs, [(uf.find(n), g.avals[n[0]][0][n[1]]) for n in axes[:2]]))
     for node in axes:
       r = uf.find(node)
       if r in by_root and r not in derived:
         n = g.avals[node[0]][0][node[1]]
         cost[r] = cost.get(r, np.zeros(n)) + macs / n
   groups = []
+  index: dict[Any, int] = {}
   for r, writers in by_root.items():
     if r in derived or not allowed.get(r, np.zeros(1, bool)).any():
       continue
@@ -113,6 +122,7 @@ def channel_groups(
       k = np.moveaxis(np.abs(np.asarray(t.values[w.kernel], np.float64)), w.axis, 0)
       per = k.reshape(k.shape[0], -1).mean(axis=1)
       scores.append(per / max(per.mean(), 1e-12))
+    index[r] = len(groups)
     groups.append(
       {
         "writers": [w.name for w in writers],
@@ -122,7 +132,8 @@ def channel_groups(
         "cost": cost.get(r, np.zeros(allowed[r].size)),
       }
     )
-  return groups
+  layers = [(macs, index.get(o), no, index.get(i), ni) for macs, ((o, no), (i, ni)) in layer_axes]
+  return groups, layers
 
 
 def cost_aware_filter_masks(
@@ -152,12 +163,15 @@ def cost_aware_filter_masks(
 
   Returns:
     Masks like ``template`` (``None`` where it has none): each pruned filter all ``False``.
+
+  Raises:
+    ValueError: a bad ``target`` or ``fraction``, or a target the removable groups cannot reach.
   """
   if target not in ("filters", "macs"):
     raise ValueError(f'target must be "filters" or "macs", got {target!r}.')
   if not 0.0 <= fraction < 1.0:
     raise ValueError(f"fraction must be in [0, 1), got {fraction}.")
-  groups = channel_groups(model, variables, template, input_shape, dtype)
+  groups, layers = _groups(model, variables, template, input_shape, dtype)
   kernels = {
     "/".join(str(getattr(k, "key", k)) for k in path): np.shape(leaf)
     for path, leaf in jax.tree_util.tree_flatten_with_path(variables["params"])[0]
@@ -167,12 +181,13 @@ def cost_aware_filter_masks(
     for path, shape in kernels.items()
     if any(path in gr["writers"] for gr in groups) or _is_prunable(template, path)
   )
-  stats = compaction._trace(model, variables, None, input_shape, dtype)
-  total_macs = sum(
-    _macs(stats.g, e)
-    for e in stats.g.eqns
-    if e.prim.name in ("conv_general_dilated", "dot_general") and e.outs[0] in stats.dep
-  )
+  total_macs = float(sum(layer[0] for layer in layers))
+  kept = [gr["score"].size for gr in groups]
+
+  def macs_now() -> float:  # exact for the current kept widths
+    width = lambda i, n: n if i is None else kept[i]
+    return sum(m * width(o, no) / no * width(i, ni) / ni for m, o, no, i, ni in layers)
+
   mean_cost = np.mean(np.concatenate([gr["cost"] for gr in groups])) if groups else 1.0
   candidates = []
   for i, gr in enumerate(groups):
@@ -191,8 +206,16 @@ def cost_aware_filter_masks(
     if pruned[i].sum() + 1 > limit:
       continue  # never empty a space
     pruned[i][k] = True
+    kept[i] -= 1
     done_filters += len(groups[i]["writers"])
-    saved += groups[i]["cost"][k]
+    if target == "macs":
+      saved = total_macs - macs_now()
+  reached = done_filters if target == "filters" else saved
+  if reached < goal:
+    raise ValueError(
+      f"Only {reached:.0f} of the {goal:.0f} {target} asked for can be pruned in removable "
+      f"channel groups with max_group_fraction={max_group_fraction}; ask for less or raise it."
+    )
   out: dict[str, np.ndarray] = {}
   for gr, p in zip(groups, pruned):
     for name, axis in zip(gr["writers"], gr["axes"]):
