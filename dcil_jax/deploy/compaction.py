@@ -116,12 +116,35 @@ class CompactModel:
           env[o] = v
       return [env[o][0] for o in g.outputs]
 
+    if tuple(x.shape[1:]) == tuple(self.input_shape) and all(e.batch is not None for e in g.eqns):
+      return jax.tree.unflatten(self.out_tree, self._batched(consts, x))
     if tuple(x.shape[1:]) != tuple(self.input_shape):
       raise ValueError(
         f"This compact model was traced for examples of shape {self.input_shape}, got a batch of "
         f"shape {tuple(x.shape)}. Compact again with input_shape={tuple(x.shape[1:])}."
       )
     return jax.tree.unflatten(self.out_tree, jax.vmap(one)(x))
+
+  def _batched(self, consts: dict[str, Any], x: jax.Array) -> list[jax.Array]:
+    """The program at batch ``len(x)``: the batch size put into shape parameters directly
+    (no ``vmap``: its reshapes around every op would reach the exported graphs)."""
+    g, b = self.graph, x.shape[0]
+    env: dict[int, Any] = {int(k): v for k, v in consts.items()}
+    env[g.inputs[0]] = x
+    for eqn in g.eqns:
+      params = eqn.params
+      key = {"broadcast_in_dim": "shape", "reshape": "new_sizes", "slice": "limit_indices"}.get(
+        eqn.prim.name
+      )
+      if key is not None and eqn.batch:
+        size = list(params[key])
+        for a, k in eqn.batch.items():
+          size[a] = b * k
+        params = dict(params, **{key: tuple(size)})
+      args = [env[i] for i in eqn.ins]
+      for o, v in zip(eqn.outs, graph_lib.bind(graph_lib.Eqn(eqn.prim, params, [], []), args)):
+        env[o] = v
+    return [env[o] for o in g.outputs]
 
 
 @dataclasses.dataclass
@@ -697,6 +720,7 @@ def compact(
     return vid
 
   fold_ids: set[int] = set()
+  origin: dict[int, int] = {}
   for idx, eqn in enumerate(g.eqns):
     if not any(o in dep for o in eqn.outs):
       continue
@@ -743,6 +767,7 @@ def compact(
           contrib = contrib.take([0], axis=a)
       fold = contrib if fold is None else fold + contrib
     new_eqn = graph_lib.Eqn(eqn.prim, eparams, ins, list(eqn.outs))
+    origin[id(new_eqn)] = idx
     out.eqns.append(new_eqn)
     if fold is not None and np.any(fold):
       tmp = fresh(new_shape(o), g.avals[o][1])
@@ -750,10 +775,11 @@ def compact(
       c = fresh(fold.shape, g.avals[o][1])
       out.consts[c] = fold.astype(g.avals[o][1])
       fold_ids.add(c)
-      out.eqns.append(graph_lib.Eqn(lax.add_p, {}, [tmp, c], [o]))
+      out.eqns.append(graph_lib.Eqn(lax.add_p, {}, [tmp, c], [o], batch={}))
   for v in g.outputs:
     if v not in dep:
       const_for(v)
+  _mark_batch_axes(model, variables, masks, input_shape, dtype, g, dep, out, origin)
 
   report = _report(g, an, removed, extra, names, mask_of)
   report["params"] = int(sum(np.size(v) for v in jax.tree.leaves(params)))
@@ -765,6 +791,37 @@ def compact(
     out, tuple(input_shape), out_tree, {k: names[k] for k in out.consts if k in names}
   )
   return Compacted(module, {"constants": consts}, report)
+
+
+BATCH_SENTINEL = 7919  # a batch size no layer width is a multiple of
+
+
+def _mark_batch_axes(model, variables, masks, input_shape, dtype, g, dep, out, origin) -> None:
+  """Which output axes of each compact equation hold the batch: the model traced again at a
+  sentinel batch size, its input-dependent equations paired with these in order. Where the two
+  traces differ, nothing is marked and ``apply`` falls back to ``vmap``."""
+  fn = as_function(model)
+  shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)), variables)
+  g2, _ = graph_lib.trace(fn, shapes, jax.ShapeDtypeStruct((BATCH_SENTINEL, *input_shape), dtype))
+  dep2 = graph_lib.depends(g2, {g2.inputs[-1]})
+  first = [i for i, e in enumerate(g.eqns) if any(o in dep for o in e.outs)]
+  second = [e for e in g2.eqns if any(o in dep2 for o in e.outs)]
+  if (
+    len(first) != len(second)
+    or any(g.eqns[i].prim is e.prim for i, e in zip(first, second)) is False
+  ):
+    return
+  if any(g.eqns[i].prim is not e.prim for i, e in zip(first, second)):
+    return
+  pair = dict(zip(first, second))
+  for eqn in out.eqns:
+    if eqn.batch is not None:
+      continue
+    twin = pair[origin[id(eqn)]]
+    shape = g2.avals[twin.outs[0]][0]
+    eqn.batch = {
+      a: n // BATCH_SENTINEL for a, n in enumerate(shape) if n and n % BATCH_SENTINEL == 0
+    }
 
 
 def _report(g, an, removed, extra, names, mask_of) -> dict[str, Any]:

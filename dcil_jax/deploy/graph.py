@@ -41,6 +41,7 @@ class Eqn:
   params: dict[str, Any]
   ins: list[int]
   outs: list[int]
+  batch: dict[int, int] | None = None  # output axis -> multiple of the batch size it holds
 
 
 @dataclasses.dataclass
