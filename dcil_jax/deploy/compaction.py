@@ -34,8 +34,10 @@ How it works, on the flat list of primitives:
   equation: a padded conv's contribution is smaller at the border, so it is kept as a map.
 
 An input-dependent primitive the analysis does not know raises a ``ValueError`` that names it.
-The compact program is specialised to the traced example shape (any batch size: it is
-``vmap``-ed over examples, as eval mode treats each example alone).
+The compact program is specialised to the traced example shape, at any batch size: a second
+trace at another batch size marks which axes hold the batch, and the program puts the actual
+batch size there (where the two traces differ it is ``vmap``-ed over examples instead, as eval
+mode treats each example alone).
 """
 
 from __future__ import annotations
