@@ -1,17 +1,30 @@
-"""Inference speed of dense, filter-masked and compact ResNet-32 on this CPU.
+"""Inference speed of dense and compact models on this CPU, in XLA:CPU (JAX) and onnxruntime.
 
 Run ``python -m benchmarks.inference`` (``--help`` for options). Writes
 ``<out>/inference_cpu.json`` and ``<out>/inference_cpu.md``.
 
-Weights are random (Kaiming-normal fan-out kernels, random BatchNorm statistics): speed depends
-on shapes, not on training. Filter masks come from :func:`dcil_jax.granularity.filter_masks`
-(mean ``|w|``) at 30/40/50 % of filters, with the official ``global`` threshold and, to show how
-much the distribution matters, ``layerwise`` (the same fraction in every conv). The masked model
-is the plain model with pruned filters zeroed (what :func:`dcil_jax.export_variables` gives);
-the compact model is :func:`dcil_jax.compact.compact` of it. Every model is jitted, in eval mode;
-timed calls run round-robin over all models (so slow drift of a shared machine cancels in the
-ratios), each a median of ``--rounds`` calls; ratios are medians of per-round ratios to the dense
-model, all from one process.
+Models: the small CNN trained on scikit-learn's digits (a short dense training here, so its
+filter masks come from trained weights) and ResNet-32 at CIFAR's shape with random weights
+(Kaiming-normal kernels, random BatchNorm statistics; no CIFAR data is at hand offline: its
+masks say where a criterion puts the pruned filters, not which are right). Filter masks prune
+30/40/50 % of the conv filters with each *allocation criterion*:
+
+- ``global``: today's allocation, :func:`dcil_jax.granularity.filter_masks` (one mean-``|w|``
+  threshold over all convs, the official rule);
+- ``groups``: :func:`dcil_jax.deploy.allocation.cost_aware_filter_masks` with
+  ``cost_weight=0``: coupled channel groups (a residual stream's writers together), scores
+  normalised per layer;
+- ``groups+macs``: the same with ``cost_weight=0.5``: a group's score divided by the square
+  root of the MACs its removal saves (relative to the mean), so pruned filters land where they
+  pay.
+
+Each masked model is compacted (:func:`dcil_jax.deploy.compact`), checked against the masked
+model, and timed jitted in JAX and as ONNX (:func:`dcil_jax.deploy.to_onnx`) in onnxruntime, at
+batch 1 and 128, round-robin over all models (so drift of a shared machine cancels in the
+ratios), each a median of ``--rounds`` calls; ratios are medians of per-round ratios to the
+dense model in the same runtime. For the digits model the held-out accuracy is recorded after
+``--finetune-epochs`` of masked fine-tuning (Adam, pruned weights kept at zero), and before it
+(one-shot) in parentheses: masks of a trained model, not DCIL's own training.
 """
 
 from __future__ import annotations
@@ -21,7 +34,6 @@ import datetime
 import json
 import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,18 +42,22 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import onnxruntime
+import optax
 
 import dcil_jax
-from dcil_jax import compact as compact_lib
-from dcil_jax import compress, deploy_stats, models
 from dcil_jax import granularity as gr
+from dcil_jax import models
+from dcil_jax.deploy import compact, deploy_stats, masked_function, to_onnx
+from dcil_jax.deploy.allocation import cost_aware_filter_masks
 
 TARGET_SPEEDUP = 1.4  # compact vs dense at batch 128, 40 % of filters (the issue's goal)
+CRITERIA = ("global", "groups", "groups+macs")
 
 
 def conv_kernels(path, leaf):
-  """The zoo's convolution kernels (4-D; its Dense heads are 2-D)."""
-  return path[-1].key == "kernel" and leaf.ndim == 4
+  """Convolution kernels (the zoo's Dense heads are 2-D)."""
+  return path[-1].key == "kernel" and leaf.ndim >= 3
 
 
 def random_variables(model: Any, shape: tuple[int, ...], seed: int = 0) -> dict[str, Any]:
@@ -58,314 +74,243 @@ def random_variables(model: Any, shape: tuple[int, ...], seed: int = 0) -> dict[
       return rng.uniform(0.5, 1.5, size=leaf.shape).astype(np.float32)
     return rng.normal(size=leaf.shape, scale=0.1).astype(np.float32)
 
-  return jax.tree.map(jnp.asarray, jax.tree_util.tree_map_with_path(make, shapes))
+  return jax.tree_util.tree_map_with_path(make, shapes)
 
 
-def machine_info() -> dict[str, Any]:
-  cpu = platform.processor()
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
-  return {
-    "cpu": cpu,
-    "cores": os.cpu_count(),
-    "platform": platform.platform(),
-    "python": platform.python_version(),
-    "jax": jax.__version__,
-    "flax": flax.__version__,
-    "device": str(jax.devices()[0]),
-    "load_average_start": os.getloadavg(),
-  }
+def digits_data() -> tuple[np.ndarray, ...]:
+  """scikit-learn's digits, shuffled: 80 % to train, 20 % held out."""
+  from sklearn.datasets import load_digits
+
+  data = load_digits()
+  x = (data.images[..., None] / 16.0).astype(np.float32)
+  y = data.target.astype(np.int32)
+  order = np.random.default_rng(0).permutation(len(x))
+  x, y = x[order], y[order]
+  split = int(0.8 * len(x))
+  return x[:split], y[:split], x[split:], y[split:]
 
 
-def build(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-  """The models to time: dense, then masked and compact per (distribution, sparsity)."""
-  model = models.create_model(args.model, 10)
-  shape = (32, 32, 3)
-  variables = random_variables(model, shape)
+def train(model, variables, x, y, epochs: int, masks: Any = None) -> dict[str, Any]:
+  """Adam on batches of 64; with ``masks``, pruned weights stay zero (masked fine-tuning)."""
+  tx = optax.adam(1e-3)
+  params, stats = variables["params"], variables["batch_stats"]
+  if masks is not None:
+    params = dcil_jax.apply_masks(params, masks)
+  opt = tx.init(params)
+
+  @jax.jit
+  def step(params, stats, opt, xb, yb):
+    def loss(p):
+      logits, new = model.apply(
+        {"params": p, "batch_stats": stats}, xb, train=True, mutable=["batch_stats"]
+      )
+      return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean(), new
+
+    (_, new), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    updates, opt = tx.update(grads, opt, params)
+    params = optax.apply_updates(params, updates)
+    if masks is not None:
+      params = dcil_jax.apply_masks(params, masks)
+    return params, new["batch_stats"], opt
+
+  for _ in range(epochs):
+    for i in range(0, len(x) - 63, 64):
+      params, stats, opt = step(params, stats, opt, x[i : i + 64], y[i : i + 64])
+  return {"params": params, "batch_stats": stats}
+
+
+def make_masks(criterion, model, variables, template, fraction, shape):
+  if criterion == "global":
+    return gr.filter_masks(variables["params"], template, fraction)
+  weight = {"groups": 0.0, "groups+macs": 0.5}[criterion]
+  return cost_aware_filter_masks(model, variables, template, fraction, shape, cost_weight=weight)
+
+
+def configs_for(
+  name, model, variables, shape, fractions, data=None, finetune_epochs=0
+) -> list[dict[str, Any]]:
   template = dcil_jax.masks_like(variables["params"], conv_kernels)
-  dense_stats = deploy_stats.deploy_stats(model, variables, shape)
-  with tempfile.TemporaryDirectory() as tmp:
-    np.savez(Path(tmp) / "dense.npz", **dcil_jax.compact_model.flatten_variables(variables))
-    dense_bytes = (Path(tmp) / "dense.npz").stat().st_size
-  configs = [
-    {
-      "label": "dense",
-      "kind": "dense",
-      "apply": model.apply,
-      "variables": variables,
-      "macs": dense_stats["macs"],
-      "params": dense_stats["params"],
-      "bytes": dense_bytes,
-    }
-  ]
-  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, *shape)), jnp.float32)
-  checks = {}
-  for distribution in args.distributions:
-    for s in args.sparsities:
-      masks = jax.jit(lambda p, s=s, d=distribution: gr.filter_masks(p, template, s, "l1", d))(
-        variables["params"]
-      )
-      masked = dict(variables, params=dcil_jax.apply_masks(variables["params"], masks))
-      c = compact_lib.compact(model, variables, masks)
-      stats = deploy_stats.deploy_stats(c.module, c.variables, shape)
-      with tempfile.TemporaryDirectory() as tmp:
-        sizes = compact_lib.save_compact(c, Path(tmp) / "compact")
-        packed = compress.save_compressed(Path(tmp) / "packed.npz", variables, masks)
-      tag = f"{distribution} {round(100 * s)}%"
-      diff = float(
-        jnp.max(jnp.abs(jax.jit(c.module.apply)(c.variables, x) - jax.jit(model.apply)(masked, x)))
-      )
-      checks[tag] = diff
-      masked_stats = deploy_stats.deploy_stats(model, variables, shape, masks)
-      configs.append(
-        {
-          "label": f"masked {tag}",
-          "kind": "masked",
-          "distribution": distribution,
-          "sparsity": s,
-          "apply": model.apply,
-          "variables": masked,
-          "macs": masked_stats["kept_macs"],
-          "params": masked_stats["kept_params"],
-          "bytes": packed["file_bytes"],
-        }
-      )
-      configs.append(
-        {
-          "label": f"compact {tag}",
-          "kind": "compact",
-          "distribution": distribution,
-          "sparsity": s,
-          "apply": c.module.apply,
-          "variables": c.variables,
-          "macs": stats["macs"],
-          "params": stats["params"],
-          "bytes": sizes["variables.npz"],
-          "filters_pruned": c.report["pruned"],
-          "filters_removed": c.report["removed"],
-          "filters": c.report["filters"],
-        }
-      )
-      if round(100 * s) == 40:
-        if distribution == "global":
-          configs.append(_without_border(configs[-1], c))
-        a = compact_lib.compact(model, variables, masks, align=args.align)
-        stats = deploy_stats.deploy_stats(a.module, a.variables, shape)
-        with tempfile.TemporaryDirectory() as tmp:
-          aligned_bytes = compact_lib.save_compact(a, Path(tmp) / "c")["variables.npz"]
-        checks[f"{tag} widths x{args.align}"] = float(
-          jnp.max(
-            jnp.abs(jax.jit(a.module.apply)(a.variables, x) - jax.jit(model.apply)(masked, x))
-          )
-        )
-        configs.append(
-          {
-            "label": f"compact {tag}, widths multiple of {args.align}",
-            "kind": "compact",
-            "distribution": distribution,
-            "sparsity": s,
-            "apply": a.module.apply,
-            "variables": a.variables,
-            "macs": stats["macs"],
-            "params": stats["params"],
-            "bytes": aligned_bytes,
-            "filters_pruned": a.report["pruned"],
-            "filters_removed": a.report["removed"],
-            "filters": a.report["filters"],
-          }
-        )
-  return configs, {"max_abs_logit_diff_compact_vs_masked": checks, "shape": shape}
-
-
-def _without_border(config: dict[str, Any], c: compact_lib.Compacted) -> dict[str, Any]:
-  """The compact model without its constant border terms: inexact, timed only for their cost."""
-  arch = json.loads(c.module.arch)
-  for op in arch["ops"]:
-    op.pop("border", None)
-  params = {
-    name: {k: v for k, v in layer.items() if k != "border"}
-    for name, layer in c.variables["params"].items()
-  }
-  return dict(
-    config,
-    label=config["label"] + " without border terms (inexact)",
-    kind="diagnostic",
-    apply=dcil_jax.compact_model.CompactNet(json.dumps(arch)).apply,
-    variables=dict(c.variables, params=params),
-  )
-
-
-CONV_CASES = (  # (input channels, output channels, spatial size): ResNet-32's stages 1 and 3
-  (16, 16, 32),
-  (16, 10, 32),
-  (10, 10, 32),
-  (64, 64, 8),
-  (64, 38, 8),
-  (38, 38, 8),
-)
-
-
-def conv_scaling(rounds: int, batch: int = 128) -> list[dict[str, Any]]:
-  """Time of one 3x3 conv at ResNet-32's widths: does it fall with the channel count?"""
-  conv = jax.jit(
-    lambda x, k: jax.lax.conv_general_dilated(
-      x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
-    )
-  )
-  rng = np.random.default_rng(3)
-  args = []
-  for cin, cout, hw in CONV_CASES:
-    x = jnp.asarray(rng.normal(size=(batch, hw, hw, cin)), jnp.float32)
-    k = jnp.asarray(rng.normal(size=(3, 3, cin, cout)), jnp.float32)
-    conv(x, k).block_until_ready()
-    args.append((x, k))
-  times = [[] for _ in args]
-  for _ in range(rounds):
-    for i, (x, k) in enumerate(args):
-      t0 = time.perf_counter()
-      conv(x, k).block_until_ready()
-      times[i].append(time.perf_counter() - t0)
-  out = []
-  for (cin, cout, hw), t in zip(CONV_CASES, times):
-    macs = batch * hw * hw * 9 * cin * cout
-    med = float(np.median(t))
-    out.append(
-      {
-        "in": cin,
-        "out": cout,
-        "size": hw,
-        "batch": batch,
-        "median_s": med,
-        "gmacs_per_s": macs / med / 1e9,
+  dense_macs = deploy_stats(model, variables, shape)["macs"]
+  dense_fn = masked_function(model, variables)
+  configs = [{"model": name, "label": "dense", "fn": dense_fn, "macs": dense_macs, "shape": shape}]
+  accuracy = lambda fn: float(np.mean(np.argmax(jax.jit(fn)(data[2]), -1) == data[3]))
+  if data is not None:
+    configs[0]["accuracy"] = accuracy(dense_fn)
+  for criterion in CRITERIA:
+    for fraction in fractions:
+      masks = make_masks(criterion, model, variables, template, fraction, shape)
+      c = compact(model, variables, masks, shape)
+      masked = masked_function(model, variables, masks)
+      x = np.random.default_rng(1).normal(size=(4, *shape)).astype(np.float32)
+      diff = float(jnp.max(jnp.abs(jax.jit(c.apply)(x) - jax.jit(masked)(x))))
+      config = {
+        "model": name,
+        "label": f"{criterion} {round(100 * fraction)}%",
+        "criterion": criterion,
+        "fraction": fraction,
+        "fn": c.apply,
+        "macs": deploy_stats(c.module, c.variables, shape)["macs"],
+        "filters": c.report["filters"],
+        "pruned": c.report["pruned"],
+        "removed": c.report["removed"],
+        "max_abs_logit_diff": diff,
+        "shape": shape,
       }
-    )
-  return out
+      if data is not None:
+        config["accuracy_one_shot"] = accuracy(masked)
+        tuned = train(model, variables, data[0], data[1], finetune_epochs, masks)
+        config["accuracy"] = accuracy(masked_function(model, tuned, masks))
+      configs.append(config)
+  return configs
 
 
 def time_all(configs: list[dict[str, Any]], batch: int, rounds: int) -> None:
-  """Round-robin timing: ``times[batch]`` per config, and per-round ratios to dense."""
-  x = jnp.asarray(np.random.default_rng(2).normal(size=(batch, 32, 32, 3)), jnp.float32)
-  fns = []
+  """Median seconds per call, JAX and onnxruntime, round-robin; ratios per round to dense."""
   for c in configs:
-    fn = jax.jit(c["apply"])
-    t0 = time.perf_counter()
-    fn(c["variables"], x).block_until_ready()
-    c.setdefault("compile_s", {})[batch] = time.perf_counter() - t0
-    fns.append(fn)
-  times = [[] for _ in configs]
+    x = np.random.default_rng(2).normal(size=(batch, *c["shape"])).astype(np.float32)
+    jitted = jax.jit(c["fn"])
+    jax.block_until_ready(jitted(x))
+    c.setdefault("_runners", {})[batch] = {
+      "jax": lambda jitted=jitted, x=x: jax.block_until_ready(jitted(x)),
+      "onnxruntime": (lambda s=c["_session"], x=x: s.run(None, {"x": x})),
+    }
+    c["_runners"][batch]["onnxruntime"]()
+  times = {(id(c), rt): [] for c in configs for rt in ("jax", "onnxruntime")}
   for _ in range(rounds):
-    for i, (c, fn) in enumerate(zip(configs, fns)):
-      t0 = time.perf_counter()
-      fn(c["variables"], x).block_until_ready()
-      times[i].append(time.perf_counter() - t0)
-  for c, t in zip(configs, times):
-    ratios = [d / own for d, own in zip(times[0], t)]  # dense time / this time = speed-up
-    c.setdefault("times_s", {})[batch] = t
-    c.setdefault("median_s", {})[batch] = float(np.median(t))
-    c.setdefault("speedup", {})[batch] = float(np.median(ratios))
+    for c in configs:
+      for rt, run in c["_runners"][batch].items():
+        start = time.perf_counter()
+        run()
+        times[(id(c), rt)].append(time.perf_counter() - start)
+  for c in configs:
+    dense = next(d for d in configs if d["model"] == c["model"] and d["label"] == "dense")
+    for rt in ("jax", "onnxruntime"):
+      t, base = np.asarray(times[(id(c), rt)]), np.asarray(times[(id(dense), rt)])
+      c.setdefault("median_s", {})[f"{rt} b{batch}"] = float(np.median(t))
+      c.setdefault("speedup", {})[f"{rt} b{batch}"] = float(np.median(base / t))
 
 
 def report(result: dict[str, Any]) -> str:
-  """The markdown report of a result (pure: tested on a fake result)."""
+  """The Markdown table of a result (``inference_cpu.json``)."""
   m = result["machine"]
+  keys = [f"{rt} b{b}" for rt in ("jax", "onnxruntime") for b in result["batches"]]
   lines = [
-    f"# Inference on CPU: dense vs filter-masked vs compact {result['model']}",
+    "# Inference on CPU: dense vs compact, by filter allocation criterion",
     "",
-    f"`python -m benchmarks.inference` on {result['date']}: {m['cpu']}, {m['cores']} cores "
-    f"(load average {', '.join(f'{v:.1f}' for v in m['load_average_start'])} at the start, "
-    f"{', '.join(f'{v:.1f}' for v in result['load_average_end'])} at the end: the machine is "
-    f"shared), jax {m['jax']}, flax {m['flax']}, float32, 32x32x3 inputs, jitted eval mode, "
-    f"median of {result['rounds']} calls per model, round-robin; speed-up = median over rounds "
-    "of dense time / model time (same process). Random weights (speed depends on shapes only).",
+    f"Measured {result['date']} by `python -m benchmarks.inference` on {m['cpu']} "
+    f"({m['cores']} cores; load average {m['load_average_start'][0]:.1f} at the start, "
+    f"{result['load_average_end'][0]:.1f} at the end: a shared machine, so ratios are medians "
+    f"of per-round ratios over {result['rounds']} rounds), jax {m['jax']}, flax {m['flax']}, "
+    f"onnxruntime {m['onnxruntime']}.",
     "",
-    "| model | filters removed / pruned | MACs/image | params | bytes on disk | "
-    "batch 1 latency (ms) | × dense | batch 128 images/s | × dense |",
-    "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    "Allocation criteria (see the module docstring of `benchmarks/inference.py`): **global** = "
+    "today's `filter_masks` (one mean-|w| threshold over all convs); **groups** = "
+    "`cost_aware_filter_masks(cost_weight=0)` (coupled channel groups, per-layer-normalised "
+    "scores); **groups+macs** = `cost_aware_filter_masks(cost_weight=0.5)` (score divided by "
+    "the square root of the MACs saved).",
+    "",
+    "Speed-up = dense time / compact time in the same runtime and batch (higher is faster).",
+    "",
   ]
-  for c in result["configs"]:
-    removed = (
-      f"{c['filters_removed']} / {c['filters_pruned']} of {c['filters']}" if "filters" in c else ""
-    )
-    lines.append(
-      f"| {c['label']} | {removed} | {c['macs'] / 1e6:.1f}M | {c['params']:,} | {c['bytes']:,} | "
-      f"{1e3 * c['median_s']['1']:.2f} | {c['speedup']['1']:.2f} | "
-      f"{128 / c['median_s']['128']:.0f} | {c['speedup']['128']:.2f} |"
-    )
+  for name in dict.fromkeys(c["model"] for c in result["configs"]):
+    lines += [f"## {name}", ""]
+    head = "| model | pruned / removed of filters | MACs (M) | acc. (one-shot) | "
+    lines += [head + " | ".join(keys) + " |", "|" + "---|" * (4 + len(keys))]
+    for c in result["configs"]:
+      if c["model"] != name:
+        continue
+      filt = f"{c['pruned']} / {c['removed']} of {c['filters']}" if "pruned" in c else "-"
+      acc = f"{100 * c['accuracy']:.1f} %" if "accuracy" in c else "-"
+      if "accuracy_one_shot" in c:
+        acc += f" ({100 * c['accuracy_one_shot']:.1f} %)"
+      speed = " | ".join(f"{c['speedup'][k]:.2f}× ({1e3 * c['median_s'][k]:.2f} ms)" for k in keys)
+      lines.append(f"| {c['label']} | {filt} | {c['macs'] / 1e6:.2f} | {acc} | {speed} |")
+    lines.append("")
   goal = result["goal"]
+  measured = ", ".join(
+    f"{k} {v:.2f}× ({'met' if v >= goal['speedup'] else 'not met'})"
+    for k, v in goal["at_40"].items()
+  )
   lines += [
+    f"Goal: compact ≥ {goal['speedup']}× dense at 40 % of filters, batch 128, on "
+    f"{goal['model']}: {measured}.",
     "",
-    f"Goal: compact at 40 % of filters (global threshold, as the official code) at least "
-    f"{TARGET_SPEEDUP}× dense at batch 128: measured {goal['speedup']:.2f}× "
-    f"({'met' if goal['met'] else 'not met'}).",
+    f"Max |logit difference| compact vs masked over all configs: {result['max_diff']:.1e}.",
     "",
-    "Bytes on disk: dense = the plain variables as `.npz`; masked = `dcil_jax.compress` "
-    "(bit-packed masks + kept values); compact = the compact model's `variables.npz`. MACs count "
-    "conv and dense layers from the shapes (masked: kept weights; compact: its own shapes, "
-    "without its per-batch constant border terms). Compact logits vs masked logits, max abs "
-    "difference: "
-    + ", ".join(
-      f"{k} {v:.1e}" for k, v in result["checks"]["max_abs_logit_diff_compact_vs_masked"].items()
-    )
-    + ".",
+    result.get("notes", ""),
   ]
-  if result.get("conv_scaling"):
-    lines += [
-      "",
-      "Why the compact model is not faster in proportion to its MACs: one 3x3 conv, batch "
-      "128, XLA:CPU, same process:",
-      "",
-      "| in → out channels | size | ms | GMAC/s |",
-      "|---|---:|---:|---:|",
-    ]
-    for r in result["conv_scaling"]:
-      lines.append(
-        f"| {r['in']} → {r['out']} | {r['size']}×{r['size']} | {1e3 * r['median_s']:.1f} | "
-        f"{r['gmacs_per_s']:.1f} |"
-      )
-  if result.get("notes"):
-    lines += ["", result["notes"]]
   return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--model", default="resnet32")
-  parser.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.4, 0.5])
-  parser.add_argument("--distributions", nargs="+", default=["global", "layerwise"])
-  parser.add_argument("--rounds", type=int, default=20)
-  parser.add_argument("--align", type=int, default=8, help="widths of the aligned compact rows")
-  parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
-  parser.add_argument("--notes", default="", help="a paragraph appended to the report")
+  parser.add_argument("--out", default="benchmarks/results")
+  parser.add_argument("--rounds", type=int, default=10)
+  parser.add_argument("--batches", type=int, nargs="+", default=[1, 128])
+  parser.add_argument("--fractions", type=float, nargs="+", default=[0.3, 0.4, 0.5])
+  parser.add_argument("--digits-epochs", type=int, default=15)
+  parser.add_argument("--finetune-epochs", type=int, default=5)
+  parser.add_argument("--models", nargs="+", default=["digits_small_cnn", "resnet32"])
+  parser.add_argument("--notes", default="")
   args = parser.parse_args(argv)
-  info = machine_info()
-  configs, checks = build(args)
-  for batch in (1, 128):
+  machine = {
+    "cpu": platform.processor() or platform.machine(),
+    "cores": os.cpu_count(),
+    "jax": jax.__version__,
+    "flax": flax.__version__,
+    "onnxruntime": onnxruntime.__version__,
+    "load_average_start": os.getloadavg(),
+  }
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        machine["cpu"] = line.split(":", 1)[1].strip()
+        break
+  except OSError:
+    pass
+  configs = []
+  if "digits_small_cnn" in args.models:
+    data = digits_data()
+    model = models.SmallCNN(num_classes=10)
+    initial = model.init(jax.random.PRNGKey(0), data[0][:1])
+    variables = train(model, initial, data[0], data[1], args.digits_epochs)
+    configs += configs_for(
+      "digits_small_cnn", model, variables, (8, 8, 1), args.fractions, data, args.finetune_epochs
+    )
+  if "resnet32" in args.models:
+    model = models.resnet32(num_classes=10)
+    variables = random_variables(model, (32, 32, 3))
+    configs += configs_for("resnet32", model, variables, (32, 32, 3), args.fractions)
+  options = onnxruntime.SessionOptions()
+  options.intra_op_num_threads = os.cpu_count() or 1
+  for c in configs:
+    onnx_model = to_onnx(c["fn"], c["shape"])
+    c["onnx_bytes"] = len(onnx_model.SerializeToString())
+    c["_session"] = onnxruntime.InferenceSession(
+      onnx_model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+  for batch in args.batches:
     time_all(configs, batch, args.rounds)
-  scaling = conv_scaling(args.rounds)
-  goal_cfg = next((c for c in configs if c["label"] == "compact global 40%"), configs[-1])
+  goal_model = "resnet32" if "resnet32" in args.models else args.models[0]
+  at40 = {
+    f"{c['criterion']}, {rt}": c["speedup"][f"{rt} b128"]
+    for c in configs
+    for rt in ("jax", "onnxruntime")
+    if c["model"] == goal_model and c.get("fraction") == 0.4 and f"{rt} b128" in c["speedup"]
+  }
   result = {
-    "model": args.model,
     "date": datetime.date.today().isoformat(),
-    "machine": info,
+    "machine": machine,
     "load_average_end": os.getloadavg(),
     "rounds": args.rounds,
-    "checks": checks,
-    "goal": {
-      "label": goal_cfg["label"],
-      "speedup": goal_cfg["speedup"][128],
-      "target": TARGET_SPEEDUP,
-      "met": goal_cfg["speedup"][128] >= TARGET_SPEEDUP,
-    },
+    "batches": args.batches,
     "notes": args.notes,
-    "conv_scaling": scaling,
-    "configs": [{k: v for k, v in c.items() if k not in ("apply", "variables")} for c in configs],
+    "goal": {"speedup": TARGET_SPEEDUP, "model": goal_model, "at_40": at40},
+    "max_diff": max(c.get("max_abs_logit_diff", 0.0) for c in configs),
+    "configs": [
+      {k: v for k, v in c.items() if not k.startswith("_") and k != "fn"} for c in configs
+    ],
   }
-  result = json.loads(json.dumps(result))  # batch keys become strings, as in the file
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   (out / "inference_cpu.json").write_text(json.dumps(result, indent=1))

@@ -1,6 +1,14 @@
 """dcil-jax: Dynamic Collective Intelligence Learning (DCIL) and DPF for JAX, Flax and optax."""
 
-from dcil_jax import granularity, losses, models, pool_gradient, refresh, rules, sharding
+from dcil_jax import deploy, granularity, losses, models, pool_gradient, refresh, rules, sharding
+from dcil_jax.deploy import (
+  export,
+  layer_stats,
+  load_compressed,
+  masked_function,
+  save_compact,
+  save_compressed,
+)
 from dcil_jax.losses import dcil_loss, dense_loss, distillation_kl, dpf_loss
 from dcil_jax.masks import (
   apply_masks,
@@ -40,6 +48,13 @@ __all__ = [
   "PRUNABLE",
   "TrainState",
   "apply_masks",
+  "deploy",
+  "export",
+  "layer_stats",
+  "load_compressed",
+  "masked_function",
+  "save_compact",
+  "save_compressed",
   "as_model",
   "constant_sparsity",
   "cubic_sparsity",

@@ -27,9 +27,10 @@ def check(block: str, ns: dict) -> None:
     assert np.isfinite(float(ns["loss"])) and ns["logits"].shape == (16, 10)
   if "from_nnx" in block:
     assert type(ns["trained"]).__name__ == "Net"  # the user's class comes back
-  if "compact.compact(" in block:
-    assert (Path("resnet8_compact") / "compact_model.py").exists()
-    assert Path("resnet8_sparse.npz").exists()
+  if "deploy.compact(" in block:
+    assert (Path("mynet_compact") / "model.onnx").exists()
+    assert (Path("mynet_compact") / "model.stablehlo").exists()
+    assert Path("mynet_sparse.npz").exists()
 
 
 def test_every_python_block_runs(tmp_path, monkeypatch):
