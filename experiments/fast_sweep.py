@@ -317,7 +317,7 @@ def run_cell(
     loss of each epoch over its finite steps), ``diverged_step`` (first non-finite step, or
     None) and ``collapsed`` (final test top-1 below ``COLLAPSE_FACTOR`` x chance).
   """
-  start = time.perf_counter()
+  start, cpu_start = time.perf_counter(), time.process_time()
   config = cell_config(base, cell)
   x, y = data.train
   info = input_pipeline.DATASETS[config.dataset]
@@ -379,6 +379,8 @@ def run_cell(
     "steps": total,
     "steps_per_epoch": steps_per_epoch,
     "wall_s": time.perf_counter() - start,
+    "cpu_s": time.process_time() - cpu_start,  # this process, all threads
+    "load_avg": os.getloadavg()[0],  # other jobs on the machine inflate wall_s
     "batching": batching,
     "epoch_end_s": epoch_wall,  # seconds since the cell started: the first includes compiling
     "runs": records,
