@@ -9,7 +9,19 @@ parameter's full shape at prunable leaves, ``None`` elsewhere), so they drop in 
   ``w**2`` (``"l2"``) over the rest of its kernel, one global threshold ranks all filters of all
   prunable kernels, and the mask broadcasts over the filter. The count is exact and ties are
   broken as in :func:`dcil_jax.magnitude_masks` (the lower index, in tree order, is pruned first);
-  the sparsity may be traced.
+  the sparsity may be traced. **No layer is ever emptied**: at most ``n − 1`` of a layer's ``n``
+  filters are pruned (its best-scored filter is kept), as weight masks never prune a whole group;
+  a layer with every filter pruned would make the sparse path's output a constant while the loss
+  stays finite, a failure nothing else reports. (The official code has no such floor.) When the
+  target asks for more filters than that leaves, the floor wins and the count falls short;
+  :func:`layers_at_floor` reports the layers that keep a single filter.
+- **Layer-relative** filter scores (``"l1_relative"``, ``"l2_relative"``): each filter's score
+  divided by the mean score of its layer. A global threshold on raw mean ``|w|`` compares layers
+  whose weights have different scales: the usual initialisations scale a kernel by
+  ``1/sqrt(fan_in)``, so wide, deep layers score lower and lose most of their filters (on a
+  trained ResNet-20 every filter it pruned was in the last stage). Relative scores rank each
+  filter against its own layer's, and the one global threshold then prunes the weakest filters
+  relative to their peers.
 - **N:M** masks: in every group of ``m`` consecutive weights along the input-channel axis (axis
   -2), the ``n`` largest ``|w|`` are kept: the pattern sparse tensor cores run faster. Its
   sparsity is fixed at ``1 - n/m`` by construction, so a sparsity schedule does not apply to it.
@@ -30,8 +42,8 @@ from dcil_jax.masks import _keep_top, _num_pruned, check_masks, check_sparsity
 
 Params = Any
 Masks = Any
-FilterScore = Literal["l1", "l2"]
-FILTER_SCORES = ("l1", "l2")
+FilterScore = Literal["l1", "l2", "l1_relative", "l2_relative"]
+FILTER_SCORES = ("l1", "l2", "l1_relative", "l2_relative")
 FilterDistribution = Literal["global", "layerwise"]
 
 
@@ -56,7 +68,9 @@ def filter_scores(params: Params, masks: Masks, score: FilterScore = "l1") -> Ma
   Args:
     params: the weights that rank the filters (the dense ``W``, as for weight masks).
     masks: a masks tree; only its structure (which leaves are prunable) is used.
-    score: ``"l1"`` (mean ``|w|``) or ``"l2"`` (mean ``w**2``) over each filter's kernel.
+    score: ``"l1"`` (mean ``|w|``) or ``"l2"`` (mean ``w**2``) over each filter's kernel;
+      ``"l1_relative"`` / ``"l2_relative"``: the same divided by its layer's mean filter score
+      (see the module docstring).
 
   Returns:
     A tree like ``masks`` with float32 ``[out]`` scores at prunable leaves.
@@ -69,8 +83,12 @@ def filter_scores(params: Params, masks: Masks, score: FilterScore = "l1") -> Ma
     if jnp.ndim(p) < 2:
       raise ValueError(f"Filter masks need kernels with ndim >= 2; {_name(path)} has {p.shape}.")
     w = p.astype(jnp.float32)
-    w = jnp.abs(w) if score == "l1" else jnp.square(w)
-    new.append(jnp.mean(w.reshape(-1, w.shape[-1]), axis=0))
+    w = jnp.abs(w) if score.startswith("l1") else jnp.square(w)
+    per_filter = jnp.mean(w.reshape(-1, w.shape[-1]), axis=0)
+    if score.endswith("_relative"):
+      mean = jnp.mean(per_filter)
+      per_filter = per_filter / jnp.where(mean > 0, mean, 1.0)
+    new.append(per_filter)
   return _replace_leaves(masks, pairs, new)
 
 
@@ -87,21 +105,31 @@ def filter_masks(
     params: the weights that rank the filters.
     masks: a masks tree (``None`` at leaves that are not pruned); only its structure is used.
     sparsity: fraction of *filters* to prune, in [0, 1); may be traced under ``jit``.
-    score: ``"l1"`` (mean ``|w|``, the official default) or ``"l2"`` (mean ``w**2``).
+    score: ``"l1"`` (mean ``|w|``, the official default) or ``"l2"`` (mean ``w**2``), or
+      their layer-relative forms ``"l1_relative"`` / ``"l2_relative"`` (see
+      :func:`filter_scores`).
     distribution: ``"global"``: one threshold over all filters of all prunable kernels (the
       official code); ``"layerwise"``: the same fraction of filters in every kernel.
 
   Returns:
     A masks tree like ``masks``; every prunable leaf is ``True`` or ``False`` along whole
     filters, and ``round(sparsity * filters)`` filters are pruned (overall for ``global``, per
-    leaf for ``layerwise``). Ties are pruned lower index first, in tree order.
+    leaf for ``layerwise``), except that every leaf keeps at least one filter (its best
+    scored: the floor may leave the count short). Ties are pruned lower index first, in tree
+    order.
   """
   check_sparsity(sparsity)
   pairs = check_masks(masks, params)
   scores = jax.tree.leaves(filter_scores(params, masks, score))
   if distribution == "global":
-    flat = jnp.concatenate(scores)
-    keep = _keep_top(flat, _num_pruned(sparsity, flat.size))
+    # Each layer's best filter (the last of tied bests, as ties prune the lower index) ranks
+    # above every other filter, and at most filters - layers are pruned: no layer is emptied.
+    protected = [s.size - 1 - jnp.argmax(s[::-1]) for s in scores]
+    flat = jnp.concatenate(
+      [jnp.where(jnp.arange(s.size) == i, jnp.inf, s) for s, i in zip(scores, protected)]
+    )
+    num_pruned = jnp.minimum(_num_pruned(sparsity, flat.size), flat.size - len(scores))
+    keep = _keep_top(flat, num_pruned)
     keep = jnp.split(keep, np.cumsum([s.size for s in scores])[:-1])
   elif distribution == "layerwise":
     keep = [_keep_top(s, _num_pruned(sparsity, s.size)) for s in scores]
@@ -208,6 +236,14 @@ def filter_sparsity(masks: Masks) -> jax.Array:
   if not view:
     raise ValueError("filter_sparsity() needs a masks tree with at least one mask (got none).")
   return sum(jnp.sum(~v) for v in view) / sum(v.size for v in view)
+
+
+def layers_at_floor(masks: Masks) -> jax.Array:
+  """How many prunable leaves keep exactly one filter: the floor of :func:`filter_masks`, where
+  the sparse path's width is 1 and the schedule's target may not be met. A number to log next
+  to the sparsity (jit-friendly, int32); :func:`layer_filter_counts` says which leaves."""
+  view = jax.tree.leaves(filter_view(masks))
+  return sum((jnp.sum(v) == 1).astype(jnp.int32) for v in view) + jnp.int32(0)
 
 
 def layer_filter_counts(masks: Masks) -> dict[str, dict[str, jax.Array]]:

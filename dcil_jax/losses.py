@@ -56,6 +56,49 @@ def distillation_kl(student: jax.Array, teacher: jax.Array, temperature: float) 
   return t**2 * jnp.mean(jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1))
 
 
+def distillation_term(
+  kl: jax.Array, task: jax.Array, kd_weight: float | jax.Array, kd_clip: float | None = None
+) -> jax.Array:
+  """One path's distillation term ``kd_weight · KL``, optionally capped relative to its task loss.
+
+  With ``kd_clip=None`` (the official code) this is ``kd_weight · kl``. With a number ``c`` the
+  term is multiplied by the constant (stop-gradient) factor ``min(1, c · task / (kd_weight ·
+  kl))``: its value never exceeds ``c`` times the path's own task loss, and its gradient is the
+  KL gradient scaled down by the same factor. Why: without BatchNorm, at a high learning rate
+  the two paths' logits can be far apart when distillation switches on, and the KL gradient
+  then dwarfs the task gradient; capping it relative to the task loss keeps distillation a
+  correction of the task objective rather than a replacement (see docs/method.md, "When DCIL
+  is unstable"). Below the cap the term is exactly the official one.
+
+  Args:
+    kl: the path's ``KL_T`` (:func:`distillation_kl`), differentiable.
+    task: the path's task loss (only its value is used).
+    kd_weight: the distillation weight (a number, or traced).
+    kd_clip: the cap as a multiple of ``task``, or ``None`` for no cap.
+
+  Returns:
+    The scalar term to add to the path's task loss.
+  """
+  if kd_clip is None:
+    return kd_weight * kl
+  return _kd_scale(kl, task, kd_weight, kd_clip) * kd_weight * kl
+
+
+def _kd_scale(kl, task, kd_weight, kd_clip: float) -> jax.Array:
+  """The constant factor of :func:`distillation_term` (1 below the cap)."""
+  kl, task = jax.lax.stop_gradient(kl), jax.lax.stop_gradient(task).astype(jnp.float32)
+  size = jax.lax.stop_gradient(kd_weight) * kl
+  cap = kd_clip * jnp.maximum(task, 0.0)
+  return jnp.where(size > cap, cap / jnp.where(size > cap, size, 1.0), 1.0)
+
+
+def _kd_gradient(aux: dict[str, Any], kd_weight, kd_clip: float | None) -> jax.Array:
+  """``d loss / d kd_weight``: the KL sum, each path's KL scaled by its cap factor."""
+  if kd_clip is None:
+    return jnp.sum(aux["kl"])
+  return jnp.sum(_kd_scale(aux["kl"], aux["ce"], kd_weight, kd_clip) * aux["kl"])
+
+
 def path_rngs(rngs: Any, path: int | jax.Array) -> Any:
   """Each path's own keys (e.g. dropout), as two PyTorch forwards draw independent masks."""
   if rngs is None:
@@ -115,6 +158,7 @@ def dcil_loss(
   *,
   kd_weight: float | jax.Array = 0.0,
   temperature: float = 2.0,
+  kd_clip: float | None = None,
   strategy: str = "unrolled",
   mesh: Mesh | None = None,
   rngs: Any = None,
@@ -133,6 +177,8 @@ def dcil_loss(
       statistics, ...), or ``None`` for a model without mutable collections.
     kd_weight: weight of the mutual distillation terms (official: 0 before epoch 70, then 1).
     temperature: distillation temperature ``T`` (official: 2).
+    kd_clip: cap each path's distillation term at ``kd_clip`` times its task loss
+      (:func:`distillation_term`); ``None`` (official): no cap.
     strategy: ``"unrolled"``, ``"vmap"``, ``"sharded"`` or ``"sequential"`` — same values,
       gradients and model state. ``"sequential"`` runs the sparse path's forward and backward,
       then the dense path's, so only one path's activations are alive (about the memory of
@@ -153,7 +199,17 @@ def dcil_loss(
   if strategy in paths.SEQUENTIAL:
     loop = paths.sequential_loop(strategy)
     return _sequential_dcil_loss(
-      model, params, masks, batch, model_state, kd_weight, temperature, rngs, task_loss, loop
+      model,
+      params,
+      masks,
+      batch,
+      model_state,
+      kd_weight,
+      temperature,
+      kd_clip,
+      rngs,
+      task_loss,
+      loop,
     )
   names = paths.PATH_NAMES
   own = [params.get(name, {}) for name in names]
@@ -175,17 +231,21 @@ def dcil_loss(
     mesh=mesh,
   )
   return _dcil_outputs(
-    z_s, z_d, state_s, state_d, model_state, batch, kd_weight, temperature, task_loss
+    z_s, z_d, state_s, state_d, model_state, batch, kd_weight, temperature, kd_clip, task_loss
   )
 
 
 def _dcil_outputs(
-  z_s, z_d, state_s, state_d, model_state, batch, kd_weight, temperature, task_loss
+  z_s, z_d, state_s, state_d, model_state, batch, kd_weight, temperature, kd_clip, task_loss
 ):
   """``(loss, aux)`` of :func:`dcil_loss` from both paths' logits and new model states."""
   task = jnp.stack([task_loss(z_s, batch), task_loss(z_d, batch)])
   kl = jnp.stack([distillation_kl(z_s, z_d, temperature), distillation_kl(z_d, z_s, temperature)])
-  loss = jnp.sum(task) + kd_weight * jnp.sum(kl)
+  if kd_clip is None:  # the official loss, written as it always was
+    loss = jnp.sum(task) + kd_weight * jnp.sum(kl)
+  else:
+    terms = [distillation_term(kl[i], task[i], kd_weight, kd_clip) for i in range(2)]
+    loss = jnp.sum(task) + terms[0] + terms[1]
   aux = {
     "logits": (z_s, z_d),
     "ce": task,
@@ -236,7 +296,7 @@ def _after(tree: Any, done: Any) -> tuple[Any, Any]:
 
 
 def _sequential_dcil_loss(
-  model, params, masks, batch, model_state, kd_weight, temperature, rngs, task_loss, loop
+  model, params, masks, batch, model_state, kd_weight, temperature, kd_clip, rngs, task_loss, loop
 ):
   """:func:`dcil_loss` with ``strategy="sequential"``: one path's activations alive at a time.
 
@@ -281,7 +341,9 @@ def _sequential_dcil_loss(
     return model.apply_train(_variables(weights, state), batch["image"], path_rngs(rngs, i))
 
   def outputs(z_s, z_d, new_states, kd, batch):
-    return _dcil_outputs(z_s, z_d, *new_states, model_state, batch, kd, temperature, task_loss)
+    return _dcil_outputs(
+      z_s, z_d, *new_states, model_state, batch, kd, temperature, kd_clip, task_loss
+    )
 
   def primal(params, kd, masks, batch, states, rngs):
     (z_s, state_s), (z_d, state_d) = paths.map_paths(
@@ -296,7 +358,8 @@ def _sequential_dcil_loss(
     z, new_state = forward(i, params, masks, batch, states, rngs)
     objective = task_loss(z, batch)
     if teacher is not None:
-      objective = objective + kd * distillation_kl(z, teacher, temperature)
+      kl = distillation_kl(z, teacher, temperature)
+      objective = objective + distillation_term(kl, objective, kd, kd_clip)
     return objective, (z, new_state)
 
   def grad_fn(i, params, teacher, kd, *args):
@@ -319,7 +382,7 @@ def _sequential_dcil_loss(
     g_d, (z_d, state_d) = grad_fn(paths.DENSE, params_d, teacher_s, kd, *args)
     grads = jax.tree.map(jnp.add, g_s, g_d)
     loss, aux = outputs(z_s, z_d, (state_s, state_d), kd, batch)
-    return (loss, aux), (grads, jnp.sum(aux["kl"]))
+    return (loss, aux), (grads, _kd_gradient(aux, kd, kd_clip))
 
   def fwd(params, kd, masks, batch, states, rngs):
     z_teacher = None
@@ -347,7 +410,8 @@ def _sequential_dcil_loss(
         z, new_state = model.apply_train(_variables(weights, state), batch["image"], path_keys)
         value = task_loss(z, batch)
         if teacher is not None:
-          value = value + kd * distillation_kl(z, teacher, temperature)
+          kl = distillation_kl(z, teacher, temperature)
+          value = value + distillation_term(kl, value, kd, kd_clip)
         return value, (z, new_state)
 
       grads, (z, new_state) = jax.grad(objective, argnums=(0, 1, 2), has_aux=True)(
@@ -389,7 +453,7 @@ def _sequential_dcil_loss(
       else (jax.tree.map(lambda x, j=j: x[j], new_states) for j in range(paths.NUM_PATHS))
     )
     loss, aux = outputs(z_s, z_d, (state_s, state_d), kd, batch)
-    return (loss, aux), (grads, jnp.sum(aux["kl"]))
+    return (loss, aux), (grads, _kd_gradient(aux, kd, kd_clip))
 
   def bwd(residuals, cotangents):
     grads, kl_sum = residuals

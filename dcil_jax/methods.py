@@ -72,6 +72,21 @@ class DPF(Dense):
 class DCIL(Dense):
   """DCIL: a sparse and a dense path over shared prunable kernels, with mutual distillation.
 
+  Two settings have names (:attr:`PRESETS`):
+
+  - ``DCIL.official(**fields)``: exactly the official code (a step of the distillation weight
+    at ``kd_start_step``, no cap on the distillation term); its loss and gradients are the
+    official routing (tests/test_losses.py, tests/test_sequential.py).
+  - ``DCIL.robust(**fields)``: the official method with the options that keep it from blowing
+    up where the official code does (no BatchNorm, high learning rate; see docs/method.md,
+    "When DCIL is unstable", for the measurements that chose them). Its optimizer half: chain
+    ``optax.clip_by_global_norm(DCIL.ROBUST_GRAD_CLIP_NORM)`` before your optimizer (the
+    experiments do this for ``dcil_preset=robust``).
+
+  ``DCIL(...)`` with no option set is the official setting; ``DCIL.preset(name, **fields)``
+  picks one by name (the experiments' ``--config.dcil_preset=official|robust``). Any field can
+  be overridden in both, e.g. ``DCIL.robust(kd_start_step=217, strategy="unrolled")``.
+
   Attributes:
     kd_weight: weight of the distillation terms, a number or a schedule ``optimizer step ->
       weight`` (official: 0 before epoch 70, then 1; see ``kd_start_step``).
@@ -85,9 +100,18 @@ class DCIL(Dense):
       :func:`paths.default_strategy`: sequential on accelerators, unrolled on CPU).
     share_non_prunable: ablation: one BatchNorm/head for both paths (default: per path, as the
       official code).
+    kd_ramp_steps: robustness option: the distillation weight rises linearly over this many
+      optimizer steps from ``kd_start_step`` instead of switching on in one step
+      (``kd_weight · min(1, (step − kd_start_step + 1) / kd_ramp_steps)``); 0 (official): a step.
+    kd_clip: robustness option: each path's distillation term is capped at ``kd_clip`` times
+      that path's own task loss by a constant factor (:func:`dcil_jax.losses.distillation_term`:
+      the value and the gradient of the KL term shrink together, the task gradient is
+      untouched); ``None`` (official): no cap.
 
   Step-indexed settings count **optimizer steps** (the ``masked_update`` count), as the sparsity
   schedule does; under ``optax.MultiSteps`` every micro-step of one optimizer step sees the same.
+  Gradient clipping, the other robustness knob measured, belongs to the optimizer
+  (``optax.clip_by_global_norm``; the experiments' ``--config.grad_clip_norm``).
   """
 
   kd_weight: KdWeight = 1.0
@@ -95,10 +119,47 @@ class DCIL(Dense):
   temperature: float = 2.0
   strategy: str | None = None
   share_non_prunable: bool = False
+  kd_ramp_steps: int = 0
+  kd_clip: float | None = None
   name = "dcil"
   path_names = paths.PATH_NAMES
   uses_masks = True
   mask_kind = "dynamic"
+  PRESETS = ("official", "robust")
+  # The robust preset's option values (chosen by the measurements in docs/method.md).
+  ROBUST_OPTIONS = {"kd_clip": 1.0}
+  # The optimizer half of the robust setting: clip the gradient's global norm to this before
+  # the optimizer (``optax.clip_by_global_norm``); a method object cannot own the optimizer.
+  ROBUST_GRAD_CLIP_NORM = 1.0
+
+  def __post_init__(self):
+    if int(self.kd_ramp_steps) != self.kd_ramp_steps or self.kd_ramp_steps < 0:
+      raise ValueError(f"kd_ramp_steps must be an integer >= 0, got {self.kd_ramp_steps!r}.")
+    if self.kd_clip is not None and not self.kd_clip > 0:
+      raise ValueError(f"kd_clip must be None or > 0, got {self.kd_clip!r}.")
+
+  @classmethod
+  def official(cls, **fields: Any) -> DCIL:
+    """The official code's DCIL (no robustness option), with ``fields`` set."""
+    return cls(**{"kd_ramp_steps": 0, "kd_clip": None, **fields})
+
+  @classmethod
+  def robust(cls, **fields: Any) -> DCIL:
+    """DCIL with the robustness options of :attr:`ROBUST_OPTIONS`, with ``fields`` set (which
+    may override them)."""
+    return cls(**{**cls.ROBUST_OPTIONS, **fields})
+
+  @classmethod
+  def preset(cls, name: str, **fields: Any) -> DCIL:
+    """``DCIL.official(**fields)`` or ``DCIL.robust(**fields)`` by ``name``."""
+    if name not in cls.PRESETS:
+      raise ValueError(f"Unknown DCIL preset {name!r}; expected one of {cls.PRESETS}.")
+    return getattr(cls, name)(**fields)
+
+  @property
+  def is_official(self) -> bool:
+    """Whether no robustness option is set (the official code's loss and gradients)."""
+    return self.kd_ramp_steps == 0 and self.kd_clip is None
 
   def lift(self, params: Any, model_state: Any, prunable: Any) -> tuple[Any, Any]:
     return (
@@ -107,8 +168,13 @@ class DCIL(Dense):
     )
 
   def kd_weight_at(self, step: jax.Array) -> jax.Array:
+    """The distillation weight of optimizer step ``step`` (0 before ``kd_start_step``)."""
     weight = self.kd_weight(step) if callable(self.kd_weight) else self.kd_weight
-    return jnp.where(step >= self.kd_start_step, jnp.asarray(weight, jnp.float32), 0.0)
+    weight = jnp.asarray(weight, jnp.float32)
+    if self.kd_ramp_steps:
+      done = (jnp.asarray(step, jnp.float32) - self.kd_start_step + 1) / self.kd_ramp_steps
+      weight = weight * jnp.clip(done, 0.0, 1.0)
+    return jnp.where(step >= self.kd_start_step, weight, 0.0)
 
   def loss(self, model, params, masks, model_state, batch, rngs, step, mesh: Mesh | None = None):
     return losses.dcil_loss(
@@ -119,6 +185,7 @@ class DCIL(Dense):
       model_state,
       kd_weight=self.kd_weight_at(step),
       temperature=self.temperature,
+      kd_clip=self.kd_clip,
       strategy=self.strategy or paths.default_strategy(),
       mesh=mesh,
       rngs=rngs,

@@ -16,6 +16,7 @@ import os
 
 import ml_collections
 
+from dcil_jax.granularity import FILTER_SCORES
 from dcil_jax.models import MODELS
 from experiments import input_pipeline, recipes, state
 
@@ -99,6 +100,9 @@ def _resolve_config(config: ml_collections.ConfigDict, data_parallelism: int, pl
         config[name] = value
     if config.run.worker_count is None:
       config.run.worker_count = default_worker_count()
+    if config.grad_clip_norm is None:
+      robust = config.method == "dcil" and config.dcil_preset == "robust"
+      config.grad_clip_norm = state.ROBUST_GRAD_CLIP_NORM if robust else 0.0
   _check_config(config)
   return config
 
@@ -169,9 +173,19 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
   if config.granularity not in ("weight", "filter"):
     problems.append(f"granularity must be 'weight' or 'filter', got {config.granularity!r}")
   if config.granularity == "filter" and (
-    config.filter_score not in ("l1", "l2") or config.distribution == "erk"
+    config.filter_score not in FILTER_SCORES or config.distribution == "erk"
   ):
-    problems.append("filter masks take filter_score 'l1' or 'l2' and a global/layerwise split")
+    problems.append(
+      f"filter masks take filter_score in {FILTER_SCORES} and a global/layerwise split"
+    )
+  if config.dcil_preset not in state.DCIL_PRESETS:
+    problems.append(f"dcil_preset must be one of {state.DCIL_PRESETS}, got {config.dcil_preset!r}")
+  if config.kd_ramp_epochs is not None and config.kd_ramp_epochs < 0:
+    problems.append(f"kd_ramp_epochs must be >= 0, got {config.kd_ramp_epochs}")
+  if config.kd_clip is not None and not config.kd_clip > 0:
+    problems.append(f"kd_clip must be None or > 0, got {config.kd_clip}")
+  if not config.grad_clip_norm >= 0:
+    problems.append(f"grad_clip_norm must be >= 0 (0: no clipping), got {config.grad_clip_norm}")
   if config.path_parallel and config.method != "dcil":
     problems.append("path_parallel runs DCIL's two paths on two devices; it needs method='dcil'")
   if config.update_every <= 0 or config.log_every_steps <= 0:

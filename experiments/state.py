@@ -31,6 +31,8 @@ RIGL_DROP_FRACTION = 0.3
 RIGL_END_FRACTION = 0.75
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 METHODS = tuple(dcil_jax.METHODS)
+DCIL_PRESETS = dcil_jax.DCIL.PRESETS
+ROBUST_GRAD_CLIP_NORM = dcil_jax.DCIL.ROBUST_GRAD_CLIP_NORM
 
 
 def check_method(method: str) -> None:
@@ -76,6 +78,7 @@ def make_optimizer(
   rule given: ``TrainState.create`` prunes the model's convolutions, found from its module
   types)."""
   parts = [
+    *([optax.clip_by_global_norm(config.grad_clip_norm)] if config.grad_clip_norm else []),
     optax.add_decayed_weights(config.weight_decay),
     optax.sgd(
       learning_rate_schedule(config, steps_per_epoch),
@@ -129,11 +132,7 @@ def create_train_state(
   variables = jax.jit(functools.partial(model.init, train=False))(init_rng, dummy)
   method = dcil_jax.get_method(config.method)
   if isinstance(method, dcil_jax.DCIL):
-    method = dcil_jax.DCIL(
-      kd_start_step=round(config.kd_start_epoch * steps_per_epoch),
-      temperature=config.temperature,
-      strategy=config.strategy,
-    )
+    method = dcil_method(config, steps_per_epoch)
   return dcil_jax.TrainState.create(
     model,
     variables,
@@ -143,6 +142,21 @@ def create_train_state(
     mesh=mesh,
     rng=state_rng,
   )
+
+
+def dcil_method(config: ml_collections.ConfigDict, steps_per_epoch: int) -> dcil_jax.DCIL:
+  """The config's DCIL: its preset (``dcil_preset``) with the schedule in steps and any option
+  the config overrides (``kd_ramp_epochs``, ``kd_clip``)."""
+  fields: dict[str, Any] = {
+    "kd_start_step": round(config.kd_start_epoch * steps_per_epoch),
+    "temperature": config.temperature,
+    "strategy": config.strategy,
+  }
+  if config.kd_ramp_epochs is not None:
+    fields["kd_ramp_steps"] = round(config.kd_ramp_epochs * steps_per_epoch)
+  if config.kd_clip is not None:
+    fields["kd_clip"] = config.kd_clip
+  return dcil_jax.DCIL.preset(config.dcil_preset, **fields)
 
 
 def create_tracker(state: dcil_jax.TrainState, mesh: jax.sharding.Mesh) -> Any:

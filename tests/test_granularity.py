@@ -1,3 +1,4 @@
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,10 +77,12 @@ def test_filter_masks_layerwise(params, template):
 
 
 def test_filter_ties_prune_lower_index_first():
+  # Lower index first in tree order, except that each layer keeps its best filter (the last of
+  # tied bests): without the floor, all of "a" would go.
   params = {"a": {"kernel": jnp.ones((1, 1, 2, 3))}, "b": {"kernel": jnp.ones((1, 1, 2, 3))}}
   masks = gr.filter_masks(params, dcil_jax.masks_like(params, conv_kernels), 0.5)
-  assert _filters(masks["a"]["kernel"]).any(axis=0).tolist() == [False, False, False]
-  assert _filters(masks["b"]["kernel"]).any(axis=0).tolist() == [True, True, True]
+  assert _filters(masks["a"]["kernel"]).any(axis=0).tolist() == [False, False, True]
+  assert _filters(masks["b"]["kernel"]).any(axis=0).tolist() == [False, True, True]
 
 
 def test_filter_masks_jit_with_traced_sparsity(params, template):
@@ -156,3 +159,69 @@ def test_nm_bad_input_names_the_layer(params, template):
     gr.nm_masks(params, template, 5, 4)
   with pytest.raises(ValueError, match="integers"):
     gr.nm_masks(params, template, 2.0, 4)
+
+
+class ThreeConv(nn.Module):
+  """A user's own small CNN: three convolutions of widths 8/16/24 under Flax's default init,
+  whose kernel scale shrinks with fan-in (so the last layer's filters score lowest)."""
+
+  @nn.compact
+  def __call__(self, x):
+    for width in (8, 16, 24):
+      x = nn.relu(nn.Conv(width, (3, 3))(x))
+    return nn.Dense(10)(x.mean(axis=(1, 2)))
+
+
+@pytest.fixture(scope="module")
+def three_conv():
+  x = jnp.zeros((2, 8, 8, 1))
+  params = ThreeConv().init(jax.random.PRNGKey(0), x)["params"]
+  return params, dcil_jax.masks_like(params, lambda path, leaf: leaf.ndim == 4)
+
+
+def _kept(masks):
+  return {k: int(v["kept"]) for k, v in gr.layer_filter_counts(masks).items()}
+
+
+@pytest.mark.parametrize("score", gr.FILTER_SCORES)
+def test_global_filter_masks_never_empty_a_layer(three_conv, score):
+  params, template = three_conv
+  masks = gr.filter_masks(params, template, 0.5, score)
+  kept = _kept(masks)
+  assert len(kept) == 3 and min(kept.values()) >= 1, kept
+  assert sum(kept.values()) == 24  # the count stays exact while the floor does not bind
+  # The same through the optimizer transform the experiments use.
+  tx = dcil_jax.masked_update(
+    dcil_jax.constant_sparsity(0.5),
+    granularity="filter",
+    score=score,
+    prunable=lambda path, leaf: leaf.ndim == 4,
+  )
+  state = tx.init(params)
+  assert _kept(state.masks) == kept
+
+
+def test_filter_floor_binds_and_is_reported(three_conv):
+  params, template = three_conv
+  half = gr.filter_masks(params, template, 0.5)
+  assert int(gr.layers_at_floor(half)) == sum(v == 1 for v in _kept(half).values())
+  almost_all = gr.filter_masks(params, template, 0.99)
+  assert set(_kept(almost_all).values()) == {1}  # 47 of 48 asked for; 45 is the most allowed
+  assert int(jax.jit(gr.layers_at_floor)(almost_all)) == 3
+  layerwise = gr.filter_masks(params, template, 0.99, distribution="layerwise")
+  assert int(gr.layers_at_floor(layerwise)) == 3
+
+
+def test_relative_filter_scores_ignore_each_layer_s_scale(three_conv):
+  """Scaling one layer's kernel changes raw-score masks (that layer wins or loses filters) but
+  not layer-relative ones, which rank each filter against its own layer."""
+  params, template = three_conv
+  scaled = jax.tree.map(lambda x: x, params)
+  scaled["Conv_2"] = {**params["Conv_2"], "kernel": params["Conv_2"]["kernel"] * 100.0}
+  for score in ("l1_relative", "l2_relative"):
+    a, b = (gr.filter_masks(p, template, 0.5, score) for p in (params, scaled))
+    assert _kept(a) == _kept(b)
+    means = [float(jnp.mean(s)) for s in jax.tree.leaves(gr.filter_scores(params, template, score))]
+    assert means == pytest.approx([1.0, 1.0, 1.0], rel=1e-6)
+  raw = [_kept(gr.filter_masks(p, template, 0.5, "l1")) for p in (params, scaled)]
+  assert raw[0]["['Conv_2']['kernel']"] < raw[1]["['Conv_2']['kernel']"]

@@ -17,9 +17,22 @@ def base_config() -> ConfigDict:
   config.sparsity = 0.9  # final fraction of conv weights pruned
   config.distribution = "global"  # global (official) | layerwise | erk
   config.granularity = "weight"  # weight (official) | filter (official structured mode)
-  config.filter_score = "l1"  # filter masks: l1 (mean |w|) | l2 (mean w^2)
+  # filter masks: l1 (mean |w|) | l2 (mean w^2), or l1_relative | l2_relative (divided by the
+  # layer's mean filter score, dcil_jax.granularity.filter_scores)
+  config.filter_score = "l1"
   config.update_every = 16  # mask refresh period in steps (official: 16)
   config.temperature = 2.0  # distillation temperature (official: 2)
+  # DCIL's setting: official (the official code exactly) | robust (dcil_jax.DCIL.robust: the
+  # options that keep it from blowing up, docs/method.md "When DCIL is unstable").
+  config.dcil_preset = "official"
+  # Override one option of the preset (None: the preset's): the distillation weight's linear
+  # ramp length in epochs from kd_start_epoch (0: a step), and the cap of each path's
+  # distillation term as a multiple of its task loss (dcil_jax.DCIL.kd_clip).
+  config.kd_ramp_epochs = config_dict.placeholder(float)
+  config.kd_clip = config_dict.placeholder(float)
+  # Clip the gradient's global norm before the optimizer to this (0: no clipping, as official;
+  # None: the DCIL preset's, dcil_jax.DCIL.ROBUST_GRAD_CLIP_NORM for robust, else 0).
+  config.grad_clip_norm = config_dict.placeholder(float)
   config.momentum = 0.9
   config.nesterov = True
 

@@ -1,0 +1,169 @@
+"""DCIL's robustness options: the official preset is the official routing, each option does what
+its docstring says in every path strategy, and the experiments' config selects them."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import tree_allclose
+
+import dcil_jax
+from dcil_jax import losses, paths, rules
+from experiments import resolve
+from experiments import state as lib
+from experiments.configs import mnist1d
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model, tiny_variables, tiny_batch):
+  rule = rules.conv_kernels(tiny_model, tiny_batch["image"])
+  params = paths.lift(tiny_variables["params"], rule)
+  params["dense"] = jax.tree.map(lambda x: x * 1.5 + 0.1, params["dense"])
+  masks = dcil_jax.magnitude_masks(params, dcil_jax.masks_like(params), 0.6)
+  rest = {k: v for k, v in tiny_variables.items() if k != "params"}
+  return tiny_model, params, masks, paths.lift_collections(rest)
+
+
+def value_and_grad(setup, batch, method, step=0):
+  model, params, masks, stats = setup
+  fn = lambda p: method.loss(model, p, masks, stats, batch, None, jnp.int32(step))  # noqa: E731
+  return jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
+
+
+def test_default_and_official_preset_are_the_official_loss(setup, tiny_batch):
+  """``DCIL()`` and ``DCIL.official()`` compute ``dcil_loss`` with no option, which
+  tests/test_losses.py checks against two independent plain applies (the official routing)."""
+  model, params, masks, stats = setup
+  assert dcil_jax.DCIL().is_official and dcil_jax.DCIL.official().is_official
+  assert dcil_jax.DCIL.preset("official") == dcil_jax.DCIL.official()
+  fn = lambda p: dcil_jax.dcil_loss(  # noqa: E731
+    model, p, masks, tiny_batch, stats, kd_weight=1.0, strategy="unrolled"
+  )
+  (want, _), want_grads = jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
+  for method in (dcil_jax.DCIL(strategy="unrolled"), dcil_jax.DCIL.official(strategy="unrolled")):
+    (loss, _), grads = value_and_grad(setup, tiny_batch, method)
+    assert float(loss) == float(want)
+    tree_allclose(grads, want_grads, rtol=0, atol=0)
+
+
+def test_robust_preset_sets_its_options_and_fields_override_them():
+  robust = dcil_jax.DCIL.robust(kd_start_step=7)
+  assert not robust.is_official and robust.kd_start_step == 7
+  for name, value in dcil_jax.DCIL.ROBUST_OPTIONS.items():
+    assert getattr(robust, name) == value
+  assert dcil_jax.DCIL.preset("robust", kd_start_step=7) == robust
+  assert dcil_jax.DCIL.robust(kd_clip=None, kd_ramp_steps=0).is_official
+  with pytest.raises(ValueError, match="preset"):
+    dcil_jax.DCIL.preset("sturdy")
+  with pytest.raises(ValueError, match="kd_clip"):
+    dcil_jax.DCIL(kd_clip=0.0)
+  with pytest.raises(ValueError, match="kd_ramp_steps"):
+    dcil_jax.DCIL(kd_ramp_steps=-1)
+
+
+def test_kd_ramp_rises_linearly_from_the_start_step():
+  method = dcil_jax.DCIL(kd_weight=2.0, kd_start_step=5, kd_ramp_steps=4)
+  got = [float(method.kd_weight_at(jnp.int32(s))) for s in range(11)]
+  assert got == [0, 0, 0, 0, 0, 0.5, 1.0, 1.5, 2.0, 2.0, 2.0]
+  step = dcil_jax.DCIL(kd_start_step=5)
+  assert [float(step.kd_weight_at(jnp.int32(s))) for s in (4, 5, 9)] == [0, 1, 1]
+
+
+def test_distillation_term_is_capped_relative_to_the_task_loss():
+  kl, task = jnp.float32(3.0), jnp.float32(2.0)
+  assert float(losses.distillation_term(kl, task, 0.5)) == 1.5
+  assert float(losses.distillation_term(kl, task, 0.5, kd_clip=1.0)) == 1.5  # below the cap
+  capped = lambda k: losses.distillation_term(k, task, 1.0, kd_clip=0.5)  # noqa: E731
+  assert float(capped(kl)) == pytest.approx(1.0)  # 0.5 * task
+  # The gradient is the KL's scaled by the same constant factor (1.0 / 3.0), not zero.
+  assert float(jax.grad(capped)(kl)) == pytest.approx(1.0 / 3.0)
+  # The task loss only sets the cap: no gradient flows into it.
+  assert float(jax.grad(lambda t: losses.distillation_term(kl, t, 1.0, kd_clip=0.5))(task)) == 0
+
+
+def test_kd_clip_caps_each_path_and_binds_only_when_reached(setup, tiny_batch):
+  (loss, aux), _ = value_and_grad(setup, tiny_batch, dcil_jax.DCIL(strategy="unrolled"))
+  ce, kl = np.asarray(aux["ce"]), np.asarray(aux["kl"])
+  assert np.all(kl > 0)
+  loose = dcil_jax.DCIL(strategy="unrolled", kd_clip=2 * float(np.max(kl / ce)))
+  (loose_loss, _), _ = value_and_grad(setup, tiny_batch, loose)
+  assert float(loose_loss) == pytest.approx(float(loss), rel=1e-6)
+  clip = 0.5 * float(np.min(kl / ce))  # binds on both paths
+  (tight_loss, _), _ = value_and_grad(
+    setup, tiny_batch, dcil_jax.DCIL(strategy="unrolled", kd_clip=clip)
+  )
+  assert float(tight_loss) == pytest.approx(float(np.sum(ce) * (1 + clip)), rel=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "sequential_unrolled", "sequential_loop"])
+def test_kd_clip_is_the_same_in_every_strategy(setup, tiny_batch, strategy):
+  """The cap and its gradient (parameters and ``kd_weight``) agree with the unrolled form."""
+  model, params, masks, stats = setup
+
+  def fn(p, kd, strategy):
+    return dcil_jax.dcil_loss(
+      model, p, masks, tiny_batch, stats, kd_weight=kd, kd_clip=0.05, strategy=strategy
+    )
+
+  grad = jax.jit(jax.value_and_grad(fn, argnums=(0, 1), has_aux=True), static_argnums=2)
+  (want, aux), want_grads = grad(params, jnp.float32(1.0), "unrolled")
+  assert np.all(np.asarray(aux["kl"]) > 0.05 * np.asarray(aux["ce"]))  # the cap binds
+  (got, _), got_grads = grad(params, jnp.float32(1.0), strategy)
+  assert float(got) == pytest.approx(float(want), rel=1e-5)
+  tree_allclose(got_grads, want_grads, rtol=1e-4, atol=1e-6)
+
+
+def _config(**overrides):
+  config = mnist1d.get_config()
+  for key, value in overrides.items():
+    config[key] = value
+  return resolve.resolve_config(config)
+
+
+def test_robust_preset_clips_gradients_unless_the_config_says_otherwise():
+  assert _config().grad_clip_norm == 0.0
+  assert _config(dcil_preset="robust").grad_clip_norm == dcil_jax.DCIL.ROBUST_GRAD_CLIP_NORM
+  assert _config(dcil_preset="robust", grad_clip_norm=0.0).grad_clip_norm == 0.0
+  assert _config(method="dpf", dcil_preset="robust").grad_clip_norm == 0.0
+  assert _config(grad_clip_norm=5.0).grad_clip_norm == 5.0
+
+
+def test_config_selects_the_preset_and_overrides_its_options():
+  official = lib.dcil_method(_config(), steps_per_epoch=10)
+  assert official.is_official and official.kd_start_step == 70  # mnist1d: epoch 7
+  robust = lib.dcil_method(_config(dcil_preset="robust"), steps_per_epoch=10)
+  assert robust == dcil_jax.DCIL.robust(kd_start_step=70, temperature=2.0)
+  ramped = lib.dcil_method(_config(kd_ramp_epochs=1.5, kd_clip=3.0), steps_per_epoch=10)
+  assert (ramped.kd_ramp_steps, ramped.kd_clip) == (15, 3.0)
+
+
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
+    ({"dcil_preset": "sturdy"}, "dcil_preset"),
+    ({"kd_clip": -1.0}, "kd_clip"),
+    ({"kd_ramp_epochs": -1.0}, "kd_ramp_epochs"),
+    ({"grad_clip_norm": -1.0}, "grad_clip_norm"),
+  ],
+)
+def test_bad_robustness_settings_fail_at_start(overrides, message):
+  with pytest.raises(resolve.BadConfigError, match=message):
+    _config(**overrides)
+
+
+def test_grad_clip_norm_bounds_the_update():
+  params = {"w": jnp.zeros(4)}
+  huge = {"w": jnp.full(4, 1e6)}
+  sizes = {}
+  for clip in (0.0, 1.0):
+    config = _config(method="dense", sparsity=0.0, grad_clip_norm=clip, weight_decay=0.0)
+    tx = lib.make_optimizer(config, steps_per_epoch=10)
+    updates, _ = tx.update(huge, tx.init(params), params)
+    sizes[clip] = float(optax.global_norm(updates))
+  config = _config()
+  lr = float(lib.learning_rate_schedule(config, 10)(0))
+  # Nesterov's first update is lr * (1 + momentum) * g, with |g| clipped to 1.
+  assert config.nesterov
+  assert sizes[1.0] == pytest.approx(lr * (1 + config.momentum), rel=1e-5)
+  assert sizes[0.0] == pytest.approx(lr * (1 + config.momentum) * 2e6, rel=1e-5)  # |g| = 2e6
