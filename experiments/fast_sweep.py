@@ -52,14 +52,17 @@ from dcil_jax.transform import find_masked_state
 from experiments import input_pipeline, resolve
 from experiments import state as lib
 
-# Method variants of a grid: the config's method, and how the method object is adjusted.
-# "dcil" is the library's default DCIL with the recipe's distillation start and temperature.
-VARIANTS: dict[str, str] = {
-  "dense": "dense",
-  "gmp": "gmp",
-  "rigl": "rigl",
-  "dpf": "dpf",
-  "dcil": "dcil",
+# Method variants of a grid: the config's method and the config fields the variant sets.
+# "dcil" is the config's DCIL preset (``dcil_preset``, official unless the base config says
+# otherwise: exactly the official code); "dcil_robust" is ``dcil_jax.DCIL.robust`` with its
+# gradient clipping (``grad_clip_norm``, resolved from the preset).
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+  "dense": ("dense", {}),
+  "gmp": ("gmp", {}),
+  "rigl": ("rigl", {}),
+  "dpf": ("dpf", {}),
+  "dcil": ("dcil", {}),
+  "dcil_robust": ("dcil", {"dcil_preset": "robust"}),
 }
 DEFAULT_LRS = (0.02, 0.05, 0.1, 0.2)
 BATCHING = ("map", "vmap")
@@ -97,7 +100,10 @@ def cell_config(base: ml_collections.ConfigDict, cell: Cell) -> ml_collections.C
   1 and warm-up from the base's ratio, so that the run's peak multiplies the whole schedule."""
   config = ml_collections.ConfigDict(base.to_dict())
   with config.unlocked():
-    config.method, config.sparsity = VARIANTS[cell.variant], cell.sparsity
+    method, fields = VARIANTS[cell.variant]
+    config.method, config.sparsity = method, cell.sparsity
+    for name, value in fields.items():
+      config[name] = value
   platform = resolve.platform_name(jax.default_backend())
   config = resolve.resolve_config(config, 1, platform)
   with config.unlocked():
@@ -130,6 +136,7 @@ def make_optimizer(
   writes ``-params`` into pruned entries, so the scaling must happen inside it).
   """
   parts = [
+    *([optax.clip_by_global_norm(config.grad_clip_norm)] if config.grad_clip_norm else []),
     optax.add_decayed_weights(config.weight_decay),
     optax.sgd(
       lib.learning_rate_schedule(config, steps_per_epoch),
@@ -165,16 +172,12 @@ def make_optimizer(
   return optax.chain(*parts)
 
 
-def make_method(config: ml_collections.ConfigDict, variant: str, steps_per_epoch: int) -> Any:
-  """The method object of ``variant``, with the recipe's distillation start for DCIL (as
-  ``experiments.state.create_train_state`` builds it)."""
+def make_method(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Any:
+  """The method object, as ``experiments.state.create_train_state`` builds it (for DCIL the
+  config's preset with the recipe's distillation start)."""
   method = dcil_jax.get_method(config.method)
   if isinstance(method, dcil_jax.DCIL):
-    method = dcil_jax.DCIL(
-      kd_start_step=round(config.kd_start_epoch * steps_per_epoch),
-      temperature=config.temperature,
-      strategy=config.strategy,
-    )
+    method = lib.dcil_method(config, steps_per_epoch)
   return method
 
 
@@ -329,7 +332,7 @@ def run_cell(
   steps_per_epoch = len(y) // config.batch_size
   total = num_steps or round(config.num_epochs * steps_per_epoch)
   tx = make_optimizer(config, steps_per_epoch)
-  method = make_method(config, cell.variant, steps_per_epoch)
+  method = make_method(config, steps_per_epoch)
   states = init_states(config, method, tx, seeds, lrs)
   runs = len(seeds) * len(lrs)
   orders = {s: input_pipeline.train_order(len(y), config.batch_size, s, total) for s in seeds}
@@ -376,6 +379,8 @@ def run_cell(
     "variant": cell.variant,
     "sparsity": cell.sparsity,
     "config": config.to_dict(),
+    "method": repr(method),  # the options a preset resolved to
+    "optimizer_clip": config.get("grad_clip_norm"),
     "steps": total,
     "steps_per_epoch": steps_per_epoch,
     "wall_s": time.perf_counter() - start,
@@ -425,8 +430,16 @@ def run_grid(
     "lrs": list(lrs),
     "num_steps": num_steps,
   }
-  with open(os.path.join(workdir, "grid.json"), "w") as f:
-    json.dump(grid, f, indent=2, default=str)
+  grid_path = os.path.join(workdir, "grid.json")
+  if os.path.exists(grid_path):  # more cells of the same grid (e.g. another process's variants)
+    with open(grid_path) as f:
+      old = json.load(f)
+    if [old[k] for k in ("seeds", "lrs", "num_steps")] != [
+      grid[k] for k in ("seeds", "lrs", "num_steps")
+    ]:
+      raise ValueError(f"{workdir} holds a grid of other seeds, learning rates or steps.")
+    grid["cells"] = old["cells"] + [c for c in grid["cells"] if c not in old["cells"]]
+  _write_json(grid_path, grid)
   data = mnist1d_data() if data is None else data
   todo = [c for c in cells if not os.path.exists(cell_path(workdir, c))]
   bar = tqdm(total=len(todo), desc="cells", unit="cell", disable=not progress, dynamic_ncols=True)

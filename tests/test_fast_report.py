@@ -72,5 +72,5 @@ def test_lr_is_chosen_on_validation_and_failures_are_mapped(tmp_path):
   # DCIL vs GMP, same seed: +10 and +8 pp
   assert "| GMP | 0.9 | 73.00 ± 2.83 | 82.00 ± 1.41 | +9.00 ± 1.41 (2/2) |" in text
   # stability map: DCIL at lr 0.2 lost both seeds (one NaN at step 40, one collapse)
-  assert "| DCIL (library default) @ 0.9 | 0/2 | **2/2 (1 NaN, step 40)** |" in text
+  assert "| DCIL-official @ 0.9 | 0/2 | **2/2 (1 NaN, step 40)** |" in text
   assert os.path.exists(tmp_path / "figures" / "stability_map_mnist1d_cnn.png")

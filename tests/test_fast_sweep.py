@@ -43,7 +43,7 @@ def single_run(config, steps):
   return state
 
 
-@pytest.mark.parametrize("variant", ["dcil", "rigl"])
+@pytest.mark.parametrize("variant", ["dcil_robust", "rigl"])
 def test_a_vmapped_run_is_the_single_run(variant, data):
   cell = fs.Cell(variant, 0.9)
   config = fs.cell_config(base_config(), cell)
@@ -51,7 +51,7 @@ def test_a_vmapped_run_is_the_single_run(variant, data):
   x, y = data.train
   spe = len(y) // config.batch_size
   states = fs.init_states(
-    config, fs.make_method(config, variant, spe), fs.make_optimizer(config, spe), seeds, lrs
+    config, fs.make_method(config, spe), fs.make_optimizer(config, spe), seeds, lrs
   )
   order = np.stack(
     [ip.train_order(len(y), config.batch_size, s, STEPS) for _ in lrs for s in seeds]
