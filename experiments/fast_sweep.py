@@ -446,8 +446,16 @@ def run_grid(
   out = []
   try:
     for cell in todo:
-      record = run_cell(base, cell, seeds, lrs, data, num_steps=num_steps, batching=batching)
-      _write_json(cell_path(workdir, cell), record)
+      # Several processes may share a grid: a cell is claimed by creating its lock file, and
+      # one finished or claimed by another process meanwhile is left to it.
+      if os.path.exists(cell_path(workdir, cell)) or not _claim(workdir, cell):
+        bar.update(1)
+        continue
+      try:
+        record = run_cell(base, cell, seeds, lrs, data, num_steps=num_steps, batching=batching)
+        _write_json(cell_path(workdir, cell), record)
+      finally:
+        os.remove(_lock_path(workdir, cell))
       out.append(record)
       bar.update(1)
       finals = np.array([r["test_top1"] for r in record["runs"]])
@@ -459,6 +467,21 @@ def run_grid(
   finally:
     bar.close()
   return out
+
+
+def _lock_path(workdir: str, cell: Cell) -> str:
+  return os.path.join(workdir, f"{cell.name}.lock")
+
+
+def _claim(workdir: str, cell: Cell) -> bool:
+  """Creates the cell's lock file; False if another process holds it. A process killed while
+  running a cell leaves its lock: delete ``WORKDIR/*.lock`` before continuing such a grid."""
+  try:
+    with open(_lock_path(workdir, cell), "x") as f:
+      f.write(str(os.getpid()))
+  except FileExistsError:
+    return False
+  return True
 
 
 def _write_json(path: str, record: dict[str, Any]) -> None:
