@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -77,11 +77,16 @@ class DCIL(Dense):
   - ``DCIL.official(**fields)``: exactly the official code (a step of the distillation weight
     at ``kd_start_step``, no cap on the distillation term); its loss and gradients are the
     official routing (tests/test_losses.py, tests/test_sequential.py).
-  - ``DCIL.robust(**fields)``: the official method with the options that keep it from blowing
-    up where the official code does (no BatchNorm, high learning rate; see docs/method.md,
-    "When DCIL is unstable", for the measurements that chose them). Its optimizer half: chain
+  - ``DCIL.robust(**fields)``: the setting that keeps DCIL from blowing up where the official
+    code does (no BatchNorm, high learning rate). It has two halves: the method options of
+    :attr:`ROBUST_OPTIONS`, and an optimizer half that a method object cannot hold: chain
     ``optax.clip_by_global_norm(DCIL.ROBUST_GRAD_CLIP_NORM)`` before your optimizer (the
-    experiments do this for ``dcil_preset=robust``).
+    experiments do this for ``--config.dcil_preset=robust``). The measurements that chose it
+    are in docs/method.md, "When DCIL is unstable": switching distillation on multiplies the
+    loss's sharpness at a point where a high learning rate already trains at the edge of
+    stability; clipping the gradient's norm prevented every blow-up measured, while the
+    method-side options alone did not (so :attr:`ROBUST_OPTIONS` is empty today, and the
+    robust method object equals the official one: its loss is the official loss).
 
   ``DCIL(...)`` with no option set is the official setting; ``DCIL.preset(name, **fields)``
   picks one by name (the experiments' ``--config.dcil_preset=official|robust``). Any field can
@@ -126,8 +131,9 @@ class DCIL(Dense):
   uses_masks = True
   mask_kind = "dynamic"
   PRESETS = ("official", "robust")
-  # The robust preset's option values (chosen by the measurements in docs/method.md).
-  ROBUST_OPTIONS = {"kd_clip": 1.0}
+  # The robust preset's method options (docs/method.md: neither option alone prevented the
+  # blow-ups that gradient clipping prevents, so none is set).
+  ROBUST_OPTIONS: ClassVar[dict[str, Any]] = {}
   # The optimizer half of the robust setting: clip the gradient's global norm to this before
   # the optimizer (``optax.clip_by_global_norm``); a method object cannot own the optimizer.
   ROBUST_GRAD_CLIP_NORM = 1.0

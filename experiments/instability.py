@@ -30,6 +30,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
@@ -194,11 +195,17 @@ def _host(tree: Any) -> Any:
 
 
 def trace(
-  config, workdir: str, steps: int | None = None, sharpness_every: int = 0
+  config,
+  workdir: str,
+  steps: int | None = None,
+  sharpness_every: int = 0,
+  trace_from: int = 0,
 ) -> list[dict[str, Any]]:
-  """Trains ``config`` (a DCIL config) for ``steps`` (default: the whole run), writing one record
-  per step to ``workdir/trace.jsonl``; returns the records. Every ``sharpness_every`` steps (0:
-  never) a record also holds :func:`sharpness` without and with distillation."""
+  """Trains ``config`` (a DCIL config) for ``steps`` (default: the whole run), writing a record
+  per step from step ``trace_from`` on (before it, once per epoch: a large model's diagnostics
+  cost several steps each) to ``workdir/trace.jsonl``; returns the records. Every
+  ``sharpness_every`` traced steps (0: never) a record also holds :func:`sharpness` without and
+  with distillation."""
   platform = resolve.platform_name(jax.default_backend())
   config = resolve.resolve_config(config, data_parallelism=1, platform=platform)
   if config.method != "dcil":
@@ -220,15 +227,23 @@ def trace(
     json.dump(config.to_dict() | {"steps_per_epoch": plan.steps_per_epoch}, f, default=str)
   records = []
   num_steps = steps or plan.num_steps
+  lr_fn = lib.learning_rate_schedule(config, plan.steps_per_epoch)
   with open(os.path.join(workdir, TRACE_FILE), "w") as out:
     for step in range(1, num_steps + 1):
       batch = sharding.shard_batch(next(iterator), mesh)
+      if step < trace_from and step % plan.steps_per_epoch:
+        state, metrics = dcil_jax.train_step(state, batch)
+        if not bool(metrics["finite"]):
+          print(f"non-finite at step {step}; stopping", file=sys.stderr)
+          break
+        continue
       record = _host(diagnose(state, batch))
       if sharpness_every and step % sharpness_every == 0:
         record["sharpness_task"] = float(sharpness(state, batch, 0.0))
         record["sharpness_kd"] = float(sharpness(state, batch, 1.0))
       state, metrics = dcil_jax.train_step(state, batch)
       record |= {"step": step, "epoch": step / plan.steps_per_epoch}
+      record["learning_rate"] = float(lr_fn(step - 1))
       record |= {"loss": float(metrics["loss"]), "finite": bool(metrics["finite"])}
       record["sparsity"] = float(metrics["sparsity"])
       out.write(json.dumps(record) + "\n")
@@ -237,6 +252,14 @@ def trace(
         print(f"non-finite at step {step}; stopping", file=sys.stderr)
         break
   return records
+
+
+def stability_edge(learning_rate: float, momentum: float, nesterov: bool) -> float:
+  """The largest curvature on which SGD with this learning rate and momentum converges on a
+  quadratic: ``2(1 + β) / ((1 + 2β) η)`` for optax's Nesterov form, ``2(1 + β) / η`` for heavy
+  ball (where an eigenvalue of the two-step iteration reaches −1)."""
+  b = momentum
+  return 2 * (1 + b) / (((1 + 2 * b) if nesterov else 1.0) * learning_rate)
 
 
 def read_trace(workdir: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -255,7 +278,7 @@ def plot(workdirs: list[str], path: str, labels: list[str] | None = None) -> Non
   import matplotlib.pyplot as plt
 
   labels = labels or [os.path.basename(w.rstrip("/")) for w in workdirs]
-  fig, axes = plt.subplots(4, len(workdirs), figsize=(5 * len(workdirs), 12), squeeze=False)
+  fig, axes = plt.subplots(5, len(workdirs), figsize=(5 * len(workdirs), 15), squeeze=False)
   for col, (workdir, label) in enumerate(zip(workdirs, labels)):
     records, config = read_trace(workdir)
     epoch = np.array([r["epoch"] for r in records])
@@ -305,8 +328,32 @@ def plot(workdirs: list[str], path: str, labels: list[str] | None = None) -> Non
     )
     twin.set_ylabel("mean |w| regrown / kept throughout", fontsize=7)
     ax.set_title("regrowth at each refresh", fontsize=9)
+    ax = axes[4, col]
+    sharp = [r for r in records if "sharpness_task" in r and np.isfinite(r["sharpness_kd"])]
+    sharp = [r for r in sharp if abs(r["sharpness_kd"]) < 1e4]
+    ax.plot(
+      [r["epoch"] for r in sharp],
+      [r["sharpness_task"] for r in sharp],
+      "o-",
+      ms=3,
+      label="sharpness, task terms only",
+    )
+    ax.plot(
+      [r["epoch"] for r in sharp],
+      [r["sharpness_kd"] for r in sharp],
+      "s-",
+      ms=3,
+      label="sharpness with distillation (weight 1)",
+    )
+    beta = config["momentum"]
+    lr_fn = lib.learning_rate_schedule(ml_collections.ConfigDict(config), config["steps_per_epoch"])
+    edge = [stability_edge(float(lr_fn(r["step"] - 1)), beta, config["nesterov"]) for r in records]
+    ax.plot(epoch, edge, "k--", lw=0.8, label="stability edge of SGD at this lr")
+    ax.set_ylim(0, 4 * max(edge[-1], 1.0))
+    ax.set_title("largest Hessian eigenvalue of the loss", fontsize=9)
+    ax.legend(fontsize=6)
     ax.set_xlabel("epoch")
-    for row in range(4):
+    for row in range(5):
       axes[row, col].axvline(kd_epoch, color="grey", lw=0.8)
       if not records[-1]["finite"]:
         axes[row, col].axvline(records[-1]["epoch"], color="red", lw=0.8)
@@ -320,6 +367,7 @@ config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "The DCIL run to trace
 flags.DEFINE_string("workdir", None, "Where trace.jsonl and config.json go.")
 flags.DEFINE_integer("steps", None, "Trace this many steps (default: the whole run).")
 flags.DEFINE_integer("sharpness_every", 0, "Measure the loss sharpness every this many steps.")
+flags.DEFINE_integer("trace_from", 0, "Trace every step from this one (before: once an epoch).")
 flags.DEFINE_string("plot", None, "Plot the traces in the positional workdirs to this PNG.")
 flags.DEFINE_list("labels", None, "Column titles for --plot (default: the workdirs' names).")
 
@@ -332,7 +380,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("--workdir is required to trace a run.")
   config = FLAGS.config
   config.run.progress = False
-  trace(config, FLAGS.workdir, FLAGS.steps, FLAGS.sharpness_every)
+  trace(config, FLAGS.workdir, FLAGS.steps, FLAGS.sharpness_every, FLAGS.trace_from)
 
 
 if __name__ == "__main__":

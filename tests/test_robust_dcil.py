@@ -49,10 +49,13 @@ def test_default_and_official_preset_are_the_official_loss(setup, tiny_batch):
 
 def test_robust_preset_sets_its_options_and_fields_override_them():
   robust = dcil_jax.DCIL.robust(kd_start_step=7)
-  assert not robust.is_official and robust.kd_start_step == 7
+  assert robust.kd_start_step == 7
   for name, value in dcil_jax.DCIL.ROBUST_OPTIONS.items():
     assert getattr(robust, name) == value
+  assert robust.is_official == (not dcil_jax.DCIL.ROBUST_OPTIONS)
   assert dcil_jax.DCIL.preset("robust", kd_start_step=7) == robust
+  assert not dcil_jax.DCIL.robust(kd_clip=2.0).is_official
+  assert not dcil_jax.DCIL.robust(kd_ramp_steps=3).is_official
   assert dcil_jax.DCIL.robust(kd_clip=None, kd_ramp_steps=0).is_official
   with pytest.raises(ValueError, match="preset"):
     dcil_jax.DCIL.preset("sturdy")
