@@ -25,7 +25,7 @@ import numpy as np
 from experiments import fast_sweep, report
 
 FIGURES = "figures"
-ORDER = ("dense", "gmp", "rigl", "dpf", "dcil", "dcil_robust")
+ORDER = ("dense", "gmp", "rigl", "dpf", "dcil", "dcil_robust", "dcil_robust_kdclip")
 LABELS = {
   "dense": "Dense",
   "gmp": "GMP",
@@ -33,8 +33,13 @@ LABELS = {
   "dpf": "DPF",
   "dcil": "DCIL-official",
   "dcil_robust": "DCIL-robust",
+  "dcil_robust_kdclip": "DCIL-robust + kd_clip 1",
 }
-DCIL_VARIANTS = ("dcil", "dcil_robust")  # "dcil": the config's preset, official by default
+DCIL_VARIANTS = (
+  "dcil",
+  "dcil_robust",
+  "dcil_robust_kdclip",
+)  # "dcil": the config's preset, official by default
 NUM_CLASSES = 10
 
 

@@ -63,6 +63,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
   "dpf": ("dpf", {}),
   "dcil": ("dcil", {}),
   "dcil_robust": ("dcil", {"dcil_preset": "robust"}),
+  # The robust preset's first candidate (branch issue26 before 11:21 UTC): the distillation
+  # term capped at its task loss, on top of the gradient clipping.
+  "dcil_robust_kdclip": ("dcil", {"dcil_preset": "robust", "kd_clip": 1.0}),
 }
 DEFAULT_LRS = (0.02, 0.05, 0.1, 0.2)
 BATCHING = ("map", "vmap")
