@@ -119,7 +119,8 @@ def _grid_lines(workdir: str, cells: list[dict[str, Any]], fig_dir: str) -> list
     f"({total_runs} runs)" + (f"; **missing**: {', '.join(missing)}" if missing else "") + ".",
     f"- Wall time of the finished cells: {wall / 60:.1f} min"
     + (f" ({sum(cpu) / 60:.1f} min of CPU time)" if cpu else "")
-    + " (`experiments.fast_sweep`, one process per grid, on 2 CPU cores shared with other jobs).",
+    + " (`experiments.fast_sweep`; cells of one grid may run in parallel "
+    "processes, so their wall times overlap; on 2 CPU cores shared with other jobs).",
     "",
   ]
   cells = sorted(cells, key=_key)
