@@ -98,6 +98,15 @@ DIGITS_TEST_FRACTION = 0.2
 # the last 1,000 for test (the split of the paper's 32 % / 68 % / 94 % logistic / MLP / CNN
 # numbers). The generator already standardises the signals (mean 0, sd 1 over the whole set).
 MNIST1D_LENGTH = 40
+# A validation split carved out of MNIST-1D's train set, so that learning rates and other
+# settings are chosen without looking at the test split: 500 of the 4,000 train signals, drawn by
+# a fixed permutation (``MNIST1D_SPLIT_SEED``, the same for every run and seed). Split ``fit`` is
+# the other 3,500 (training with validation), ``validation`` the 500, both in the generator's
+# order; ``train`` stays all 4,000 and ``test`` the published 1,000. Dataset ``mnist1d_val``
+# trains on ``fit`` and evaluates on ``validation``.
+MNIST1D_VALIDATION_SIZE = 500
+MNIST1D_SPLIT_SEED = 0
+MNIST1D_SPLITS = ("train", "fit", "validation", "test")
 
 DATASETS: dict[str, DatasetInfo] = {
   "cifar10": DatasetInfo(10, 32, "train", "test", CIFAR_MEAN, CIFAR_STD),
@@ -113,6 +122,17 @@ DATASETS: dict[str, DatasetInfo] = {
     MNIST1D_LENGTH,
     "train",
     "test",
+    (0.0,),
+    (1.0,),
+    preprocessing="signal",
+    channels=1,
+    signal_length=MNIST1D_LENGTH,
+  ),
+  "mnist1d_val": DatasetInfo(
+    10,
+    MNIST1D_LENGTH,
+    "fit",
+    "validation",
     (0.0,),
     (1.0,),
     preprocessing="signal",
@@ -186,7 +206,7 @@ def data_source(dataset: str, split: str, data_dir: str | None = None) -> Sequen
   info = get_info(dataset)
   if dataset == "digits":
     return digits_source(split)
-  if dataset == "mnist1d":
+  if dataset in ("mnist1d", "mnist1d_val"):
     return mnist1d_source(split)
   decoders = {"image": tfds.decode.SkipDecoding()} if info.jpeg_bytes else None
   try:
@@ -259,16 +279,57 @@ def _mnist1d_arrays() -> dict[str, np.ndarray]:
   return {k: data[k] for k in ("x", "y", "x_test", "y_test")}
 
 
-@functools.lru_cache(maxsize=2)
+def mnist1d_validation_indices(num_train: int) -> np.ndarray:
+  """Sorted indices into the train set of the validation split (``MNIST1D_VALIDATION_SIZE`` of
+  them, from the fixed ``MNIST1D_SPLIT_SEED``): independent of any run's seed, so every method
+  and seed is tuned on the same held-out signals."""
+  order = np.random.default_rng(MNIST1D_SPLIT_SEED).permutation(num_train)
+  return np.sort(order[:MNIST1D_VALIDATION_SIZE])
+
+
+def mnist1d_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
+  """``(signals float32 [n, 40, 1], labels int32 [n])`` of one split (see ``MNIST1D_SPLITS``):
+  the same examples, in the same order, as :func:`mnist1d_source`, as whole arrays for
+  programs that keep a small data set on the device (``experiments.fast_sweep``)."""
+  if split not in MNIST1D_SPLITS:
+    raise ValueError(f"mnist1d has splits {MNIST1D_SPLITS}, got {split!r}.")
+  data = _mnist1d_arrays()
+  if split == "test":
+    x, y = data["x_test"], data["y_test"]
+  else:
+    x, y = data["x"], data["y"]
+    if split != "train":
+      held_out = np.zeros(len(y), bool)
+      held_out[mnist1d_validation_indices(len(y))] = True
+      keep = held_out if split == "validation" else ~held_out
+      x, y = x[keep], y[keep]
+  return x.astype(np.float32)[..., None], y.astype(np.int32)
+
+
+@functools.lru_cache(maxsize=4)
 def mnist1d_source(split: str) -> list[Record]:
   """MNIST-1D as TFDS-style records: ``image`` float32 [40, 1] (the signal, under the key the
-  loop reads) and ``label``; about 3 s to generate, once per process."""
-  if split not in ("train", "test"):
-    raise ValueError(f"mnist1d has splits 'train' and 'test', got {split!r}.")
-  data = _mnist1d_arrays()
-  x, y = (data["x"], data["y"]) if split == "train" else (data["x_test"], data["y_test"])
-  x = x.astype(np.float32)[..., None]
+  loop reads) and ``label``; about 3 s to generate, once per process. Splits: ``train`` (the
+  published 4,000), ``test`` (the published 1,000), and ``fit`` / ``validation``, the train set
+  split in two (``MNIST1D_VALIDATION_SIZE``)."""
+  x, y = mnist1d_arrays(split)
   return [{"image": signal, "label": np.int64(label)} for signal, label in zip(x, y)]
+
+
+def train_order(num_records: int, global_batch_size: int, seed: int, num_steps: int) -> np.ndarray:
+  """``[num_steps, global_batch_size]`` record indices: the batches :func:`create_train_iterator`
+  yields for ``seed`` on one process (a new permutation each epoch, the remainder dropped), for
+  programs that gather batches from arrays on the device instead of iterating."""
+  layout = _layout(num_records, global_batch_size, 0, 1)
+  steps = layout.train_steps()
+  if steps == 0:
+    raise ValueError(f"{num_records} examples are fewer than one batch of {global_batch_size}.")
+  order = _permutation(num_records, seed)
+  out = np.empty((num_steps, global_batch_size), np.int32)
+  for t in range(num_steps):
+    for i in range(global_batch_size):
+      out[t, i] = order[layout.position(t * global_batch_size + i, steps)]
+  return out
 
 
 def num_examples(dataset: str, split: str, data_dir: str | None = None) -> int:

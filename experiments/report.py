@@ -1101,16 +1101,28 @@ def _slugs(paths: Sequence[str]) -> list[str]:
   return slugs
 
 
-def command(sweep_dirs: Sequence[str], out_dir: str, notes: str | None = None) -> str:
+def command(
+  sweep_dirs: Sequence[str],
+  out_dir: str,
+  notes: str | None = None,
+  tuned: Sequence[str] = (),
+) -> str:
   """The command line that regenerates the report."""
   args = ["python", "-m", "experiments.report", *sweep_dirs, f"--out={out_dir}"]
   if notes is not None:
     args.append(f"--notes={notes}")
+  if tuned:
+    args.append(f"--tuned={','.join(tuned)}")
   return shlex.join(args)
 
 
-def build_report(sweep_dirs: list[str], out_dir: str, notes: str | None = None) -> str:
-  """Writes ``OUT_DIR/REPORT.md`` and ``OUT_DIR/figures/*.png``; returns the report's path."""
+def build_report(
+  sweep_dirs: list[str], out_dir: str, notes: str | None = None, tuned: Sequence[str] = ()
+) -> str:
+  """Writes ``OUT_DIR/REPORT.md`` and ``OUT_DIR/figures/*.png``; returns the report's path.
+
+  ``tuned``: grids of ``experiments.fast_sweep`` (learning rate chosen on validation, stability
+  map; :mod:`experiments.fast_report`), reported first."""
   if not sweep_dirs:
     raise ValueError("Need at least one sweep directory.")
   for path in sweep_dirs:
@@ -1137,10 +1149,14 @@ def build_report(sweep_dirs: list[str], out_dir: str, notes: str | None = None) 
     "How to reproduce (regenerate this report):",
     "",
     "```sh",
-    command(sweep_dirs, out_dir, notes),
+    command(sweep_dirs, out_dir, notes, tuned),
     "```",
     "",
   ]
+  if tuned:
+    from experiments import fast_report
+
+    lines += fast_report.sections(tuned, out_dir)
   for sweep in sweeps:
     lines += _section(sweep, fig_dir)
   if notes_text is not None:
@@ -1154,6 +1170,7 @@ def build_report(sweep_dirs: list[str], out_dir: str, notes: str | None = None) 
 def define_flags() -> None:
   flags.DEFINE_string("out", None, "Output directory: REPORT.md and figures/.")
   flags.DEFINE_string("notes", None, "Markdown file included verbatim under 'Discussion'.")
+  flags.DEFINE_list("tuned", [], "experiments.fast_sweep grid directories, reported first.")
   flags.mark_flags_as_required(["out"])
 
 
@@ -1163,7 +1180,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError("Usage: python -m experiments.report SWEEP_DIR [...] --out=OUT_DIR")
   f = flags.FLAGS
   try:
-    path = build_report(sweep_dirs, f.out, f.notes)
+    path = build_report(sweep_dirs, f.out, f.notes, f.tuned)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   print(f"Wrote {path}")

@@ -400,8 +400,33 @@ def test_mnist1d_is_the_published_split_generated_offline():
   train_it = ip.create_train_iterator("mnist1d", global_batch_size=100, seed=0)
   assert next(iter(train_it))["image"].shape == (100, 40, 1)
   assert ip.steps_per_epoch("mnist1d", 128) == 31
-  with pytest.raises(ValueError, match="'train' and 'test'"):
-    ip.mnist1d_source("validation")
+  with pytest.raises(ValueError, match="splits"):
+    ip.mnist1d_source("val")
+
+
+def test_mnist1d_validation_is_a_fixed_seeded_part_of_train():
+  train_x, train_y = ip.mnist1d_arrays("train")
+  fit_x, fit_y = ip.mnist1d_arrays("fit")
+  val_x, val_y = ip.mnist1d_arrays("validation")
+  held = ip.mnist1d_validation_indices(len(train_y))
+  assert len(val_y) == ip.MNIST1D_VALIDATION_SIZE and len(fit_y) + len(val_y) == len(train_y)
+  np.testing.assert_array_equal(val_x, train_x[held])  # carved out of train, not test
+  np.testing.assert_array_equal(val_y, train_y[held])
+  rest = np.setdiff1d(np.arange(len(train_y)), held)
+  np.testing.assert_array_equal(fit_x, train_x[rest])  # disjoint, together all of train
+  np.testing.assert_array_equal(held, ip.mnist1d_validation_indices(len(train_y)))  # fixed
+  assert not np.array_equal(held, np.arange(ip.MNIST1D_VALIDATION_SIZE))  # drawn, not a prefix
+  assert np.bincount(val_y, minlength=10).min() >= 30  # every class is in it
+  info = ip.DATASETS["mnist1d_val"]
+  assert (info.train_split, info.eval_split) == ("fit", "validation")
+  assert ip.steps_per_epoch("mnist1d_val", 128) == len(fit_y) // 128
+  batches = list(ip.create_eval_iterator("mnist1d_val", global_batch_size=128))
+  assert sum(int(b["mask"].sum()) for b in batches) == ip.MNIST1D_VALIDATION_SIZE
+  it = ip.create_train_iterator("mnist1d_val", global_batch_size=64, seed=3)
+  order = ip.train_order(len(fit_y), 64, seed=3, num_steps=60)  # across an epoch boundary
+  for t, batch in zip(range(60), it):
+    np.testing.assert_array_equal(batch["image"], fit_x[order[t]])
+    np.testing.assert_array_equal(batch["label"], fit_y[order[t]])
 
 
 def test_missing_data_says_how_to_prepare_it(tmp_path):
