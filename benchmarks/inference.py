@@ -48,8 +48,7 @@ import optax
 import dcil_jax
 from dcil_jax import granularity as gr
 from dcil_jax import models
-from dcil_jax.deploy import compact, deploy_stats, masked_function, to_onnx
-from dcil_jax.deploy.allocation import cost_aware_filter_masks
+from dcil_jax.deploy import compact, cost_aware_filter_masks, deploy_stats, masked_function, to_onnx
 
 TARGET_SPEEDUP = 1.4  # compact vs dense at batch 128, 40 % of filters (the goal)
 CRITERIA = ("global", "groups", "groups+macs")

@@ -47,8 +47,8 @@ import numpy as np
 import optax
 
 import dcil_jax
+from dcil_jax import find_masked_state
 from dcil_jax.models import create_model
-from dcil_jax.transform import find_masked_state
 from experiments import input_pipeline, resolve
 from experiments import state as lib
 

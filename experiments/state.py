@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 import dcil_jax
-from dcil_jax import compress, deploy_stats
+from dcil_jax import deploy
 from dcil_jax.models import create_model
 from experiments import input_pipeline
 
@@ -288,10 +288,10 @@ def _plain_masks(params: Any, prunable_masks: Any) -> Any:
 def deploy_report(state: dcil_jax.TrainState, example_input: Any) -> dict[str, int | None]:
   """The deployable (exported sparse-path) model's size and cost, from its shapes and masks:
   ``params`` (every parameter) and ``kept_params`` (less the masked kernel entries), ``macs``
-  and ``kept_macs`` per example (conv and dense layers, ``dcil_jax.deploy_stats``; the model is
-  traced abstractly, nothing is run), and ``dense_bytes`` (every variable as stored) and
-  ``compressed_bytes`` (bit-packed masks plus kept values, ``dcil_jax.compress``; array bytes,
-  nothing is written). For dense training the two of each pair are equal.
+  and ``kept_macs`` per example (conv and dense layers, ``dcil_jax.deploy.deploy_stats``; the
+  model is traced abstractly, nothing is run), and ``dense_bytes`` (every variable as stored)
+  and ``compressed_bytes`` (bit-packed masks plus kept values, ``dcil_jax.deploy.compress``;
+  array bytes, nothing is written). For dense training the two of each pair are equal.
 
   Args:
     example_input: an input batch (its shape after the batch axis is one example's).
@@ -304,10 +304,10 @@ def deploy_report(state: dcil_jax.TrainState, example_input: Any) -> dict[str, i
   module = getattr(state.model, "module", None)
   if module is not None:
     shape = tuple(np.shape(example_input)[1:])
-    counts = deploy_stats.deploy_stats(module, variables, shape, masks)
+    counts = deploy.deploy_stats(module, variables, shape, masks)
   else:  # an apply function alone cannot be traced layer by layer
     total = sum(int(np.size(x)) for x in jax.tree.leaves(variables["params"]))
     masked = sum(int(np.sum(~np.asarray(m))) for m in jax.tree.leaves(masks)) if masks else 0
     counts = {"params": total, "kept_params": total - masked, "macs": None, "kept_macs": None}
-  _, sizes = compress.compress(variables, masks)
+  _, sizes = deploy.compress(variables, masks)
   return counts | {k: int(sizes[k]) for k in ("dense_bytes", "compressed_bytes")}
