@@ -252,8 +252,9 @@ def dcil_loss(
     strategy: ``None`` (default: :func:`dcil_jax.default_strategy`, as :class:`dcil_jax.DCIL`
       picks), ``"unrolled"``, ``"vmap"``, ``"sharded"`` or ``"sequential"`` — same values,
       gradients and model state. ``"sequential"`` runs the sparse path's forward and backward,
-      then the dense path's, so only one path's activations are alive (about the memory of
-      dense training; one extra forward of the dense path when ``kd_weight`` is not 0); it is
+      then the dense path's, so only one path's activations are alive (close to the memory of
+      dense training, how close depends on the model: docs/library.md; one extra forward of
+      the dense path when ``kd_weight`` is not 0); it is
       reverse-mode only, and differentiates ``params`` and ``kd_weight`` only (see
       ``_sequential_dcil_loss``).
     mesh: mesh with a ``path`` axis, for ``strategy="sharded"``.
