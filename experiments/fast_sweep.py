@@ -241,8 +241,11 @@ def _where_runs(flag: jax.Array, a: Any, b: Any) -> Any:
   return jax.tree.map(pick, a, b)
 
 
-def _eval_all(states: dcil_jax.TrainState, batch: dict[str, jax.Array], path: str) -> jax.Array:
-  """Top-1 of one exported path of every run on one whole split."""
+def _eval_all(
+  states: dcil_jax.TrainState, batch: dict[str, jax.Array], path: str | None
+) -> jax.Array:
+  """Top-1 of the deployable model (``path=None``) or one DCIL path of every run on one whole
+  split."""
   sums = jax.lax.map(lambda s: dcil_jax.eval_step(s, batch, path), states)
   return sums["top1"] / sums["count"]
 
@@ -280,7 +283,7 @@ def make_epoch_fn(steps_per_epoch: int, batching: str = "map") -> Callable[..., 
     (states, stopped_at), losses = jax.lax.scan(
       body, (states, stopped_at), jnp.arange(steps_per_epoch)
     )
-    return states, stopped_at, losses.T, _eval_all(states, val, "sparse")
+    return states, stopped_at, losses.T, _eval_all(states, val, None)
 
   return epoch
 
@@ -288,8 +291,8 @@ def make_epoch_fn(steps_per_epoch: int, batching: str = "map") -> Callable[..., 
 @jax.jit
 def _final(states: dcil_jax.TrainState, val: Any, test: Any) -> dict[str, jax.Array]:
   out = {}
-  for path in states.method.path_names:
-    prefix = "" if path == "sparse" else "dense_"
+  for path in (None, *(p for p in states.method.path_names if p != "sparse")):
+    prefix = "" if path is None else f"{path}_"
     out[f"{prefix}val_top1"] = _eval_all(states, val, path)
     out[f"{prefix}test_top1"] = _eval_all(states, test, path)
   if states.method.uses_masks:

@@ -220,16 +220,16 @@ def test_a_checkpoint_of_8_devices_restores_bit_for_bit_on_fewer(
 
   _, (state, _, _) = on_mesh("dcil", True)  # written from a data x path mesh of 8
   saver = checkpoints.RunCheckpointer(tmp_path)
-  saver.save(STEPS, lib.checkpoint_tree(state, None), {"data": {"next_index": STEPS}})
+  saver.save(STEPS, lib.checkpoint_tree(state), {"data": {"next_index": STEPS}})
   saver.close()
   mesh = sharding.make_mesh(path_parallel=path_parallel, devices=jax.devices()[:devices])
   fresh = dcil_jax.TrainState.create(
     tiny_model, tiny_variables, make_tx(), mesh=mesh, example_input=global_batch["image"][:1]
   )
-  target = lib.checkpoint_tree(fresh, None)
+  target = lib.checkpoint_tree(fresh)
   restored = checkpoints.RunCheckpointer(tmp_path).restore_latest(target)
   assert restored.step == STEPS and restored.meta["data"] == {"next_index": STEPS}
-  expected = jax.tree.leaves(lib.checkpoint_tree(state, None))
+  expected = jax.tree.leaves(lib.checkpoint_tree(state))
   for got, want, like in zip(
     jax.tree.leaves(restored.state), expected, jax.tree.leaves(target), strict=True
   ):
