@@ -53,20 +53,19 @@ def restore_best(workdir: str | Path) -> tuple[Any, ml_collections.ConfigDict, i
   mesh = dcil_jax.make_mesh(path_parallel=config.path_parallel)
   plan = train.Plan.from_config(config)
   fresh = lib.create_train_state(config, mesh, plan.steps_per_epoch)
-  tracker = lib.create_tracker(fresh, mesh)
   checkpointer = checkpoints.RunCheckpointer(
     workpath / checkpoints.CHECKPOINT_DIR, async_save=False
   )
   try:
     step = best_step(checkpointer)
-    target = lib.checkpoint_tree(fresh, tracker)
+    target = lib.checkpoint_tree(fresh)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     restored = checkpointer.manager.restore(
       step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
     )["state"]
   finally:
     checkpointer.close()
-  state, _ = lib.from_checkpoint_tree(fresh, restored)
+  state = lib.from_checkpoint_tree(fresh, restored)
   return state, config, step
 
 
