@@ -1,6 +1,16 @@
 """dcil-jax: Dynamic Collective Intelligence Learning (DCIL) and DPF for JAX, Flax and optax."""
 
-from dcil_jax import clipping, deploy, granularity, losses, models, pool_gradient, refresh, rules, sharding
+from dcil_jax import (
+  clipping,
+  deploy,
+  granularity,
+  losses,
+  models,
+  pool_gradient,
+  refresh,
+  rules,
+  sharding,
+)
 from dcil_jax.clipping import clip_step_norm
 from dcil_jax.deploy import (
   export,

@@ -53,9 +53,10 @@ from experiments import input_pipeline, resolve
 from experiments import state as lib
 
 # Method variants of a grid: the config's method and the config fields the variant sets.
-# "dcil" is ``dcil_jax.DCIL.official`` (exactly the official code); "dcil_robust" is ``dcil_jax.DCIL.robust`` with its step
-# bound (``max_step_norm``, resolved from the preset); "dcil_clip1" the fixed clip that was the
-# robust preset's optimizer half before the step bound replaced it.
+# "dcil" is ``dcil_jax.DCIL.official`` (exactly the official code); "dcil_robust" is
+# ``dcil_jax.DCIL.robust`` with its step bound (``max_step_norm``, resolved from the preset);
+# "dcil_clip1" the fixed clip that was the robust preset's optimizer half before the step bound
+# replaced it.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
   "dense": ("dense", {}),
   "gmp": ("gmp", {}),
