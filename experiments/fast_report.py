@@ -25,7 +25,7 @@ import numpy as np
 from experiments import fast_sweep, report
 
 FIGURES = "figures"
-ORDER = ("dense", "gmp", "rigl", "dpf", "dcil", "dcil_robust", "dcil_robust_kdclip")
+ORDER = ("dense", "gmp", "rigl", "dpf", "dcil", "dcil_robust", "dcil_clip1", "dcil_robust_kdclip")
 LABELS = {
   "dense": "Dense",
   "gmp": "GMP",
@@ -33,13 +33,10 @@ LABELS = {
   "dpf": "DPF",
   "dcil": "DCIL-official",
   "dcil_robust": "DCIL-robust",
-  "dcil_robust_kdclip": "DCIL-robust + kd_clip 1",
+  "dcil_clip1": "DCIL, gradient clipped at norm 1",
+  "dcil_robust_kdclip": "DCIL, clipped at norm 1 + kd_clip 1",
 }
-DCIL_VARIANTS = (
-  "dcil",
-  "dcil_robust",
-  "dcil_robust_kdclip",
-)  # "dcil": the config's preset, official by default
+DCIL_VARIANTS = ("dcil", "dcil_robust", "dcil_clip1", "dcil_robust_kdclip")  # "dcil": official
 NUM_CLASSES = 10
 
 

@@ -136,10 +136,13 @@ def test_robust_preset_bounds_the_step_unless_the_config_says_otherwise():
 
 
 def test_config_selects_the_preset_and_overrides_its_options():
-  official = lib.dcil_method(_config(), steps_per_epoch=10)
+  official = lib.dcil_method(_config(dcil_preset="official"), steps_per_epoch=10)
   assert official.is_official and official.kd_start_step == 70  # mnist1d: epoch 7
   robust = lib.dcil_method(_config(dcil_preset="robust"), steps_per_epoch=10)
   assert robust == dcil_jax.DCIL.robust(kd_start_step=70, temperature=2.0)
+  default = _config()
+  assert default.dcil_preset == "robust"  # the experiments' default: no blow-up at high rates
+  assert lib.dcil_method(default, steps_per_epoch=10) == robust
   ramped = lib.dcil_method(_config(kd_ramp_epochs=1.5, kd_clip=3.0), steps_per_epoch=10)
   assert (ramped.kd_ramp_steps, ramped.kd_clip) == (15, 3.0)
 

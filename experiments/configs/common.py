@@ -22,9 +22,10 @@ def base_config() -> ConfigDict:
   config.filter_score = "l1"
   config.update_every = 16  # mask refresh period in steps (official: 16)
   config.temperature = 2.0  # distillation temperature (official: 2)
-  # DCIL's setting: official (the official code exactly) | robust (dcil_jax.DCIL.robust: the
-  # options that keep it from blowing up, docs/method.md "When DCIL is unstable").
-  config.dcil_preset = "official"
+  # DCIL's setting: robust (dcil_jax.DCIL.robust: the official loss with the SGD step bounded,
+  # which keeps it from blowing up at high learning rates; docs/method.md "When DCIL is
+  # unstable") | official (the official code exactly).
+  config.dcil_preset = "robust"
   # Override one option of the preset (None: the preset's): the distillation weight's linear
   # ramp length in epochs from kd_start_epoch (0: a step), and the cap of each path's
   # distillation term as a multiple of its task loss (dcil_jax.DCIL.kd_clip).
