@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_resume import ROOT, checkpoint_steps, run_cli
+from conftest import ROOT, checkpoint_steps, run_cli
 
 import dcil_jax
 from experiments import checkpoints, input_pipeline, train
