@@ -117,7 +117,7 @@ def _scaled(value, scale: float):
 
 def default_worker_count(cpus: int | None = None) -> int:
   """Grain worker processes: all but 4 cores (for the step, the prefetch and the OS), at most 64
-  (enough for ~24k ImageNet images/s, benchmarks/results/input_pipeline_cpu.md); none on
+  (the decoding rate per core: benchmarks/results/input_pipeline_cpu.md); none on
   small machines, where reader threads in the main process do as well."""
   if cpus is None:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -55,7 +55,7 @@ FILE_SECONDS = {
   "test_composition": 43,
   "test_multi_device": 38,
   "test_two_processes": 31,
-  "test_readme": 31,
+  "test_readme": 40,
   "test_compact": 29,
   "test_nnx": 25,
   "test_resume": 24,
@@ -76,6 +76,7 @@ FILE_SECONDS = {
   "test_report": 6,
   "test_losses": 4,
   "test_stability": 1,
+  "test_docs": 1,
   "test_schedules": 1,
   "test_benchmarks": 1,
 }

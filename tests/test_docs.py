@@ -1,6 +1,6 @@
-"""The README and docs/*.md point at things that exist: every relative link resolves (the file,
-and the heading an ``#anchor`` names), and every ``dcil_jax.X`` / ``experiments.X`` name they
-mention imports or is an attribute of what does."""
+"""The README, docs/*.md and benchmarks/README.md point at things that exist: every relative
+link resolves (the file, and the heading an ``#anchor`` names), and every ``dcil_jax.X`` /
+``experiments.X`` name they mention imports or is an attribute of what does."""
 
 import importlib
 import re
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks/README.md"]
 IDS = [str(p.relative_to(ROOT)) for p in PAGES]
 
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
