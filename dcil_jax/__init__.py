@@ -1,6 +1,17 @@
 """dcil-jax: Dynamic Collective Intelligence Learning (DCIL) and DPF for JAX, Flax and optax."""
 
-from dcil_jax import deploy, granularity, losses, models, pool_gradient, refresh, rules, sharding
+from dcil_jax import (
+  clipping,
+  deploy,
+  granularity,
+  losses,
+  models,
+  pool_gradient,
+  refresh,
+  rules,
+  sharding,
+)
+from dcil_jax.clipping import clip_step_norm
 from dcil_jax.deploy import (
   export,
   layer_stats,
@@ -48,6 +59,8 @@ __all__ = [
   "PRUNABLE",
   "TrainState",
   "apply_masks",
+  "clip_step_norm",
+  "clipping",
   "deploy",
   "export",
   "layer_stats",

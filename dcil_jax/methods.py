@@ -95,13 +95,14 @@ class DCIL(Dense):
   - ``DCIL.robust(**fields)``: the setting that keeps DCIL from blowing up where the official
     code does (no BatchNorm, high learning rate). It has two halves: the method options of
     :attr:`ROBUST_OPTIONS`, and an optimizer half that a method object cannot hold: chain
-    ``optax.clip_by_global_norm(DCIL.ROBUST_GRAD_CLIP_NORM)`` before your optimizer (the
-    experiments do this for ``--config.dcil_preset=robust``). The measurements that chose it
-    are in docs/method.md, "When DCIL is unstable": switching distillation on multiplies the
-    loss's sharpness at a point where a high learning rate already trains at the edge of
-    stability; clipping the gradient's norm prevented every blow-up measured, while the
-    method-side options alone did not (so :attr:`ROBUST_OPTIONS` is empty today, and the
-    robust method object equals the official one: its loss is the official loss).
+    ``dcil_jax.clip_step_norm(DCIL.ROBUST_MAX_STEP_NORM, learning_rate)`` before your
+    optimizer, with the optimizer's learning rate (the experiments do this for
+    ``--config.dcil_preset=robust``). The measurements that chose it are in docs/method.md,
+    "When DCIL is unstable": switching distillation on multiplies the loss's sharpness at a
+    point where a high learning rate already trains at the edge of stability; bounding the
+    step prevented every blow-up measured, while the method-side options alone did not (so
+    :attr:`ROBUST_OPTIONS` is empty today, and the robust method object equals the official
+    one: its loss is the official loss).
 
   ``DCIL(...)`` with no option set is the official setting; ``DCIL.preset(name, **fields)``
   picks one by name (the experiments' ``--config.dcil_preset=official|robust``). Any field can
@@ -131,7 +132,7 @@ class DCIL(Dense):
   Step-indexed settings count **optimizer steps** (the ``masked_update`` count), as the sparsity
   schedule does; under ``optax.MultiSteps`` every micro-step of one optimizer step sees the same.
   Gradient clipping, the other robustness knob measured, belongs to the optimizer
-  (``optax.clip_by_global_norm``; the experiments' ``--config.grad_clip_norm``).
+  (:func:`dcil_jax.clip_step_norm`; the experiments' ``--config.max_step_norm``).
   """
 
   kd_weight: KdWeight = losses.DEFAULT_KD_WEIGHT
@@ -150,9 +151,10 @@ class DCIL(Dense):
   # The robust preset's method options (docs/method.md: neither option alone prevented the
   # blow-ups that gradient clipping prevents, so none is set).
   ROBUST_OPTIONS: ClassVar[dict[str, Any]] = {}
-  # The optimizer half of the robust setting: clip the gradient's global norm to this before
-  # the optimizer (``optax.clip_by_global_norm``); a method object cannot own the optimizer.
-  ROBUST_GRAD_CLIP_NORM = 1.0
+  # The optimizer half of the robust setting: the largest SGD step lr·‖g‖
+  # (``dcil_jax.clip_step_norm``); a method object cannot own the optimizer. At the MNIST-1D
+  # CNN's lr 0.2 it clips the gradient at norm 1, the fixed clip that rescued every seed there.
+  ROBUST_MAX_STEP_NORM = 0.2
 
   def __post_init__(self):
     if int(self.kd_ramp_steps) != self.kd_ramp_steps or self.kd_ramp_steps < 0:

@@ -53,19 +53,21 @@ from experiments import input_pipeline, resolve
 from experiments import state as lib
 
 # Method variants of a grid: the config's method and the config fields the variant sets.
-# "dcil" is the config's DCIL preset (``dcil_preset``, official unless the base config says
-# otherwise: exactly the official code); "dcil_robust" is ``dcil_jax.DCIL.robust`` with its
-# gradient clipping (``grad_clip_norm``, resolved from the preset).
+# "dcil" is ``dcil_jax.DCIL.official`` (exactly the official code); "dcil_robust" is
+# ``dcil_jax.DCIL.robust`` with its step bound (``max_step_norm``, resolved from the preset);
+# "dcil_clip1" the fixed clip that was the robust preset's optimizer half before the step bound
+# replaced it.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
   "dense": ("dense", {}),
   "gmp": ("gmp", {}),
   "rigl": ("rigl", {}),
   "dpf": ("dpf", {}),
-  "dcil": ("dcil", {}),
+  "dcil": ("dcil", {"dcil_preset": "official"}),
   "dcil_robust": ("dcil", {"dcil_preset": "robust"}),
   # The robust preset's first candidate (branch issue26 before 11:21 UTC): the distillation
   # term capped at its task loss, on top of the gradient clipping.
-  "dcil_robust_kdclip": ("dcil", {"dcil_preset": "robust", "kd_clip": 1.0}),
+  "dcil_clip1": ("dcil", {"grad_clip_norm": 1.0}),
+  "dcil_robust_kdclip": ("dcil", {"grad_clip_norm": 1.0, "kd_clip": 1.0}),
 }
 DEFAULT_LRS = (0.02, 0.05, 0.1, 0.2)
 BATCHING = ("map", "vmap")
@@ -135,17 +137,20 @@ def make_optimizer(
   rate, a leaf of the optimizer state (``step_size``) that ``vmap`` can give each run. SGD's
   update is linear in the learning rate, so this is the same step up to float rounding.
 
+  The step bound of robust DCIL (``max_step_norm``) clips at ``max_step_norm / (peak ·
+  normalised schedule)``: its ``max_step`` is a state leaf too, set per run to
+  ``max_step_norm / peak`` (:func:`init_states`).
+
   The ``rigl`` wrapper and ``masked_update`` sit where ``make_optimizer`` puts them (``rigl``
   writes ``-params`` into pruned entries, so the scaling must happen inside it).
   """
+  normalised = lib.learning_rate_schedule(config, steps_per_epoch)
+  step_bound = optax.inject_hyperparams(dcil_jax.clip_step_norm, static_args="learning_rate")
   parts = [
     *([optax.clip_by_global_norm(config.grad_clip_norm)] if config.grad_clip_norm else []),
+    *([step_bound(config.max_step_norm, normalised)] if config.max_step_norm else []),
     optax.add_decayed_weights(config.weight_decay),
-    optax.sgd(
-      lib.learning_rate_schedule(config, steps_per_epoch),
-      momentum=config.momentum,
-      nesterov=config.nesterov,
-    ),
+    optax.sgd(normalised, momentum=config.momentum, nesterov=config.nesterov),
     optax.inject_hyperparams(optax.scale)(step_size=1.0),
   ]
   if config.method == "rigl":
@@ -228,7 +233,10 @@ def init_states(
     state = dcil_jax.TrainState.create(
       model, variables, tx, method=method, example_input=dummy, rng=state_rng
     )
-    return state.replace(opt_state=optax.tree_utils.tree_set(state.opt_state, step_size=lr))
+    per_run = {"step_size": lr}
+    if config.max_step_norm:
+      per_run["max_step"] = config.max_step_norm / lr
+    return state.replace(opt_state=optax.tree_utils.tree_set(state.opt_state, **per_run))
 
   seed_arr = jnp.asarray([s for _ in lrs for s in seeds], jnp.int32)
   lr_arr = jnp.asarray([lr for lr in lrs for _ in seeds], jnp.float32)
@@ -387,6 +395,7 @@ def run_cell(
     "config": config.to_dict(),
     "method": repr(method),  # the options a preset resolved to
     "optimizer_clip": config.get("grad_clip_norm"),
+    "max_step_norm": config.get("max_step_norm"),
     "steps": total,
     "steps_per_epoch": steps_per_epoch,
     "wall_s": time.perf_counter() - start,

@@ -16,6 +16,7 @@ import os
 
 import ml_collections
 
+import dcil_jax
 from dcil_jax.granularity import FILTER_SCORES
 from dcil_jax.models import MODELS
 from experiments import input_pipeline, recipes, state
@@ -100,9 +101,9 @@ def _resolve_config(config: ml_collections.ConfigDict, data_parallelism: int, pl
         config[name] = value
     if config.run.worker_count is None:
       config.run.worker_count = default_worker_count()
-    if config.grad_clip_norm is None:
+    if config.max_step_norm is None:
       robust = config.method == "dcil" and config.dcil_preset == "robust"
-      config.grad_clip_norm = state.ROBUST_GRAD_CLIP_NORM if robust else 0.0
+      config.max_step_norm = dcil_jax.DCIL.ROBUST_MAX_STEP_NORM if robust else 0.0
   _check_config(config)
   return config
 
@@ -186,6 +187,8 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     problems.append(f"kd_clip must be None or > 0, got {config.kd_clip}")
   if not config.grad_clip_norm >= 0:
     problems.append(f"grad_clip_norm must be >= 0 (0: no clipping), got {config.grad_clip_norm}")
+  if not config.max_step_norm >= 0:
+    problems.append(f"max_step_norm must be >= 0 (0: no bound), got {config.max_step_norm}")
   if config.path_parallel and config.method != "dcil":
     problems.append("path_parallel runs DCIL's two paths on two devices; it needs method='dcil'")
   if config.update_every <= 0 or config.log_every_steps <= 0:

@@ -31,7 +31,6 @@ RIGL_END_FRACTION = 0.75
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 METHODS = tuple(dcil_jax.METHODS)
 DCIL_PRESETS = dcil_jax.DCIL.PRESETS
-ROBUST_GRAD_CLIP_NORM = dcil_jax.DCIL.ROBUST_GRAD_CLIP_NORM
 
 
 def check_method(method: str) -> None:
@@ -69,6 +68,20 @@ def ramp_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
   return max(1, round(config.ramp_end_epoch * steps_per_epoch))
 
 
+def clipping(
+  config: ml_collections.ConfigDict, learning_rate: optax.Schedule
+) -> list[optax.GradientTransformation]:
+  """The config's gradient clips, to chain before weight decay and SGD: a fixed global norm
+  (``grad_clip_norm``) and the step bound of robust DCIL (``max_step_norm``,
+  :func:`dcil_jax.clip_step_norm` with the optimizer's ``learning_rate``)."""
+  parts = []
+  if config.grad_clip_norm:
+    parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
+  if config.max_step_norm:
+    parts.append(dcil_jax.clip_step_norm(config.max_step_norm, learning_rate))
+  return parts
+
+
 def make_optimizer(
   config: ml_collections.ConfigDict, steps_per_epoch: int
 ) -> optax.GradientTransformation:
@@ -76,14 +89,11 @@ def make_optimizer(
   GMP (no regrowth) ``masked_update``, and for RigL the whole optimizer wrapped in ``rigl`` (no
   rule given: ``TrainState.create`` prunes the model's convolutions, found from its module
   types)."""
+  learning_rate = learning_rate_schedule(config, steps_per_epoch)
   parts = [
-    *([optax.clip_by_global_norm(config.grad_clip_norm)] if config.grad_clip_norm else []),
+    *clipping(config, learning_rate),
     optax.add_decayed_weights(config.weight_decay),
-    optax.sgd(
-      learning_rate_schedule(config, steps_per_epoch),
-      momentum=config.momentum,
-      nesterov=config.nesterov,
-    ),
+    optax.sgd(learning_rate, momentum=config.momentum, nesterov=config.nesterov),
   ]
   if config.method == "rigl":  # constant ERK sparsity; wraps the whole optimizer
     total = round(config.num_epochs * steps_per_epoch)

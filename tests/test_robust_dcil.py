@@ -124,11 +124,14 @@ def _config(**overrides):
   return resolve.resolve_config(config)
 
 
-def test_robust_preset_clips_gradients_unless_the_config_says_otherwise():
-  assert _config().grad_clip_norm == 0.0
-  assert _config(dcil_preset="robust").grad_clip_norm == dcil_jax.DCIL.ROBUST_GRAD_CLIP_NORM
-  assert _config(dcil_preset="robust", grad_clip_norm=0.0).grad_clip_norm == 0.0
-  assert _config(method="dpf", dcil_preset="robust").grad_clip_norm == 0.0
+def test_robust_preset_bounds_the_step_unless_the_config_says_otherwise():
+  official = _config(dcil_preset="official")
+  assert official.max_step_norm == 0.0 and official.grad_clip_norm == 0.0
+  robust = dcil_jax.DCIL.ROBUST_MAX_STEP_NORM
+  assert _config(dcil_preset="robust").max_step_norm == robust
+  assert _config(dcil_preset="robust", max_step_norm=0.0).max_step_norm == 0.0
+  assert _config(method="dpf", dcil_preset="robust").max_step_norm == 0.0
+  assert _config(method="gmp", max_step_norm=0.5).max_step_norm == 0.5
   assert _config(grad_clip_norm=5.0).grad_clip_norm == 5.0
 
 
@@ -148,6 +151,7 @@ def test_config_selects_the_preset_and_overrides_its_options():
     ({"kd_clip": -1.0}, "kd_clip"),
     ({"kd_ramp_epochs": -1.0}, "kd_ramp_epochs"),
     ({"grad_clip_norm": -1.0}, "grad_clip_norm"),
+    ({"max_step_norm": -0.1}, "max_step_norm"),
   ],
 )
 def test_bad_robustness_settings_fail_at_start(overrides, message):
@@ -163,10 +167,44 @@ def test_grad_clip_norm_bounds_the_update():
     config = _config(method="dense", sparsity=0.0, grad_clip_norm=clip, weight_decay=0.0)
     tx = lib.make_optimizer(config, steps_per_epoch=10)
     updates, _ = tx.update(huge, tx.init(params), params)
-    sizes[clip] = float(optax.global_norm(updates))
+    sizes[clip] = float(optax.tree.norm(updates))
   config = _config()
   lr = float(lib.learning_rate_schedule(config, 10)(0))
   # Nesterov's first update is lr * (1 + momentum) * g, with |g| clipped to 1.
   assert config.nesterov
   assert sizes[1.0] == pytest.approx(lr * (1 + config.momentum), rel=1e-5)
   assert sizes[0.0] == pytest.approx(lr * (1 + config.momentum) * 2e6, rel=1e-5)  # |g| = 2e6
+
+
+@pytest.mark.parametrize("rate", [0.2, 0.02])
+def test_clip_step_norm_bounds_the_sgd_step_at_every_learning_rate(rate):
+  """lr·‖g‖ ≤ max_step: a large gradient is clipped to max_step / lr, a small one is kept;
+  under a schedule the bound follows the rate of each step."""
+  params = {"a": jnp.zeros(3), "b": jnp.zeros((2, 2))}
+  big = jax.tree.map(lambda p: jnp.full_like(p, 10.0), params)
+  tx = optax.chain(dcil_jax.clip_step_norm(0.2, rate), optax.sgd(rate))
+  updates, _ = jax.jit(tx.update)(big, tx.init(params), params)
+  assert float(optax.tree.norm(updates)) == pytest.approx(min(0.2, rate * 10.0 * 7**0.5), rel=1e-5)
+  small = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
+  kept, _ = tx.update(small, tx.init(params), params)
+  tree_allclose(kept, jax.tree.map(lambda g: -rate * g, small), rtol=1e-6)
+
+  schedule = optax.piecewise_constant_schedule(rate, {1: 0.1})  # the rate drops at step 1
+  clip = dcil_jax.clip_step_norm(0.2, schedule)
+  state = clip.init(params)
+  norms = []
+  for _ in range(2):
+    clipped, state = clip.update(big, state)
+    norms.append(float(optax.tree.norm(clipped)))
+  want = [min(0.2 / r, 10.0 * 7**0.5) for r in (rate, rate * 0.1)]
+  assert norms == pytest.approx(want, rel=1e-5)
+
+
+def test_clip_step_norm_lets_a_non_finite_gradient_through_and_refuses_a_zero_rate():
+  """NaN must reach the train step's NaN guard (which skips the step), not be hidden."""
+  params = {"w": jnp.zeros(2)}
+  clip = dcil_jax.clip_step_norm(0.2, 0.1)
+  out, _ = clip.update({"w": jnp.array([jnp.nan, 1.0])}, clip.init(params))
+  assert bool(jnp.isnan(out["w"][0]))
+  with pytest.raises(ValueError, match="learning rate"):
+    dcil_jax.clip_step_norm(0.2, 0.0)

@@ -30,9 +30,12 @@ def base_config() -> ConfigDict:
   # distillation term as a multiple of its task loss (dcil_jax.DCIL.kd_clip).
   config.kd_ramp_epochs = config_dict.placeholder(float)
   config.kd_clip = config_dict.placeholder(float)
-  # Clip the gradient's global norm before the optimizer to this (0: no clipping, as official;
-  # None: the DCIL preset's, dcil_jax.DCIL.ROBUST_GRAD_CLIP_NORM for robust, else 0).
-  config.grad_clip_norm = config_dict.placeholder(float)
+  # Clip the gradient's global norm before the optimizer to this (0: no clipping, as official).
+  config.grad_clip_norm = 0.0
+  # Bound the SGD step: clip the gradient's global norm to max_step_norm / learning rate
+  # (dcil_jax.clip_step_norm; 0: no bound, as official; None: the DCIL preset's,
+  # dcil_jax.DCIL.ROBUST_MAX_STEP_NORM for robust, else 0). Any method may set it.
+  config.max_step_norm = config_dict.placeholder(float)
   config.momentum = 0.9
   config.nesterov = True
 
