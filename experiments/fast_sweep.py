@@ -50,7 +50,7 @@ import dcil_jax
 from dcil_jax import find_masked_state
 from dcil_jax.models import create_model
 from experiments import input_pipeline, resolve
-from experiments import state as lib
+from experiments import run_state as lib
 
 # Method variants of a grid: the config's method and the config fields the variant sets.
 # "dcil" is ``dcil_jax.DCIL.official`` (exactly the official code); "dcil_robust" is

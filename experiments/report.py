@@ -531,7 +531,7 @@ def _stability_section(sweep: Sweep) -> list[str]:
   return lines
 
 
-# The deployable model: counts from summary["deploy"] (experiments.state.deploy_report).
+# The deployable model: counts from summary["deploy"] (experiments.run_state.deploy_report).
 DEPLOY = "deploy"
 
 

@@ -278,7 +278,7 @@ PARAMS, PRUNABLE, MACS = 1000, 800, 10_000
 
 
 def _deploy(method: str, sparsity: float, seed: int) -> dict[str, int] | None:
-  """Counts as ``experiments.state.deploy_report`` writes them; RigL at 0.5 predates them."""
+  """Counts as ``experiments.run_state.deploy_report`` writes them; RigL at 0.5 predates them."""
   if method == "rigl" and sparsity == 0.5:
     return None
   kept = round(PRUNABLE * (1 - sparsity))
