@@ -8,7 +8,7 @@ CPU, two parts:
 1. *ImageNet with the input pipeline*: inside ``tfds.testing.mock_data`` (random images of small
    random sizes, which still go through the real random-resized crop to 224), each method gets
    the config of ``experiments/configs/imagenet.py`` (small batch, sparsity 0.9), the state of
-   ``experiments.state.create_train_state``, the real train iterator behind ``shard_batch`` and
+   ``experiments.run_state.create_train_state``, the real train iterator behind ``shard_batch`` and
    ``input_pipeline.prefetch``, and the compiled ``dcil_jax.train_step``, exactly as
    ``experiments.train`` builds them. One timed step = waiting for the next batch + the step. The
    iterator's own images/s is measured alone first, so the reader sees whether input limits.
@@ -52,8 +52,7 @@ import dcil_jax
 from benchmarks import common, throughput_report  # the report: prose from the result alone
 from benchmarks.throughput_report import DCIL_TARGET, SPARSITY
 from dcil_jax import sharding
-from experiments import input_pipeline, resolve
-from experiments import state as lib
+from experiments import input_pipeline, resolve, run_state
 from experiments import train as xtrain
 from experiments.configs import cifar as cifar_configs
 from experiments.configs import imagenet as imagenet_configs
@@ -112,7 +111,7 @@ def synthetic_batches(config: ml_collections.ConfigDict, mesh: Any) -> Iterator[
   rng = np.random.default_rng(0)
   shape = (config.batch_size, config.image_size, config.image_size, 3)
   batch = {
-    "image": rng.normal(size=shape).astype(lib.DTYPES[config.dtype]),
+    "image": rng.normal(size=shape).astype(run_state.DTYPES[config.dtype]),
     "label": rng.integers(0, info.num_classes, config.batch_size).astype(np.int32),
   }
   return itertools.repeat(sharding.shard_batch(batch, mesh))
@@ -161,16 +160,16 @@ def prepare(
   gc.collect()
   common.reset_peak_rss()
   t0 = time.perf_counter()
-  state = lib.create_train_state(config, mesh, steps_per_epoch)
+  state = run_state.create_train_state(config, mesh, steps_per_epoch)
   t1 = time.perf_counter()
   first = next(batches)
-  compiled = lib.compile_train_step(state, first)
+  compiled = run_state.compile_train_step(state, first)
   t2 = time.perf_counter()
   record: dict[str, Any] = {
     "label": label,
     "model": config.model,
     "method": config.method,
-    "strategy": lib.describe(state)["strategy"] if config.method == "dcil" else None,
+    "strategy": run_state.describe(state)["strategy"] if config.method == "dcil" else None,
     "dtype": config.dtype,
     "batch": config.batch_size,
     "image_size": config.image_size,
@@ -251,7 +250,7 @@ def time_pipeline(config: ml_collections.ConfigDict, mesh: Any, batches: int) ->
     global_batch_size=config.batch_size,
     seed=config.seed + 1,  # not the batches the steps will see (no warm cache)
     image_size=config.image_size,
-    dtype=np.dtype(lib.DTYPES[config.dtype]),
+    dtype=np.dtype(run_state.DTYPES[config.dtype]),
     worker_count=config.run.worker_count,
   )
   next(iterator)  # starts the read threads

@@ -133,7 +133,7 @@ def render_markdown(result: dict[str, Any]) -> str:
       f"{', '.join(a['models'])} configs from `experiments/configs/imagenet.py` (resolved by "
       f"`experiments.resolve.resolve_config`): {a['batch']} images per device, dtype "
       f"`{a['dtype']}`, sparsity {SPARSITY} for DPF/DCIL; state from "
-      "`experiments.state.create_train_state`, step `dcil_jax.train_step` compiled once as the "
+      "`experiments.run_state.create_train_state`, step `dcil_jax.train_step` compiled once as the "
       "training loop does. One random batch lives on the devices and is fed again every step "
       "(no input pipeline).",
     ]
@@ -142,7 +142,7 @@ def render_markdown(result: dict[str, Any]) -> str:
       "**Part 1** builds each method as `experiments/imagenet.py` would: the config of "
       "`experiments/configs/imagenet.py` with overrides (batch "
       f"{a['batch']}, dtype `{a['dtype']}`, sparsity {SPARSITY} for DPF/DCIL, `worker_count="
-      f"{a['worker_count']}`), `experiments.state.create_train_state` on `make_mesh()`, the "
+      f"{a['worker_count']}`), `experiments.run_state.create_train_state` on `make_mesh()`, the "
       "train iterator of `experiments.input_pipeline` (random-resized crop to 224 + flip + "
       "normalisation) through `sharding.shard_batch` and the `input_pipeline.prefetch` thread "
       "(as in `experiments.train`), and "

@@ -155,9 +155,9 @@ def _keep_top(scores: jax.Array, num_pruned: jax.Array) -> jax.Array:
   at most ``num_pruned`` of them.
 
   No sort: the pruning threshold is found by bisection on the bit patterns of the (non-negative)
-  float32 scores, which order like the floats themselves — 32 counting passes, about 10x faster
-  than an argsort on CPU and friendly to TPUs. Entries tied at the threshold are pruned in index
-  order until the count is exact.
+  float32 scores, which order like the floats themselves — 32 counting passes, faster than an
+  argsort on CPU (``benchmarks/results/step_time_cpu.md``, "Profiling") and friendly to TPUs.
+  Entries tied at the threshold are pruned in index order until the count is exact.
   """
   bits = jax.lax.bitcast_convert_type(scores.reshape(-1).astype(jnp.float32), jnp.int32)
 

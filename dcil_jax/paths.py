@@ -155,18 +155,15 @@ def default_strategy(backend: str | None = None) -> str:
   """How to run the path axis when the caller does not say: ``"sequential"`` on accelerators,
   ``"unrolled"`` on CPU.
 
-  Measured on CPU (``benchmarks/results/step_time_cpu.md``, ResNet-20, batch 128):
-  ``"sequential"`` needs the step memory of dense training (1.0x dense against unrolled's 2.0x),
-  so on an accelerator, where memory bounds the batch, it fits about twice unrolled's
-  per-device batch (7040 vs 3584 images in 16 GiB). Its step took 1.13x unrolled's with
-  distillation on (one extra forward of the dense path) and 1.03x with it off (against
-  unrolled with it off; per-round medians on a quiet CPU; busier runs gave 1.06x / 1.04x and
-  1.34x / 1.26x). For ResNet-50 at batch 32 its memory is 1.06x dense in the loop form that
-  accelerators run and 1.07x in the CPU form (unrolled: 1.93x). On CPU host memory rarely
-  binds, so unrolled stays the default there.
-  ``vmap`` turns the per-path kernels into grouped convolutions (10-19x a
-  dense step on CPU); on several devices ``"sharded"`` runs one path per device. GPU/TPU
-  times are not measured in this project yet.
+  ``"sequential"`` needs about the step memory of dense training, where ``"unrolled"`` keeps
+  both paths' activations alive (about twice as much), so on an accelerator, where memory
+  bounds the batch, it fits about twice unrolled's per-device batch. It costs some step time
+  (with distillation on, one extra forward of the dense path). On CPU host memory rarely
+  binds, so unrolled stays the default there. ``vmap`` turns the per-path kernels into grouped
+  convolutions, which XLA:CPU runs far slower than a dense step; on several devices
+  ``"sharded"`` runs one path per device. The measurements (CPU; GPU/TPU times are not
+  measured in this project yet): ``benchmarks/results/step_time_cpu.md`` and
+  ``benchmarks/results/notes_cpu.md``.
 
   Args:
     backend: the JAX backend to choose for (default ``jax.default_backend()``).
@@ -184,13 +181,13 @@ def sequential_loop(strategy: str = "sequential", backend: str | None = None) ->
   Both forms give the same values and gradients and run one path's forward and backward after
   the other. The loop is the form for accelerators: a loop body is a computation of its own,
   so no buffer of the second path can be allocated while the first path's activations are
-  alive (ResNet-50, batch 32: 1.06x the step memory of dense). Unrolled, XLA:CPU creates
-  operand-free buffers at the start of the step, e.g. a max-pool gradient's index arrays (1.14x
-  dense), so on CPU the unrolled stages build those from the incoming gradient
-  (:mod:`dcil_jax.pool_gradient`: 1.07x). XLA:CPU, though, runs gradient convolutions inside a loop
-  body about 40x slower than in the entry computation (the forward ones at about 1.2x;
-  ``benchmarks/step_time.py``'s conv microbenchmark), so on CPU
-  ``"sequential"`` runs unrolled. ``"sequential_loop"`` / ``"sequential_unrolled"`` choose.
+  alive. Unrolled, XLA:CPU creates operand-free buffers at the start of the step, e.g. a
+  max-pool gradient's index arrays, so on CPU the unrolled stages build those from the incoming
+  gradient (:mod:`dcil_jax.pool_gradient`). XLA:CPU, though, runs gradient convolutions inside
+  a loop body many times slower than in the entry computation (the forward ones barely slower),
+  so on CPU ``"sequential"`` runs unrolled. ``"sequential_loop"`` / ``"sequential_unrolled"``
+  choose. Memory of each form and the conv-in-a-loop microbenchmark:
+  ``benchmarks/results/step_time_cpu.md``, ``benchmarks/results/notes_cpu.md``.
   """
   if strategy not in SEQUENTIAL:
     raise ValueError(f"{strategy!r} is not one of the sequential strategies {SEQUENTIAL}.")

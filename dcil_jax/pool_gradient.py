@@ -5,8 +5,8 @@ into a window reduction over ``(value, index)`` pairs and a scatter. The index a
 ``iota`` instructions, one per dimension of the padded input, with no operands, and its
 scheduler creates them at the start of the step. For a sequential DCIL step that means the
 dense path's max-pool gradient holds four arrays the size of the stem's activations while the
-sparse path's activations are alive: a ResNet-50 step at batch 32 needed 1.135x the memory of a
-dense step, 1.07x with this module (``benchmarks/results/step_time_cpu.md``).
+sparse path's activations are alive, and the step needs noticeably more memory than a dense step
+(ResNet-50 before and after this module: ``benchmarks/results/notes_cpu.md``).
 
 :func:`late_pool_indices` rewrites a function so that each max-pool (``reduce_window_max``
 without dilation) gets a gradient that computes the same values — the gradient reaches the

@@ -98,7 +98,7 @@ def refresh_input(params: Any, masks: Any) -> Any:
   masks are the same. The reason is memory: XLA copies a donated parameter that a conditional
   reads, and that kernel-sized copy then stands in for ``W`` until the end of the step, while
   ``|W|`` is an ordinary temporary that dies once the refresh has read it. The gain depends on
-  where the step's peak is (DPF, ResNet-50, batch 32: 4622 -> 4601 MB).
+  where the step's peak is (a measurement: ``benchmarks/results/notes_cpu.md``).
   """
   return masks_lib.map_masked(lambda w, m: jnp.abs(w), params, masks)
 

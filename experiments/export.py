@@ -26,8 +26,7 @@ import orbax.checkpoint as ocp
 from absl import app, flags
 
 import dcil_jax
-from experiments import checkpoints, train
-from experiments import state as lib
+from experiments import checkpoints, run_state, train
 
 FORMATS = ("onnx", "stablehlo")
 
@@ -52,20 +51,20 @@ def restore_best(workdir: str | Path) -> tuple[Any, ml_collections.ConfigDict, i
   config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
   mesh = dcil_jax.make_mesh(path_parallel=config.path_parallel)
   plan = train.Plan.from_config(config)
-  fresh = lib.create_train_state(config, mesh, plan.steps_per_epoch)
+  fresh = run_state.create_train_state(config, mesh, plan.steps_per_epoch)
   checkpointer = checkpoints.RunCheckpointer(
     workpath / checkpoints.CHECKPOINT_DIR, async_save=False
   )
   try:
     step = best_step(checkpointer)
-    target = lib.checkpoint_tree(fresh)
+    target = run_state.checkpoint_tree(fresh)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     restored = checkpointer.manager.restore(
       step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
     )["state"]
   finally:
     checkpointer.close()
-  state = lib.from_checkpoint_tree(fresh, restored)
+  state = run_state.from_checkpoint_tree(fresh, restored)
   return state, config, step
 
 
@@ -86,7 +85,7 @@ def export_run(
   variables = jax.device_get(dcil_jax.export_variables(state))
   masks = jax.device_get(state.trained_masks) if state.method.uses_masks else None
   model = state.model.module
-  x = lib.example_input(config)
+  x = run_state.example_input(config)
   shape = tuple(x.shape[1:])
   masked = dcil_jax.masked_function(model, variables, masks)
   compacted = None

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments import fast_sweep, report
+from experiments import fast_sweep, statistics
 
 FIGURES = "figures"
 ORDER = ("dense", "gmp", "rigl", "dpf", "dcil", "dcil_robust", "dcil_clip1", "dcil_robust_kdclip")
@@ -207,8 +207,8 @@ def _grid_lines(workdir: str, cells: list[dict[str, Any]], fig_dir: str) -> list
         a, b = tests.get((main, s)), tests.get((other, s))
         if not a or not b:
           continue
-        pair = report.paired(a, b)
-        welch = report.compare(list(a.values()), list(b.values()))
+        pair = statistics.paired(a, b)
+        welch = statistics.compare(list(a.values()), list(b.values()))
         same = (
           "—"
           if pair is None

@@ -49,8 +49,7 @@ import optax
 import dcil_jax
 from dcil_jax import find_masked_state
 from dcil_jax.models import create_model
-from experiments import input_pipeline, resolve
-from experiments import state as lib
+from experiments import input_pipeline, resolve, run_state
 
 # Method variants of a grid: the config's method and the config fields the variant sets.
 # "dcil" is ``dcil_jax.DCIL.official`` (exactly the official code); "dcil_robust" is
@@ -132,7 +131,7 @@ def run_config(
 def make_optimizer(
   config: ml_collections.ConfigDict, steps_per_epoch: int
 ) -> optax.GradientTransformation:
-  """``experiments.state.make_optimizer``'s chain with one change: SGD follows the normalised
+  """``experiments.run_state.make_optimizer``'s chain with one change: SGD follows the normalised
   schedule and ``inject_hyperparams(scale)`` multiplies its update by the run's peak learning
   rate, a leaf of the optimizer state (``step_size``) that ``vmap`` can give each run. SGD's
   update is linear in the learning rate, so this is the same step up to float rounding.
@@ -144,7 +143,7 @@ def make_optimizer(
   The ``rigl`` wrapper and ``masked_update`` sit where ``make_optimizer`` puts them (``rigl``
   writes ``-params`` into pruned entries, so the scaling must happen inside it).
   """
-  normalised = lib.learning_rate_schedule(config, steps_per_epoch)
+  normalised = run_state.learning_rate_schedule(config, steps_per_epoch)
   step_bound = optax.inject_hyperparams(dcil_jax.clip_step_norm, static_args="learning_rate")
   parts = [
     *([optax.clip_by_global_norm(config.grad_clip_norm)] if config.grad_clip_norm else []),
@@ -159,12 +158,12 @@ def make_optimizer(
       optax.chain(*parts),
       config.sparsity,
       update_every=config.update_every,
-      end_step=max(1, round(lib.RIGL_END_FRACTION * total)),
-      drop_fraction=lib.RIGL_DROP_FRACTION,
+      end_step=max(1, round(run_state.RIGL_END_FRACTION * total)),
+      drop_fraction=run_state.RIGL_DROP_FRACTION,
       distribution="erk",
     )
   if config.method != "dense":
-    ramp = lib.ramp_steps(config, steps_per_epoch)
+    ramp = run_state.ramp_steps(config, steps_per_epoch)
     stage = steps_per_epoch if ramp >= steps_per_epoch else 1
     schedule = dcil_jax.cubic_sparsity(config.sparsity, ramp, steps_per_stage=stage)
     parts.append(
@@ -181,11 +180,11 @@ def make_optimizer(
 
 
 def make_method(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Any:
-  """The method object, as ``experiments.state.create_train_state`` builds it (for DCIL the
+  """The method object, as ``experiments.run_state.create_train_state`` builds it (for DCIL the
   config's preset with the recipe's distillation start)."""
   method = dcil_jax.get_method(config.method)
   if isinstance(method, dcil_jax.DCIL):
-    method = lib.dcil_method(config, steps_per_epoch)
+    method = run_state.dcil_method(config, steps_per_epoch)
   return method
 
 
@@ -222,10 +221,10 @@ def init_states(
 ) -> dcil_jax.TrainState:
   """The states of ``len(seeds) * len(lrs)`` runs stacked on a leading axis (learning rate
   major): ``TrainState.create`` under ``vmap``, with the seed's initialisation and step key as
-  ``experiments.state.create_train_state`` draws them."""
+  ``experiments.run_state.create_train_state`` draws them."""
   info = input_pipeline.DATASETS[config.dataset]
-  model = create_model(config.model, info.num_classes, dtype=lib.DTYPES[config.dtype])
-  dummy = lib.example_input(config)
+  model = create_model(config.model, info.num_classes, dtype=run_state.DTYPES[config.dtype])
+  dummy = run_state.example_input(config)
 
   def one(seed: jax.Array, lr: jax.Array) -> dcil_jax.TrainState:
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))

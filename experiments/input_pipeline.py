@@ -309,7 +309,7 @@ def mnist1d_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
 @functools.lru_cache(maxsize=4)
 def mnist1d_source(split: str) -> list[Record]:
   """MNIST-1D as TFDS-style records: ``image`` float32 [40, 1] (the signal, under the key the
-  loop reads) and ``label``; about 3 s to generate, once per process. Splits: ``train`` (the
+  loop reads) and ``label``; generated once per process. Splits: ``train`` (the
   published 4,000), ``test`` (the published 1,000), and ``fit`` / ``validation``, the train set
   split in two (``MNIST1D_VALIDATION_SIZE``)."""
   x, y = mnist1d_arrays(split)
@@ -350,7 +350,7 @@ def steps_per_epoch(dataset: str, global_batch_size: int, data_dir: str | None =
 def _normalize_constants(
   shape: tuple[int, ...], mean: tuple[float, ...], std: tuple[float, ...]
 ) -> tuple[np.ndarray, np.ndarray]:
-  """Scale and offset broadcast to the full image shape: 20x faster than broadcasting per call."""
+  """Scale and offset broadcast to the full image shape once, not per call (faster)."""
   std_ = np.asarray(std, np.float32)
   scale = 1.0 / (255.0 * std_)
   offset = -np.asarray(mean, np.float32) / std_
@@ -440,7 +440,7 @@ def crop_and_resize(
   For JPEG bytes, ``draft`` lets libjpeg decode at 1/2, 1/4 or 1/8 scale when the crop stays at
   least ``size`` pixels on its shorter side, which skips most of the decoding work. Resampling is
   PIL bilinear with antialiasing, as torchvision's PIL path does. ``flip`` mirrors the result in
-  PIL, which leaves a contiguous array (normalising a mirrored numpy view is 4x slower).
+  PIL, which leaves a contiguous array (normalising a mirrored numpy view is slower).
   """
   img = _open_image(image)
   top, left, h, w = box

@@ -37,8 +37,7 @@ from ml_collections import config_flags
 
 import dcil_jax
 from dcil_jax import losses, sharding
-from experiments import input_pipeline, resolve, train
-from experiments import state as lib
+from experiments import input_pipeline, resolve, run_state, train
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "mnist1d.py")
 TRACE_FILE = "trace.jsonl"
@@ -212,14 +211,14 @@ def trace(
     raise ValueError(f"instability traces DCIL runs; got method={config.method!r}.")
   mesh = sharding.make_mesh()
   plan = train.Plan.from_config(config)
-  state = lib.create_train_state(config, mesh, plan.steps_per_epoch)
+  state = run_state.create_train_state(config, mesh, plan.steps_per_epoch)
   iterator = input_pipeline.create_train_iterator(
     config.dataset,
     global_batch_size=config.batch_size,
     seed=config.seed,
     data_dir=config.run.data_dir,
     image_size=config.image_size,
-    dtype=np.dtype(lib.DTYPES[config.dtype]),
+    dtype=np.dtype(run_state.DTYPES[config.dtype]),
     worker_count=0,
   )
   os.makedirs(workdir, exist_ok=True)
@@ -227,7 +226,7 @@ def trace(
     json.dump(config.to_dict() | {"steps_per_epoch": plan.steps_per_epoch}, f, default=str)
   records = []
   num_steps = steps or plan.num_steps
-  lr_fn = lib.learning_rate_schedule(config, plan.steps_per_epoch)
+  lr_fn = run_state.learning_rate_schedule(config, plan.steps_per_epoch)
   with open(os.path.join(workdir, TRACE_FILE), "w") as out:
     for step in range(1, num_steps + 1):
       batch = sharding.shard_batch(next(iterator), mesh)
@@ -346,7 +345,9 @@ def plot(workdirs: list[str], path: str, labels: list[str] | None = None) -> Non
       label="sharpness with distillation (weight 1)",
     )
     beta = config["momentum"]
-    lr_fn = lib.learning_rate_schedule(ml_collections.ConfigDict(config), config["steps_per_epoch"])
+    lr_fn = run_state.learning_rate_schedule(
+      ml_collections.ConfigDict(config), config["steps_per_epoch"]
+    )
     edge = [stability_edge(float(lr_fn(r["step"] - 1)), beta, config["nesterov"]) for r in records]
     ax.plot(epoch, edge, "k--", lw=0.8, label="stability edge of SGD at this lr")
     ax.set_ylim(0, 4 * max(edge[-1], 1.0))

@@ -89,7 +89,7 @@ def table_rows(result: dict[str, Any]) -> list[tuple[Any, ...]]:
 
 
 def format_table(result: dict[str, Any]) -> str:
-  """The printed table (also in the README)."""
+  """The printed table (docs/results.md shows one)."""
   cells = [[name for name, _ in COLUMNS]]
   for row in table_rows(result):
     cells.append(

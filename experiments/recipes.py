@@ -1,7 +1,7 @@
 """The training recipes: the official DCIL scripts' for CIFAR, the standard one for ImageNet.
 
 A config names a recipe (or ``"auto"``: the recipe of its model's family) and may override any
-field of it; :func:`experiments.train.resolve_config` merges the two when a run starts.
+field of it; :func:`experiments.resolve.resolve_config` merges the two when a run starts.
 Epoch-valued fields are in (possibly fractional) epochs of the training split.
 """
 

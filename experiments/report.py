@@ -51,7 +51,6 @@ OTHER_COLORS = ("tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
 # The method compared with every other pruning method present (its baselines).
 MAIN_METHOD = "dcil"
 # A difference to a baseline is "clear" when both hold; stated in the report.
-P_THRESHOLD = 0.05
 # Layer-sparsity bars are drawn at the highest sparsity and at this one (if in the grid).
 LAYER_SPARSITY_ALSO = 0.9
 NA = "n/a"
@@ -328,52 +327,6 @@ def _accuracy_table(sweep: Sweep, value: Callable[[RunData], float | None]) -> l
   return _table(header, rows)
 
 
-def compare(dcil: Sequence[float], other: Sequence[float]) -> dict[str, Any]:
-  """DCIL vs a baseline's final accuracies (fractions): difference of means (DCIL − baseline)
-  in percentage points, the larger seed sd, the Welch t-test p-value (None with fewer than 2
-  seeds a side) and the verdict ("DCIL higher", "DCIL lower" or "no clear difference")."""
-  a, b = statistics.seed_spread(dcil), statistics.seed_spread(other)
-  diff = 100 * (a["mean"] - b["mean"])
-  larger_sd = 100 * max(a["sd"], b["sd"]) if min(a["n"], b["n"]) >= 2 else None
-  p = None
-  if a["n"] >= 2 and b["n"] >= 2:
-    from scipy import stats
-
-    with warnings.catch_warnings(), np.errstate(all="ignore"):
-      warnings.simplefilter("ignore", RuntimeWarning)
-      p = float(stats.ttest_ind(dcil, other, equal_var=False).pvalue)
-    p = p if math.isfinite(p) else None
-  if p is not None and larger_sd is not None and abs(diff) > larger_sd and p < P_THRESHOLD:
-    verdict = "DCIL higher" if diff > 0 else "DCIL lower"
-  elif larger_sd is None:
-    verdict = "no clear difference (fewer than 2 seeds a side)"
-  else:
-    verdict = "no clear difference"
-  return {"diff": diff, "larger_sd": larger_sd, "p": p, "verdict": verdict, "dcil": a, "other": b}
-
-
-def paired(dcil: dict[int, float], other: dict[int, float]) -> dict[str, Any] | None:
-  """Same-seed differences DCIL − baseline (fractions in, pp out): runs of one seed share the
-  initialisation and the data order, so these cancel the seed's own luck. Mean, sd, how many
-  seeds DCIL wins, and the paired t-test p (None with fewer than 2 shared seeds)."""
-  seeds = sorted(set(dcil) & set(other))
-  if len(seeds) < 2:
-    return None
-  from scipy import stats
-
-  d = np.asarray([100 * (dcil[k] - other[k]) for k in seeds])
-  with warnings.catch_warnings(), np.errstate(all="ignore"):
-    warnings.simplefilter("ignore", RuntimeWarning)
-    p = float(stats.ttest_rel([dcil[k] for k in seeds], [other[k] for k in seeds]).pvalue)
-  return {
-    "mean": float(d.mean()),
-    "sd": float(d.std(ddof=1)),
-    "wins": int((d > 0).sum()),
-    "n": len(seeds),
-    "p": p if math.isfinite(p) else None,
-  }
-
-
 def _by_seed(runs: Sequence[RunData]) -> dict[int, float]:
   return {r.seed: v for r in runs if (v := _final_top1(r)) is not None}
 
@@ -386,9 +339,9 @@ def _comparisons(sweep: Sweep, baseline: str) -> list[tuple[float, dict[str, Any
     dcil_runs, other_runs = sweep.cell(MAIN_METHOD, s), sweep.cell(baseline, s)
     dcil = [v for v in map(_final_top1, dcil_runs) if v is not None]
     other = [v for v in map(_final_top1, other_runs) if v is not None]
-    c = compare(dcil, other) if dcil and other else None
+    c = statistics.compare(dcil, other) if dcil and other else None
     if c is not None:
-      c["paired"] = paired(_by_seed(dcil_runs), _by_seed(other_runs))
+      c["paired"] = statistics.paired(_by_seed(dcil_runs), _by_seed(other_runs))
     out.append((s, c, (_spread(dcil), _spread(other))))
   return out
 
@@ -434,7 +387,7 @@ def _comparison_section(sweep: Sweep) -> list[str]:
     f"Baselines: {names}. Final sparse-path test top-1. Difference = DCIL mean − baseline"
     " mean in percentage points (pp); p = Welch's t-test (unequal variances) over seeds, n/a"
     " with fewer than 2 seeds a side. **Rule:** a difference is clear when |difference| > the"
-    f" larger of the two seed sds **and** p < {P_THRESHOLD}; otherwise the verdict is"
+    f" larger of the two seed sds **and** p < {statistics.P_THRESHOLD}; otherwise the verdict is"
     ' "no clear difference". Each baseline and sparsity is tested on its own (no correction'
     " for multiple testing). Runs of the same seed share the initialisation and the data"
     " order, so the last two columns also give the same-seed differences (mean ± sd, and on"
@@ -578,7 +531,7 @@ def _stability_section(sweep: Sweep) -> list[str]:
   return lines
 
 
-# The deployable model: counts from summary["deploy"] (experiments.state.deploy_report).
+# The deployable model: counts from summary["deploy"] (experiments.run_state.deploy_report).
 DEPLOY = "deploy"
 
 

@@ -19,7 +19,7 @@ import ml_collections
 import dcil_jax
 from dcil_jax.granularity import FILTER_SCORES
 from dcil_jax.models import MODELS
-from experiments import input_pipeline, recipes, state
+from experiments import input_pipeline, recipes, run_state
 
 # What each platform sets unless the config says otherwise.
 ACCELERATOR_DEFAULTS = {
@@ -75,7 +75,7 @@ def _resolve_config(config: ml_collections.ConfigDict, data_parallelism: int, pl
     raise ValueError(f"Unknown model {config.model!r}; expected one of {sorted(MODELS)}.")
   if platform not in ACCELERATOR_DEFAULTS:
     raise ValueError(f"Unknown platform {platform!r}; expected one of {list(ACCELERATOR_DEFAULTS)}")
-  state.check_method(config.method)
+  dcil_jax.get_method(config.method)  # an unknown method: ValueError naming the methods
   recipe = recipes.recipe_for(config.recipe, config.model)
   scale = 1.0
   if config.num_epochs is not None and config.num_epochs != recipe["num_epochs"]:
@@ -118,7 +118,7 @@ def _scaled(value, scale: float):
 
 def default_worker_count(cpus: int | None = None) -> int:
   """Grain worker processes: all but 4 cores (for the step, the prefetch and the OS), at most 64
-  (enough for ~24k ImageNet images/s, benchmarks/results/input_pipeline_cpu.md); none on
+  (the decoding rate per core: benchmarks/results/input_pipeline_cpu.md); none on
   small machines, where reader threads in the main process do as well."""
   if cpus is None:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -139,7 +139,7 @@ def milestones(config: ml_collections.ConfigDict, steps_per_epoch: int) -> str:
   if config.method != "dense":
     parts.append(
       f"sparsity ramp to {config.sparsity:g} ends at epoch {config.ramp_end_epoch:g} "
-      f"(step {state.ramp_steps(config, steps_per_epoch)})"
+      f"(step {run_state.ramp_steps(config, steps_per_epoch)})"
     )
   if config.method == "dcil":
     parts.append(
@@ -155,8 +155,8 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     problems.append(f"sparsity must be in [0, 1), got {config.sparsity}")
   if config.method == "dense" and config.sparsity:
     problems.append("method='dense' trains no masks: set --config.sparsity=0 or another method")
-  if config.dtype not in state.DTYPES:
-    problems.append(f"dtype must be one of {sorted(state.DTYPES)}, got {config.dtype!r}")
+  if config.dtype not in run_state.DTYPES:
+    problems.append(f"dtype must be one of {sorted(run_state.DTYPES)}, got {config.dtype!r}")
   if config.lr_schedule not in ("step", "cosine"):
     problems.append(f"lr_schedule must be 'step' or 'cosine', got {config.lr_schedule!r}")
   if config.batch_size <= 0 or config.num_epochs <= 0 or config.learning_rate <= 0:
@@ -179,8 +179,10 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     problems.append(
       f"filter masks take filter_score in {FILTER_SCORES} and a global/layerwise split"
     )
-  if config.dcil_preset not in state.DCIL_PRESETS:
-    problems.append(f"dcil_preset must be one of {state.DCIL_PRESETS}, got {config.dcil_preset!r}")
+  if config.dcil_preset not in dcil_jax.DCIL.PRESETS:
+    problems.append(
+      f"dcil_preset must be one of {dcil_jax.DCIL.PRESETS}, got {config.dcil_preset!r}"
+    )
   if config.kd_ramp_epochs is not None and config.kd_ramp_epochs < 0:
     problems.append(f"kd_ramp_epochs must be >= 0, got {config.kd_ramp_epochs}")
   if config.kd_clip is not None and not config.kd_clip > 0:

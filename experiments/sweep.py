@@ -30,8 +30,8 @@ from typing import Any, NamedTuple
 from absl import app, flags
 from ml_collections import ConfigDict, config_flags
 
+import dcil_jax
 from experiments import launch
-from experiments.state import METHODS
 
 DEFAULT_SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.98)
 SUMMARY = "summary.json"
@@ -55,9 +55,11 @@ def make_grid(
   methods: Sequence[str], sparsities: Sequence[float], seeds: Sequence[int]
 ) -> list[Run]:
   """The runs, seed by seed (so a partial sweep already covers every method and sparsity)."""
-  unknown = [m for m in methods if m not in METHODS]
+  unknown = [m for m in methods if m not in dcil_jax.METHODS]
   if unknown or not methods:
-    raise ValueError(f"methods must be a non-empty subset of {METHODS}, got {list(methods)}.")
+    raise ValueError(
+      f"methods must be a non-empty subset of {tuple(dcil_jax.METHODS)}, got {list(methods)}."
+    )
   bad = [s for s in sparsities if not 0 < s < 1]
   if bad or not sparsities:
     raise ValueError(f"sparsities must be a non-empty list in (0, 1), got {list(sparsities)}.")
@@ -180,7 +182,7 @@ def define_flags() -> None:
   config_flags.DEFINE_config_file(
     "config", default_config, "Base config file (path[:arg]); override with --config.x=..."
   )
-  flags.DEFINE_list("methods", list(METHODS), "Methods to compare.")
+  flags.DEFINE_list("methods", list(dcil_jax.METHODS), "Methods to compare.")
   flags.DEFINE_string("sparsities", ",".join(map(str, DEFAULT_SPARSITIES)), "Target sparsities.")
   flags.DEFINE_string("seeds", "0,1,2", "Seeds (model init, data order and augmentation).")
   flags.DEFINE_string("shard", "0/1", "k/n: run only runs k, k+n, k+2n, ... of the grid.")

@@ -29,9 +29,18 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+import dcil_jax
 from dcil_jax import sharding
-from experiments import checkpoints, input_pipeline, loop, preemption, resolve, statistics, watchdog
-from experiments import state as lib  # the one door to the library's TrainState
+from experiments import (
+  checkpoints,
+  input_pipeline,
+  loop,
+  preemption,
+  resolve,
+  run_state,
+  statistics,
+  watchdog,
+)
 from experiments.metric_writers import MetricWriter, read_jsonl
 from experiments.resolve import BadConfigError  # noqa: F401  (the loop raises it)
 
@@ -133,7 +142,7 @@ def restore_or_init(
   Raises:
     CheckpointMismatchError: the workdir's config or checkpoint is another experiment's.
   """
-  restored = checkpointer.restore_latest(lib.checkpoint_tree(fresh))
+  restored = checkpointer.restore_latest(run_state.checkpoint_tree(fresh))
   config_path = workpath / "config.json"
   force, what = config.run.force_resume, str(workpath)
   if restored is not None:
@@ -147,7 +156,7 @@ def restore_or_init(
     return Start(fresh, 0, None, [], (0, 0), rewind_metrics(workpath, 0, write=lead))
   meta = restored.meta
   return Start(
-    lib.from_checkpoint_tree(fresh, restored.state),
+    run_state.from_checkpoint_tree(fresh, restored.state),
     restored.step,
     meta["data"],
     meta["pending_train"],
@@ -172,7 +181,7 @@ def create_train_input(
     seed=config.seed,
     data_dir=config.run.data_dir,
     image_size=config.image_size,
-    dtype=np.dtype(lib.DTYPES[config.dtype]),
+    dtype=np.dtype(run_state.DTYPES[config.dtype]),
     worker_count=config.run.worker_count,
   )
   if position is not None:
@@ -186,11 +195,11 @@ def create_train_input(
 
 def evaluate(state: Any, batches) -> dict[str, float]:
   """Sparse-path (deployable) metrics over ``batches``, and DCIL's dense path as ``dense_*``."""
-  paths = lib.eval_paths(state)
+  paths = run_state.eval_paths(state)
   totals = {path: None for path in paths}
   for batch in batches:
     for path in paths:
-      counts = lib.eval_counts(state, batch, path)
+      counts = dcil_jax.eval_step(state, batch, path)
       totals[path] = counts if totals[path] is None else jax.tree.map(jnp.add, totals[path], counts)
   results = {}
   for path in paths:
@@ -225,7 +234,7 @@ class Evaluator:
       global_batch_size=config.batch_size,
       data_dir=config.run.data_dir,
       image_size=config.image_size,
-      dtype=np.dtype(lib.DTYPES[config.dtype]),
+      dtype=np.dtype(run_state.DTYPES[config.dtype]),
       worker_count=config.run.worker_count,
     )
     try:
@@ -241,8 +250,8 @@ class Evaluator:
     result = evaluate(state, self.batches())
     result |= {"step": step, "epoch": step / self.steps_per_epoch}
     if state.method.uses_masks:
-      result["ever_revived"] = lib.ever_revived(state)
-      result["sparsity"] = lib.trained_sparsity(state)
+      result["ever_revived"] = run_state.ever_revived(state)
+      result["sparsity"] = run_state.trained_sparsity(state)
     self.records.append(result)
     self.writer.write(step, "eval", {k: v for k, v in result.items() if k != "step"})
     if self.echo is not None:
@@ -264,7 +273,7 @@ class CheckpointPolicy:
   def save(self, step, state, data_position, buffer, monitor, top1=None) -> None:
     self.checkpointer.save(
       step,
-      lib.checkpoint_tree(state),
+      run_state.checkpoint_tree(state),
       {
         "data": data_position,
         "pending_train": buffer.pending(),
@@ -315,7 +324,7 @@ def train_and_evaluate(
     )
   plan = Plan.from_config(config)
   workpath = prepare_workdir(workdir, lead)
-  fresh = lib.create_train_state(config, mesh, plan.steps_per_epoch)
+  fresh = run_state.create_train_state(config, mesh, plan.steps_per_epoch)
   watchdog.beat("train state initialised")
   checkpointer = checkpoints.RunCheckpointer(
     workpath / checkpoints.CHECKPOINT_DIR,
@@ -333,7 +342,7 @@ def train_and_evaluate(
   watchdog.beat(f"start state ready (step {start.step})")
   writer = MetricWriter(workdir, enabled=lead)
   verbose = lead and progress is None
-  info = lib.describe(state)
+  info = run_state.describe(state)
   if verbose:
     resumed = f", resumed at step {start.step}" if start.step else ""
     print(
@@ -350,7 +359,7 @@ def train_and_evaluate(
     progress = _progress(plan.num_steps, enabled=lead and config.run.progress)
   progress.update(start.step)
 
-  lr_fn = jax.jit(lib.learning_rate_schedule(config, plan.steps_per_epoch))
+  lr_fn = jax.jit(run_state.learning_rate_schedule(config, plan.steps_per_epoch))
   monitor = loop.NonfiniteMonitor(
     config.run.on_nonfinite, config.run.max_consecutive_nonfinite, start.nonfinite
   )
@@ -393,7 +402,7 @@ def train_and_evaluate(
         batch, data_position = next(batches)
         if step_fn is None:  # a step that cannot fit in device memory fails here, clearly
           watchdog.beat("first batch read; compiling the train step")
-          step_fn = lib.compile_train_step(state, batch)
+          step_fn = run_state.compile_train_step(state, batch)
           watchdog.beat("train step compiled")
           check_memory(step_fn, config.batch_size // ways)
         state, metrics = step_fn(state, batch)
@@ -401,7 +410,7 @@ def train_and_evaluate(
         throughput.step(metrics, config.batch_size)
         buffer.append(metrics)
         if masked:  # the refresh's record, from the state (device values: no host sync)
-          refreshes.append(step, lib.refresh_record(state, metrics["mask_refreshed"]))
+          refreshes.append(step, run_state.refresh_record(state, metrics["mask_refreshed"]))
         progress.update(1)
         if loop.itstime(step, config.log_every_steps, plan.num_steps):
           fetch(step)
@@ -513,10 +522,10 @@ def summarize(config, state, evals, refreshes, plan: Plan) -> dict[str, Any]:
   if len(evals) >= 2:
     summary["top1_variability"] = statistics.accuracy_variability([r["top1"] for r in evals])
   if state.method.uses_masks:
-    summary |= lib.mask_report(state)
-    summary |= flip_rate_summary(refreshes, lib.ramp_steps(config, plan.steps_per_epoch))
-    summary["ever_revived"] = lib.ever_revived(state)
-  summary["deploy"] = lib.deploy_report(state, lib.example_input(config))
+    summary |= run_state.mask_report(state)
+    summary |= flip_rate_summary(refreshes, run_state.ramp_steps(config, plan.steps_per_epoch))
+    summary["ever_revived"] = run_state.ever_revived(state)
+  summary["deploy"] = run_state.deploy_report(state, run_state.example_input(config))
   return summary
 
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from test_compact import conv_kernels, random_variables
+from conftest import conv_kernels, random_variables
 
 import dcil_jax
 from dcil_jax import granularity as gr

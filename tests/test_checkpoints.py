@@ -14,11 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_resume import ROOT, checkpoint_steps, run_cli
+from conftest import ROOT, checkpoint_steps, run_cli
 
 import dcil_jax
-from experiments import checkpoints, input_pipeline, train
-from experiments import state as lib
+from experiments import checkpoints, input_pipeline, run_state, train
 from experiments.configs import digits
 
 
@@ -32,7 +31,7 @@ def tiny_tree(width=8):
     optax.sgd(0.1, momentum=0.9), dcil_jax.masked_update(dcil_jax.constant_sparsity(0.5))
   )
   state = dcil_jax.TrainState.create(model, variables, tx, method="dcil", example_input=x)
-  return lib.checkpoint_tree(state)
+  return run_state.checkpoint_tree(state)
 
 
 def test_checkpointer_keeps_the_newest_and_the_best_and_skips_a_corrupt_newest(tmp_path):

@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import conv_kernels, random_variables
 
 import dcil_jax
 from dcil_jax import granularity as gr
@@ -28,33 +29,6 @@ FAMILIES = {
   "mnist1d_cnn": (lambda: models.MNIST1DCNN(num_classes=5, channels=8), (2, 40, 1)),
   "resnet1d": (lambda: models.ResNet1D(num_classes=5, widths=(8, 16)), (2, 40, 1)),
 }
-
-
-def conv_kernels(path, leaf):
-  """Convolution kernels (3-D for 1-D convs, 4-D for 2-D ones; Dense heads are 2-D)."""
-  return path[-1].key == "kernel" and leaf.ndim >= 3
-
-
-def random_variables(model, x, seed=0):
-  """Random variables from the shapes alone (a jitted init costs 10-30 s on a busy CPU).
-
-  Kernels are Kaiming-normal (fan-out); BN statistics, shifts and head biases are non-trivial, so
-  the constants that compaction folds are not zero.
-  """
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
-  rng = np.random.default_rng(seed)
-
-  def make(path, leaf):
-    name = jax.tree_util.keystr(path[-1:])
-    shape = leaf.shape
-    if name == "['kernel']":
-      fan_out = int(np.prod(shape[:-2])) * shape[-1] if len(shape) > 2 else shape[0]
-      return rng.normal(size=shape, scale=np.sqrt(2.0 / fan_out)).astype(np.float32)
-    if name in ("['var']", "['scale']"):
-      return rng.uniform(0.5, 1.5, size=shape).astype(np.float32)
-    return rng.normal(size=shape, scale=0.5).astype(np.float32)  # mean, bias
-
-  return jax.tree_util.tree_map_with_path(make, shapes)
 
 
 def setup(name, sparsity=0.4, distribution="layerwise"):

@@ -403,9 +403,9 @@ def test_filter_granularity_trains_whole_filters(method, tiny_model, tiny_variab
 
 def _check_experiments_count_filters(state):
   """The experiments layer's summary and revival tracking count filters for filter masks."""
-  from experiments import state as lib
+  from experiments import run_state
 
-  report = lib.mask_report(state)
+  report = run_state.mask_report(state)
   assert report["sparsity_unit"] == "filter" and report["sparsity"] == pytest.approx(0.5)
   assert report["weight_sparsity"] == pytest.approx(float(dcil_jax.sparsity(state.trained_masks)))
   for fraction in report["layer_sparsity"].values():  # whole filters of 4 and 8
@@ -415,7 +415,7 @@ def _check_experiments_count_filters(state):
   assert [x.shape for x in jax.tree.leaves(view)] == [(4,), (8,)]  # one bit per filter
   record = dcil_jax.refresh.RefreshRecord.create(view, track_revivals=True).after(view, view)
   assert [x.shape for x in jax.tree.leaves(record.ever_revived)] == [(4,), (8,)]
-  measured = lib.refresh_record(state, True)
+  measured = run_state.refresh_record(state, True)
   assert 0.0 <= float(measured["flip_rate"]) <= 1.0
   assert len(measured["layer_flip_rate"]) == 2
 

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from conftest import start_processes
 
-from experiments import recipes, resolve, train
-from experiments import state as lib
+from experiments import recipes, resolve, run_state, train
 from experiments.configs import cifar, imagenet
 from experiments.metric_writers import read_jsonl
 
@@ -22,7 +21,7 @@ def resolved(config_module, arg=None, **overrides):
 
 
 def lr_at_epochs(config, epochs, steps_per_epoch=100):
-  schedule = lib.learning_rate_schedule(config, steps_per_epoch)
+  schedule = run_state.learning_rate_schedule(config, steps_per_epoch)
   return [float(schedule(round(e * steps_per_epoch))) for e in epochs]
 
 
@@ -83,7 +82,7 @@ def test_optimizer_has_masked_update_except_for_dense():
   params = {"Conv_0": {"kernel": jnp.ones((3, 3, 2, 4))}}
   for method in ("dcil", "dpf", "dense"):
     config = resolved(cifar, method=method, sparsity=0.0 if method == "dense" else 0.9)
-    tx = lib.make_optimizer(config, steps_per_epoch=10)
+    tx = run_state.make_optimizer(config, steps_per_epoch=10)
     lifted = dcil_jax.paths.split_params(params, dcil_jax.rules.all_kernels)
     state = tx.init(lifted)
     if method == "dense":

@@ -7,7 +7,7 @@ import pytest
 import dcil_jax
 from experiments import fast_sweep as fs
 from experiments import input_pipeline as ip
-from experiments import state as lib
+from experiments import run_state
 from experiments.configs import mnist1d
 
 STEPS = 4
@@ -33,7 +33,7 @@ def single_run(config, steps):
   """``steps`` steps of ``experiments.train``'s own state, step and input iterator."""
   mesh = dcil_jax.make_mesh()
   spe = ip.steps_per_epoch(config.dataset, config.batch_size)
-  state = lib.create_train_state(config, mesh, spe)
+  state = run_state.create_train_state(config, mesh, spe)
   it = ip.create_train_iterator(
     config.dataset, global_batch_size=config.batch_size, seed=config.seed
   )

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from dcil_jax import sharding
-from experiments import checkpoints, loop, resolve, train
-from experiments import state as lib
+from experiments import checkpoints, loop, resolve, run_state, train
 from experiments.configs import cifar, digits
 
 
@@ -198,7 +197,7 @@ def local_config(**overrides):
 def test_restore_or_init_starts_fresh_then_restores_the_newest_checkpoint(tmp_path):
   config = resolve.resolve_config(local_config())
   mesh = sharding.make_mesh()
-  fresh = lib.create_train_state(config, mesh, steps_per_epoch=11)
+  fresh = run_state.create_train_state(config, mesh, steps_per_epoch=11)
   saver = checkpoints.RunCheckpointer(tmp_path / "checkpoints", async_save=False)
   start = train.restore_or_init(config, tmp_path, saver, fresh, lead=True)
   assert start.step == 0 and start.data_position is None and start.state is fresh
@@ -206,7 +205,7 @@ def test_restore_or_init_starts_fresh_then_restores_the_newest_checkpoint(tmp_pa
 
   moved = fresh.replace(step=fresh.step + 5, rng=jax.random.PRNGKey(9))
   meta = {"data": {"pos": 5}, "pending_train": [{"loss": 1.5}], "nonfinite": [1, 0]}
-  saver.save(5, lib.checkpoint_tree(moved), meta | {"config": config.to_dict()})
+  saver.save(5, run_state.checkpoint_tree(moved), meta | {"config": config.to_dict()})
   start = train.restore_or_init(config, tmp_path, saver, fresh, lead=True)
   assert (start.step, start.data_position, start.pending, start.nonfinite) == (
     5,
@@ -231,7 +230,7 @@ def guarded_run(tmp_path_factory):
   events = []
   array_type = type(jnp.zeros(()))
   read = array_type._value  # the property every host read of a jax.Array goes through
-  compile_step = lib.compile_train_step
+  compile_step = run_state.compile_train_step
 
   def counted_compile(state, batch):
     step_fn = compile_step(state, batch)
@@ -248,11 +247,11 @@ def guarded_run(tmp_path_factory):
   )
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(array_type, "_value", property(lambda x: (events.append("read"), read.fget(x))[1]))
-    mp.setattr(lib, "compile_train_step", counted_compile)
+    mp.setattr(run_state, "compile_train_step", counted_compile)
     # Set-up before the loop, the evaluation, the checkpoint (orbax's writes) and the summary
     # after it move data between host and device by design; the steps must not.
     for owner, name in (
-      (lib, "create_train_state"),
+      (run_state, "create_train_state"),
       (train, "restore_or_init"),
       (train.Evaluator, "__call__"),
       (train.CheckpointPolicy, "save"),

@@ -12,6 +12,7 @@ import pytest
 from scipy import stats
 
 from experiments import report
+from experiments import statistics as seed_stats
 
 SPARSITIES = (0.5, 0.9)
 SEEDS = (0, 1, 2)
@@ -252,11 +253,11 @@ def test_unfinished_sweep_does_not_fail(tmp_path):
 
 
 def test_compare_verdicts():
-  assert report.compare([0.80, 0.81, 0.79], [0.90, 0.91, 0.89])["verdict"] == "DCIL lower"
-  one_seed = report.compare([0.95], [0.80])
+  assert seed_stats.compare([0.80, 0.81, 0.79], [0.90, 0.91, 0.89])["verdict"] == "DCIL lower"
+  one_seed = seed_stats.compare([0.95], [0.80])
   assert one_seed["p"] is None and one_seed["verdict"].startswith("no clear difference")
   # Large p-value: a big difference is not clear when the seeds spread as much.
-  noisy = report.compare([0.90, 0.70, 0.95], [0.80, 0.60, 0.85])
+  noisy = seed_stats.compare([0.90, 0.70, 0.95], [0.80, 0.60, 0.85])
   assert noisy["p"] > 0.05 and noisy["verdict"] == "no clear difference"
 
 
@@ -277,7 +278,7 @@ PARAMS, PRUNABLE, MACS = 1000, 800, 10_000
 
 
 def _deploy(method: str, sparsity: float, seed: int) -> dict[str, int] | None:
-  """Counts as ``experiments.state.deploy_report`` writes them; RigL at 0.5 predates them."""
+  """Counts as ``experiments.run_state.deploy_report`` writes them; RigL at 0.5 predates them."""
   if method == "rigl" and sparsity == 0.5:
     return None
   kept = round(PRUNABLE * (1 - sparsity))
@@ -396,10 +397,10 @@ def test_paired_comparison_cancels_the_seeds_own_luck():
   # the same-seed comparison can.
   base = {0: 0.50, 1: 0.60, 2: 0.70, 3: 0.55}
   dcil = {k: v + 0.02 + 0.001 * k for k, v in base.items()}
-  welch = report.compare(list(dcil.values()), list(base.values()))
+  welch = seed_stats.compare(list(dcil.values()), list(base.values()))
   assert welch["verdict"] == "no clear difference"
-  q = report.paired(dcil, base)
+  q = seed_stats.paired(dcil, base)
   assert q["n"] == 4 and q["wins"] == 4
   assert q["mean"] == pytest.approx(2.15) and q["p"] < 0.001
-  assert report.paired({0: 0.5}, {0: 0.4}) is None  # one shared seed: no test
-  assert report.paired({0: 0.5, 1: 0.6}, {2: 0.4, 3: 0.5}) is None  # no shared seeds
+  assert seed_stats.paired({0: 0.5}, {0: 0.4}) is None  # one shared seed: no test
+  assert seed_stats.paired({0: 0.5, 1: 0.6}, {2: 0.4, 3: 0.5}) is None  # no shared seeds

@@ -6,95 +6,22 @@ uninterrupted reference run in this process. ``test_two_processes.py`` does the 
 processes, ``test_checkpoints.py`` tests the checkpointer and the loop's refusals in process.
 """
 
-import json
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
-from conftest import subprocess_env
+from conftest import (
+  STEPS,
+  assert_same_run,
+  checkpoint_steps,
+  cli,
+  run_in_process,
+  wait_for_checkpoint,
+)
 
-from experiments import preemption, train
-from experiments.configs import digits
-
-ROOT = Path(__file__).parent.parent
-STEPS = 33  # 3 epochs of 11 steps: evals (and checkpoints) at 11, 22, 33
-# A short DCIL run through `python -m experiments.digits`, checkpointing every 2 steps.
-FLAGS = [
-  "--config=experiments/configs/digits.py:local",
-  f"--config.num_train_steps={STEPS}",
-  "--config.run.checkpoint_every_steps=2",
-  "--config.run.progress=false",
-]
-TIMING = ("train_seconds", "images_per_second")
-
-
-def cli(workdir, *extra):
-  cmd = [sys.executable, "-m", "experiments.digits", f"--workdir={workdir}", *FLAGS, *extra]
-  return subprocess.Popen(
-    cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-  )
-
-
-def run_cli(workdir, *extra, timeout=240):
-  p = cli(workdir, *extra)
-  out, _ = p.communicate(timeout=timeout)
-  return p.returncode, out
-
-
-def run_in_process(workdir, stop_after_step=None):
-  """What ``cli(workdir)`` runs, in this process (no signal needed: no subprocess either)."""
-  config = digits.get_config("local")
-  with config.unlocked():
-    config.num_train_steps = STEPS
-    config.run.checkpoint_every_steps = 2
-    config.run.progress = False
-    config.run.stop_after_step = stop_after_step
-  return train.train_and_evaluate(config, str(workdir))
-
-
-def checkpoint_steps(workdir) -> list[int]:
-  path = Path(workdir) / "checkpoints"
-  return sorted(int(n) for n in os.listdir(path) if n.isdigit()) if path.exists() else []
-
-
-def wait_for_checkpoint(workdir, process, after: int = 0, timeout: float = 120) -> None:
-  start = time.time()
-  while not any(s > after for s in checkpoint_steps(workdir)):
-    assert process.poll() is None, process.communicate()[0][-3000:]
-    assert time.time() - start < timeout, "no checkpoint was written"
-    time.sleep(0.02)
-
-
-def final_state(workdir) -> list[np.ndarray]:
-  """The leaves of the last checkpoint's state, read onto this process's first device whatever
-  devices wrote it."""
-  path = Path(workdir) / "checkpoints" / str(STEPS) / "state"
-  checkpointer = ocp.StandardCheckpointer()
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(
-    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-    checkpointer.metadata(path).item_metadata,
-  )
-  return [np.asarray(x) for x in jax.tree.leaves(checkpointer.restore(path, target))]
-
-
-def outcome(workdir):
-  summary = json.loads((Path(workdir) / "summary.json").read_text())
-  records = [
-    json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()
-  ]
-  return (
-    {k: v for k, v in summary.items() if k not in TIMING},
-    [{k: v for k, v in r.items() if k not in TIMING} for r in records],
-  )
+from experiments import preemption
 
 
 @pytest.fixture(scope="module")
@@ -102,15 +29,6 @@ def uninterrupted(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("uninterrupted")
   run_in_process(workdir)
   return workdir
-
-
-def assert_same_run(workdir, reference):
-  summary, records = outcome(workdir)
-  ref_summary, ref_records = outcome(reference)
-  assert summary == ref_summary  # final and best accuracy, flip rates, sparsities: bit for bit
-  assert records == ref_records  # every train, refresh and eval record, once, in order
-  for a, b in zip(final_state(workdir), final_state(reference), strict=True):
-    np.testing.assert_array_equal(a, b)  # params, BN statistics, momentum, masks, rng
 
 
 # The default run checks a signal and exact resume through a real process below (SIGTERM then

@@ -10,8 +10,7 @@ from conftest import tree_allclose
 
 import dcil_jax
 from dcil_jax import losses, paths, rules
-from experiments import resolve
-from experiments import state as lib
+from experiments import resolve, run_state
 from experiments.configs import mnist1d
 
 
@@ -136,14 +135,14 @@ def test_robust_preset_bounds_the_step_unless_the_config_says_otherwise():
 
 
 def test_config_selects_the_preset_and_overrides_its_options():
-  official = lib.dcil_method(_config(dcil_preset="official"), steps_per_epoch=10)
+  official = run_state.dcil_method(_config(dcil_preset="official"), steps_per_epoch=10)
   assert official.is_official and official.kd_start_step == 70  # mnist1d: epoch 7
-  robust = lib.dcil_method(_config(dcil_preset="robust"), steps_per_epoch=10)
+  robust = run_state.dcil_method(_config(dcil_preset="robust"), steps_per_epoch=10)
   assert robust == dcil_jax.DCIL.robust(kd_start_step=70, temperature=2.0)
   default = _config()
   assert default.dcil_preset == "robust"  # the experiments' default: no blow-up at high rates
-  assert lib.dcil_method(default, steps_per_epoch=10) == robust
-  ramped = lib.dcil_method(_config(kd_ramp_epochs=1.5, kd_clip=3.0), steps_per_epoch=10)
+  assert run_state.dcil_method(default, steps_per_epoch=10) == robust
+  ramped = run_state.dcil_method(_config(kd_ramp_epochs=1.5, kd_clip=3.0), steps_per_epoch=10)
   assert (ramped.kd_ramp_steps, ramped.kd_clip) == (15, 3.0)
 
 
@@ -168,11 +167,11 @@ def test_grad_clip_norm_bounds_the_update():
   sizes = {}
   for clip in (0.0, 1.0):
     config = _config(method="dense", sparsity=0.0, grad_clip_norm=clip, weight_decay=0.0)
-    tx = lib.make_optimizer(config, steps_per_epoch=10)
+    tx = run_state.make_optimizer(config, steps_per_epoch=10)
     updates, _ = tx.update(huge, tx.init(params), params)
     sizes[clip] = float(optax.tree.norm(updates))
   config = _config()
-  lr = float(lib.learning_rate_schedule(config, 10)(0))
+  lr = float(run_state.learning_rate_schedule(config, 10)(0))
   # Nesterov's first update is lr * (1 + momentum) * g, with |g| clipped to 1.
   assert config.nesterov
   assert sizes[1.0] == pytest.approx(lr * (1 + config.momentum), rel=1e-5)

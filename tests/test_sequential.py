@@ -265,12 +265,11 @@ def test_default_strategy_is_sequential_on_accelerators_only():
 
 
 def test_experiment_config_selects_sequential():
-  from experiments import resolve
-  from experiments import state as lib
+  from experiments import resolve, run_state
   from experiments.configs import cifar
 
   config = cifar.get_config()
   config.model, config.strategy = "resnet8", "sequential"
   config = resolve.resolve_config(config)
-  state = lib.create_train_state(config, dcil_jax.sharding.make_mesh(), steps_per_epoch=10)
+  state = run_state.create_train_state(config, dcil_jax.sharding.make_mesh(), steps_per_epoch=10)
   assert state.method.strategy == "sequential"

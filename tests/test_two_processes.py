@@ -3,8 +3,8 @@ offline digits data: they train like one process, stop together on a SIGTERM to 
 resume exactly, stop with a clear message when the other is killed, move to another process or
 device count, and a hang ends under the watchdog with every stack.
 
-The start-up loop behind issue 27 (two-process starts in a row under load) is
-``benchmarks/two_process_starts.py``; its record is ``benchmarks/results/two_process_starts.md``.
+Many two-process starts in a row under load are ``benchmarks/two_process_starts.py``; its record
+is ``benchmarks/results/two_process_starts.md``.
 """
 
 import json
@@ -16,8 +16,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import start_processes, subprocess_env
-from test_resume import FLAGS, STEPS, assert_same_run, checkpoint_steps, wait_for_checkpoint
+from conftest import (
+  FLAGS,
+  STEPS,
+  assert_same_run,
+  checkpoint_steps,
+  outcome,
+  run_in_process,
+  start_processes,
+  subprocess_env,
+  wait_for_checkpoint,
+)
 
 from experiments import launch, preemption, train, watchdog
 from experiments.configs import digits
@@ -183,8 +192,6 @@ def test_a_run_moves_from_2_devices_to_2_processes_to_1_device_and_ends_as_the_u
   last-bit differences (as in test_two_processes_train_like_one). So: the same records, every
   eval over the same 360 digits, the same exact-count sparsity (each layer's share within
   0.05), and top-1 within 0.05."""
-  from test_resume import outcome, run_in_process
-
   workdir = tmp_path / "moved"
   code, out = run_devices(workdir, 2, "--config.run.stop_after_step=8")
   assert code == preemption.PREEMPTED_EXIT_CODE and "on 2 cpu device(s)" in out, out[-3000:]

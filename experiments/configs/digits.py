@@ -23,7 +23,7 @@ MODELS = {
 def get_config(arg: str | None = None) -> ConfigDict:
   """``arg``: the model (``small_cnn``, default, or ``resnet8``), ``local`` (a few epochs), or
   ``quickstart`` (``experiments.quickstart``: the small CNN exactly as in the study, so the
-  quickstart's numbers are the study's seed-0 numbers; about 40 s per run on 2 CPU cores)."""
+  quickstart's numbers are the study's seed-0 numbers)."""
   arg = arg or "small_cnn"
   if arg not in MODELS:
     raise ValueError(f"Unknown digits config {arg!r}; expected one of {sorted(MODELS)}.")

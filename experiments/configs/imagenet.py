@@ -5,7 +5,7 @@
   python -m experiments.imagenet --accelerator=cpu --workdir=runs/in-local \
       --config=experiments/configs/imagenet.py:local
 
-ImageNet needs a manual download and a one-time ``tfds build`` (see README, "ImageNet").
+ImageNet needs a manual download and a one-time ``tfds build`` (docs/imagenet_tpu.md).
 """
 
 from __future__ import annotations

@@ -4,10 +4,9 @@
   python -m experiments.mnist1d --workdir=runs/r1d --config=experiments/configs/mnist1d.py:resnet1d
 
 The recipe is the official CIFAR one scaled to 30 epochs (``recipes.RECIPES["mnist1d"]``); the
-paper's CNN (no BatchNorm) trains at a tenth of its learning rate: at 0.2 dense reaches 95.7 %
-but DPF and DCIL at 90 % sparsity collapse to chance once the ramp passes ~55 % (one seed each,
-40 epochs), at 0.05 DCIL still degrades; at 0.02 every method trains (dense ~82 % at 40 epochs,
-77 % at the study's 30).
+paper's CNN (no BatchNorm) trains at a tenth of its learning rate, the highest at which every
+method trained in the first study's trial runs (results/NOTES.md, "MNIST-1D: what was run, and
+how it was sized").
 That lr was chosen on the test split; ``--config.dataset=mnist1d_val`` trains on 3,500 train
 signals and evaluates on the other 500 (a validation split, ``input_pipeline.MNIST1D_SPLITS``),
 and ``experiments.fast_sweep`` chooses each method's lr on it (results/NOTES.md, tuned study).

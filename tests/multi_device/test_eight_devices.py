@@ -179,19 +179,18 @@ def test_path_axis_needs_sharded_strategy(tiny_model, tiny_variables):
 def test_checkpoint_of_a_sharded_state_restores_values_and_shardings(
   on_mesh, tiny_model, tiny_variables, global_batch, tmp_path
 ):
-  from experiments import checkpoints
-  from experiments import state as lib
+  from experiments import checkpoints, run_state
 
   mesh, (state, _, _) = on_mesh("dcil", True)
   saver = checkpoints.RunCheckpointer(tmp_path)
-  saver.save(STEPS, lib.checkpoint_tree(state), {"data": None})
+  saver.save(STEPS, run_state.checkpoint_tree(state), {"data": None})
   saver.close()  # waits for the asynchronous write
   fresh = dcil_jax.TrainState.create(
     tiny_model, tiny_variables, make_tx(), mesh=mesh, example_input=global_batch["image"][:1]
   )
-  restored = checkpoints.RunCheckpointer(tmp_path).restore_latest(lib.checkpoint_tree(fresh))
+  restored = checkpoints.RunCheckpointer(tmp_path).restore_latest(run_state.checkpoint_tree(fresh))
   assert restored.step == STEPS
-  expected = jax.tree.leaves(lib.checkpoint_tree(state))
+  expected = jax.tree.leaves(run_state.checkpoint_tree(state))
   for got, want in zip(jax.tree.leaves(restored.state), expected, strict=True):
     assert got.sharding == want.sharding  # replicated
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
@@ -215,21 +214,20 @@ def test_a_checkpoint_of_8_devices_restores_bit_for_bit_on_fewer(
 ):
   """A run moved to another device count (a preempted slice that comes back smaller) resumes
   from the same values: orbax reads each array into the new mesh's shardings."""
-  from experiments import checkpoints
-  from experiments import state as lib
+  from experiments import checkpoints, run_state
 
   _, (state, _, _) = on_mesh("dcil", True)  # written from a data x path mesh of 8
   saver = checkpoints.RunCheckpointer(tmp_path)
-  saver.save(STEPS, lib.checkpoint_tree(state), {"data": {"next_index": STEPS}})
+  saver.save(STEPS, run_state.checkpoint_tree(state), {"data": {"next_index": STEPS}})
   saver.close()
   mesh = sharding.make_mesh(path_parallel=path_parallel, devices=jax.devices()[:devices])
   fresh = dcil_jax.TrainState.create(
     tiny_model, tiny_variables, make_tx(), mesh=mesh, example_input=global_batch["image"][:1]
   )
-  target = lib.checkpoint_tree(fresh)
+  target = run_state.checkpoint_tree(fresh)
   restored = checkpoints.RunCheckpointer(tmp_path).restore_latest(target)
   assert restored.step == STEPS and restored.meta["data"] == {"next_index": STEPS}
-  expected = jax.tree.leaves(lib.checkpoint_tree(state))
+  expected = jax.tree.leaves(run_state.checkpoint_tree(state))
   for got, want, like in zip(
     jax.tree.leaves(restored.state), expected, jax.tree.leaves(target), strict=True
   ):

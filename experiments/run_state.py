@@ -1,11 +1,11 @@
-"""The experiments layer's one door to the library's training state.
+"""A run's training state: built from its config, compiled, checkpointed, and read.
 
-Everything ``experiments/`` does with a ``dcil_jax.TrainState`` goes through this module: build it
-(model, optimizer with the recipe's schedules, ``TrainState.create`` on a mesh), compile its step,
-turn it into the arrays a checkpoint holds and back, evaluate one exported path, measure a mask
-refresh, and read the masks and the deployable model's counts for the summary. The rest of the
-layer (loop, checkpoints, sweep, report) sees only the functions below, so a change of the
-library's state API is ported here.
+What the training loop does with a ``dcil_jax.TrainState`` beyond ``dcil_jax.train_step`` and
+``dcil_jax.eval_step`` is here: build it (model, optimizer with the recipe's schedules,
+``TrainState.create`` on a mesh), compile its step, turn it into the arrays a checkpoint holds and
+back, measure a mask refresh, and read the masks and the deployable model's counts for the
+summary. The loop, checkpoints, sweep and report read no other ``TrainState`` field than
+``method``, so a change of the library's state API is ported here.
 """
 
 from __future__ import annotations
@@ -29,13 +29,6 @@ from experiments import input_pipeline
 RIGL_DROP_FRACTION = 0.3
 RIGL_END_FRACTION = 0.75
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-METHODS = tuple(dcil_jax.METHODS)
-DCIL_PRESETS = dcil_jax.DCIL.PRESETS
-
-
-def check_method(method: str) -> None:
-  """Raises ``ValueError`` naming the methods for an unknown ``method``."""
-  dcil_jax.get_method(method)
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,12 +213,6 @@ def from_checkpoint_tree(state: dcil_jax.TrainState, tree: dict[str, Any]) -> An
 def eval_paths(state: dcil_jax.TrainState) -> tuple[str | None, ...]:
   """What an evaluation reports: the deployable model (``None``), and DCIL's dense path."""
   return (None, *(p for p in state.method.path_names if p != "sparse"))
-
-
-def eval_counts(state: dcil_jax.TrainState, batch: dict[str, jax.Array], path: str | None = None):
-  """Summed loss and top-1/top-5 hits of the deployable model (``path=None``) or a DCIL path
-  over the unpadded examples (``batch["mask"]``): the library's ``eval_step``."""
-  return dcil_jax.eval_step(state, batch, path)
 
 
 @jax.jit
