@@ -155,6 +155,7 @@ def test_batch_fit_counts_a_failed_compile_as_not_fitting_and_goes_on(monkeypatc
 
   monkeypatch.setattr(step_time, "create_state", lambda *a, **k: (None, None))
   monkeypatch.setattr(step_time, "step_memory", fake_memory)
+  monkeypatch.setattr(step_time.gc, "collect", lambda: 0)  # a full collection per failure
   budget = 1000 + 100 * 400  # bytes: batch 400 would fit, but from 200 on nothing compiles
   args = argparse.Namespace(fit_models=["resnet20"], fit_budget_gib=budget / 2**30, fit_step=8)
   records = step_time.batch_fit(args)
