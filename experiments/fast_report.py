@@ -44,8 +44,16 @@ def _order(variant: str) -> int:
   return ORDER.index(variant) if variant in ORDER else len(ORDER)
 
 
-def _label(variant: str) -> str:
+def _label(variant: str, bounded: bool = False) -> str:
+  """The variant's name; in a grid whose recipe bounds every method's step (``max_step_norm``),
+  the official DCIL variant is ``DCIL.robust`` (the official loss with the bound)."""
+  if bounded and variant == "dcil":
+    return LABELS["dcil_robust"]
   return LABELS.get(variant, variant)
+
+
+def _bounded(cell: dict[str, Any]) -> bool:
+  return bool(cell["config"].get("max_step_norm"))
 
 
 def failed(run: dict[str, Any]) -> bool:
@@ -84,7 +92,7 @@ def _key(cell: dict[str, Any]) -> tuple[int, float]:
 
 
 def _name(cell: dict[str, Any]) -> str:
-  label = _label(cell["variant"])
+  label = _label(cell["variant"], _bounded(cell))
   return label if cell["variant"] == "dense" else f"{label} @ {cell['sparsity']:g}"
 
 
@@ -96,6 +104,7 @@ def _grid_lines(workdir: str, cells: list[dict[str, Any]], fig_dir: str) -> list
   first = cells[0]
   config = first["config"]
   model = config["model"]
+  bounded = _bounded(first)
   total_runs = sum(len(c["runs"]) for c in cells)
   wall = sum(c["wall_s"] for c in cells)
   cpu = [c["cpu_s"] for c in cells if "cpu_s" in c]
@@ -111,6 +120,12 @@ def _grid_lines(workdir: str, cells: list[dict[str, Any]], fig_dir: str) -> list
     f"peak, ×{config['lr_decay']:g} at epochs {boundaries}; "
     f"sparsity ramp ends at epoch {config['ramp_end_epoch']:g}; DCIL's distillation from epoch "
     f"{config['kd_start_epoch']:g}; masks refreshed every {config['update_every']} steps.",
+    (
+      f"- Recipe: every method's SGD step bounded, lr·‖g‖ ≤ {config['max_step_norm']:g} "
+      "(`dcil_jax.clip_step_norm`), so DCIL here is DCIL-robust."
+      if bounded
+      else "- Recipe: no step bound (the official recipe), so DCIL here is DCIL-official."
+    ),
     f"- Grid: learning rates {', '.join(f'{x:g}' for x in grid['lrs'])} × seeds "
     f"{', '.join(map(str, grid['seeds']))}; {len(cells)} of {len(grid['cells'])} cells finished "
     f"({total_runs} runs)" + (f"; **missing**: {', '.join(missing)}" if missing else "") + ".",
@@ -175,7 +190,7 @@ def _grid_lines(workdir: str, cells: list[dict[str, Any]], fig_dir: str) -> list
         + (f", ✗{bad}" if bad else "")
         + ")"
       )
-    lines.append(f"| {_label(v)} | " + " | ".join(row) + " |")
+    lines.append(f"| {_label(v, bounded)} | " + " | ".join(row) + " |")
   lines.append("")
   if ("dense", 0.0) in tests:
     dense = np.mean(list(tests[("dense", 0.0)].values()))
@@ -191,14 +206,14 @@ def _grid_lines(workdir: str, cells: list[dict[str, Any]], fig_dir: str) -> list
   for main in mains:
     others = [v for v in variants if v not in ("dense", main)]
     lines += [
-      f"### {_label(main)} vs each other method (test, each at its own chosen lr)",
+      f"### {_label(main, bounded)} vs each other method (test, each at its own chosen lr)",
       "",
       "Same-seed difference = DCIL variant − other, in pp (mean ± sd over seeds, and on how many "
       "seeds the DCIL variant is higher), paired t-test p; Welch's test and the report's rule "
       "(|difference| > larger sd and p < 0.05) as in the sections below.",
       "",
       "| Other | Sparsity | Other (%) | "
-      + _label(main)
+      + _label(main, bounded)
       + " (%) | Same-seed diff (pp, wins) | paired p | Welch verdict |",
       "|---|---|---|---|---|---|---|",
     ]
@@ -216,7 +231,7 @@ def _grid_lines(workdir: str, cells: list[dict[str, Any]], fig_dir: str) -> list
         )
         p = "—" if pair is None or pair["p"] is None else f"{pair['p']:.3g}"
         lines.append(
-          f"| {_label(other)} | {s:g} | {_mean_sd(list(b.values()))} | "
+          f"| {_label(other, bounded)} | {s:g} | {_mean_sd(list(b.values()))} | "
           f"{_mean_sd(list(a.values()))} | {same} | {p} | {welch['verdict']} "
           f"({welch['diff']:+.2f} pp) |"
         )
@@ -282,7 +297,8 @@ def _stability_figure(cells: list[dict[str, Any]], lrs: Sequence[float], model: 
   fig.colorbar(im, ax=ax, fraction=0.04)
   fig.tight_layout()
   os.makedirs(fig_dir, exist_ok=True)
-  path = os.path.join(fig_dir, f"stability_map_{model}.png")
+  suffix = "_bounded" if cells and _bounded(cells[0]) else ""
+  path = os.path.join(fig_dir, f"stability_map_{model}{suffix}.png")
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return path

@@ -74,3 +74,18 @@ def test_lr_is_chosen_on_validation_and_failures_are_mapped(tmp_path):
   # stability map: DCIL at lr 0.2 lost both seeds (one NaN at step 40, one collapse)
   assert "| DCIL-official @ 0.9 | 0/2 | **2/2 (1 NaN, step 40)** |" in text
   assert os.path.exists(tmp_path / "figures" / "stability_map_mnist1d_cnn.png")
+
+
+def test_a_grid_with_a_step_bound_names_its_dcil_robust_and_its_own_map(tmp_path):
+  """Under a recipe that bounds every method's step, ``dcil`` (the official loss) plus the bound
+  is ``DCIL.robust``: the report must not call it official."""
+  runs = [run(0.1, 0, 0.80, 0.81), run(0.1, 1, 0.82, 0.83)]
+  dcil, gmp = cell("dcil", 0.9, runs), cell("gmp", 0.9, runs)
+  for c in (dcil, gmp):
+    c["config"]["max_step_norm"] = 0.2
+  grid = str(tmp_path / "bounded")
+  write_grid(grid, [dcil, gmp])
+  text = "\n".join(fast_report.sections([grid], str(tmp_path)))
+  assert "lr·‖g‖ ≤ 0.2" in text and "DCIL-official" not in text
+  assert "| DCIL-robust @ 0.9 |" in text
+  assert os.path.exists(tmp_path / "figures" / "stability_map_mnist1d_cnn_bounded.png")
