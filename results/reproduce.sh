@@ -1,41 +1,41 @@
 #!/usr/bin/env bash
-# Reproduces results/: the tuned MNIST-1D study, the digits study, its follow-up ablations, the
-# first MNIST-1D study, then the report.
-#   tuned MNIST-1D (experiments.fast_sweep): the paper's CNN and a 1-D ResNet; dense, GMP, RigL,
-#   DPF, DCIL-official, DCIL-robust; sparsities 0.8-0.98; learning rates 0.02/0.05/0.1/0.2 chosen
-#   on a validation split; seeds 0-4 (840 runs; one JSON file per finished cell, rerun to
-#   continue). TUNED_ONLY=1 runs only this part and the report.
+# Reproduces results/: the MNIST-1D study (lr chosen on validation), the digits study, its
+# follow-up ablations, the first MNIST-1D study, then the report.
+#   MNIST-1D study (experiments.fast_sweep): the paper's CNN and a 1-D ResNet, 60 epochs; dense,
+#   GMP, RigL, DPF and DCIL under two recipes: the official one (no step bound: DCIL is
+#   DCIL-official) and one that bounds every method's SGD step, lr*|g| <= 0.2 (DCIL is then
+#   DCIL-robust); sparsities 0.9, 0.98, 0.8, 0.95; learning rates 0.02/0.05/0.1/0.2 chosen on a
+#   validation split; seeds 0-4 (one JSON file per finished cell; rerun to continue; a killed
+#   cell leaves a .lock file: delete it). TUNED_ONLY=1 runs only this part and the report.
 #   digits: small CNN and ResNet-8; dense, DPF, DCIL; sparsities 0.5-0.98; seeds 0-2 (66 runs)
 #   ablations at 98 %: layer-wise sparsity (DPF and DCIL), and DCIL without distillation
-#   MNIST-1D: the paper's CNN (seeds 0-4) and a 1-D ResNet (seeds 0-2); dense, GMP, RigL, DPF,
-#   DCIL; sparsities 0.8-0.98 (136 runs); filter DPF vs filter DCIL at 30/40/50 % of filters,
-#   seeds 0-2 (18 runs)
-# About 45 minutes (digits) + 90 minutes (MNIST-1D, two shards in parallel) on 2 CPU cores.
+#   first MNIST-1D study: the paper's CNN (seeds 0-4) and a 1-D ResNet (seeds 0-2); dense, GMP,
+#   RigL, DPF, DCIL; sparsities 0.8-0.98 (136 runs); filter DPF vs filter DCIL at 30/40/50 % of
+#   filters, seeds 0-2 (18 runs)
+# The wall times of each part are in results/NOTES.md.
 # Rerun to continue: finished runs are skipped and an interrupted one continues from its
-# checkpoint. SHARDS=1 runs the MNIST-1D grid in one process.
+# checkpoint. SHARDS=1 runs the first MNIST-1D grid in one process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 m1d=experiments/configs/mnist1d.py
-tuned() {  # one model's grid; the two DCIL presets in a second process
-  local dir="results/mnist1d_tuned_$1"
-  nice -n 10 python -m experiments.fast_sweep --workdir="${dir}" --config="${m1d}:$1" \
-    --config.dataset=mnist1d_val --methods=dense,gmp,rigl,dpf,dcil \
-    --sparsities=0.9,0.98,0.8,0.95 --progress=false &
-  local first=$!
-  nice -n 10 python -m experiments.fast_sweep --workdir="${dir}" --config="${m1d}:$1" \
-    --config.dataset=mnist1d_val --methods=dcil_robust --sparsities=0.9,0.98,0.8,0.95 \
-    --progress=false &
-  local second=$!
+study() {  # one model's grid under one recipe (step bound 0: none), sparsity by sparsity
+  local model=$1 recipe=$2 bound=$3
+  for s in 0.9 0.98 0.8 0.95; do
+    nice -n 10 python -m experiments.fast_sweep --workdir="results/mnist1d_study/${model}_${recipe}" \
+      --config="${m1d}:${model}" --config.dataset=mnist1d_val --config.num_epochs=60 \
+      --config.max_step_norm="${bound}" --methods=dense,dcil,gmp,dpf,rigl --sparsities="${s}" \
+      --progress=false
+  done
+}
+for model in cnn resnet1d; do  # two processes: the two recipes
+  study "${model}" bounded 0.2 &
+  first=$!
+  study "${model}" plain 0 &
+  second=$!
   wait "${first}"  # a failed process fails the script
   wait "${second}"
-}
-tuned cnn &
-cnn=$!
-tuned resnet1d &
-resnet=$!
-wait "${cnn}"
-wait "${resnet}"
-tuned_dirs=results/mnist1d_tuned_cnn,results/mnist1d_tuned_resnet1d
+done
+tuned_dirs=results/mnist1d_study/cnn_bounded,results/mnist1d_study/cnn_plain,results/mnist1d_study/resnet1d_bounded,results/mnist1d_study/resnet1d_plain
 report() {
   python -m experiments.report results/mnist1d_cnn results/mnist1d_resnet1d \
     results/mnist1d_filter results/digits_small_cnn results/digits_resnet8 \
