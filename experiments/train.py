@@ -347,7 +347,8 @@ def train_and_evaluate(
     resumed = f", resumed at step {start.step}" if start.step else ""
     print(
       f"{config.model} ({info['num_params']:,} params) on {config.dataset}, "
-      f"method={config.method}, sparsity={config.sparsity}, {plan.num_steps} steps "
+      f"method={config.method}{_setting(config)}, sparsity={config.sparsity}, "
+      f"{plan.num_steps} steps "
       f"({plan.steps_per_epoch}/epoch){resumed}, batch {config.batch_size} "
       f"({config.batch_size // ways} per device) on {jax.device_count()} "
       f"{jax.default_backend()} device(s), mesh {dict(mesh.shape)}, "
@@ -577,6 +578,16 @@ def format_summary(summary: dict[str, Any]) -> str:
     width = max(len(k) for k in summary["layer_sparsity"])
     lines += [f"  {k:<{width}}  {v:.4f}" for k, v in summary["layer_sparsity"].items()]
   return "\n".join(lines)
+
+
+def _setting(config: ml_collections.ConfigDict) -> str:
+  """The DCIL preset and any gradient clip, for the run's first line: a run never hides them."""
+  parts = [f"preset {config.dcil_preset}"] if config.method == "dcil" else []
+  if config.max_step_norm:
+    parts.append(f"step bound lr·|g| <= {config.max_step_norm:g}")
+  if config.grad_clip_norm:
+    parts.append(f"gradient clipped at norm {config.grad_clip_norm:g}")
+  return f" ({', '.join(parts)})" if parts else ""
 
 
 def _progress(total: int, enabled: bool):

@@ -164,6 +164,8 @@ def test_cifar_run_trains_and_evaluates_both_paths(tmp_path, capsys):
   assert "deployable model: " in out and " params, MACs per example " in out
   # The resolved milestones, printed at start (the run is cut at 4 of the recipe's 600 steps).
   assert "schedule: 300 epochs of 2 steps" in out and "ends at epoch 1 (step 2)" in out
+  # The DCIL setting is named: the experiments' default preset and its step bound.
+  assert "method=dcil (preset robust, step bound lr·|g| <= 0.2)" in out
 
 
 def test_imagenet_run_on_cpu_with_a_tiny_model(tmp_path):
