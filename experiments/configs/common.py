@@ -82,7 +82,8 @@ def run_config() -> ConfigDict:
   run = ConfigDict()
   run.data_dir = config_dict.placeholder(str)  # TFDS data dir (default ~/tensorflow_datasets)
   # grain worker processes that decode and augment; None: all but 4 cores, at most 64 (0 below
-  # 5 cores: threads in the main process). About 380 ImageNet train images/s per core.
+  # 5 cores: threads in the main process). Images/s per core:
+  # benchmarks/results/input_pipeline_cpu.md.
   run.worker_count = config_dict.placeholder(int)
   run.prefetch = 2  # batches put on the devices ahead of the step
   run.progress = True  # tqdm progress bar (process 0 only)
