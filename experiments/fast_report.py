@@ -116,7 +116,7 @@ def _grid_lines(workdir: str, cells: list[dict[str, Any]], fig_dir: str) -> list
     "- Data: MNIST-1D, trained on the `fit` split (3,500 of the 4,000 train signals), learning "
     "rate chosen on `validation` (the other 500, fixed seed), test on the published 1,000.",
     f"- Training: {config['num_epochs']} epochs of {first['steps_per_epoch']} steps (batch "
-    f"{config['batch_size']}), lr warm-up over {config['warmup_epochs']:g} epoch from half the "
+    f"{config['batch_size']}), lr warm-up over {config['warmup_epochs']:g} epoch(s) from half the "
     f"peak, ×{config['lr_decay']:g} at epochs {boundaries}; "
     f"sparsity ramp ends at epoch {config['ramp_end_epoch']:g}; DCIL's distillation from epoch "
     f"{config['kd_start_epoch']:g}; masks refreshed every {config['update_every']} steps.",
