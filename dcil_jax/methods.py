@@ -104,9 +104,11 @@ class DCIL(Dense):
     :attr:`ROBUST_OPTIONS` is empty today, and the robust method object equals the official
     one: its loss is the official loss).
 
-  ``DCIL(...)`` with no option set is the official setting; ``DCIL.preset(name, **fields)``
-  picks one by name (the experiments' ``--config.dcil_preset=official|robust``). Any field can
-  be overridden in both, e.g. ``DCIL.robust(kd_start_step=217, strategy="unrolled")``.
+  ``DCIL(...)`` with no option set is the official method object; whether a run is robust is
+  decided by the optimizer (the step bound). ``DCIL.preset(name, **fields)`` picks one by name
+  (the experiments' ``--config.dcil_preset=robust|official``, robust by default, which also
+  chains the step bound). Any field can be overridden in both, e.g.
+  ``DCIL.robust(kd_start_step=217, strategy="unrolled")``.
 
   Attributes:
     kd_weight: weight of the distillation terms, a number or a schedule ``optimizer step ->
