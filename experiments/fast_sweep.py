@@ -506,7 +506,10 @@ def _write_json(path: str, record: dict[str, Any]) -> None:
 
 
 def load_cells(workdir: str) -> list[dict[str, Any]]:
-  """The finished cells of a grid directory."""
+  """The finished cells of a grid directory (none for a grid that has not started: no
+  directory yet)."""
+  if not os.path.isdir(workdir):
+    return []
   names = sorted(n for n in os.listdir(workdir) if n.endswith(".json") and n != "grid.json")
   out = []
   for name in names:

@@ -89,3 +89,9 @@ def test_a_grid_with_a_step_bound_names_its_dcil_robust_and_its_own_map(tmp_path
   assert "lr·‖g‖ ≤ 0.2" in text and "DCIL-official" not in text
   assert "| DCIL-robust @ 0.9 |" in text
   assert os.path.exists(tmp_path / "figures" / "stability_map_mnist1d_cnn_bounded.png")
+
+
+def test_a_grid_that_has_not_started_is_reported_as_such(tmp_path):
+  assert fast_sweep.load_cells(str(tmp_path / "not_yet")) == []
+  text = "\n".join(fast_report.sections([str(tmp_path / "not_yet")], str(tmp_path)))
+  assert "No finished cell yet." in text
