@@ -51,12 +51,21 @@ def _normalized(value: Any) -> Any:
   return json.loads(json.dumps(value, default=str))
 
 
+# Config fields added after runs were already written, each with the value that computes what
+# a run written before it computed: a workdir without the field continues with that value.
+ADDED_FIELDS: dict[str, Any] = {"max_step_norm": 0.0}
+
+
 def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
   """``"field: saved -> current"`` for every field that changes what a run computes: all but
-  the ``run`` group, compared field by field (nested groups as ``group.field``)."""
+  the ``run`` group, compared field by field (nested groups as ``group.field``). A field of
+  :data:`ADDED_FIELDS` missing from ``saved`` counts as its old-behaviour value."""
   saved, current = _normalized(dict(saved)), _normalized(dict(current))
   saved.pop(RUN_GROUP, None)
   current.pop(RUN_GROUP, None)
+  for key, value in ADDED_FIELDS.items():
+    if key in current:
+      saved.setdefault(key, value)
   return _diff(saved, current, prefix="")
 
 

@@ -78,6 +78,17 @@ def test_config_diff_ignores_run_control_fields_and_names_the_others():
   checkpoints.check_config(saved, current, force=True, what="w")  # asked to override: no error
 
 
+def test_a_workdir_written_before_a_field_existed_continues_with_the_old_behaviour():
+  """A config field added later (e.g. the step bound) is absent from older workdirs: they resume
+  where the new field has its old-behaviour value, and are refused where it changes the run."""
+  saved = {"model": "small_cnn", "dcil_preset": "official"}
+  for key, old in checkpoints.ADDED_FIELDS.items():
+    assert checkpoints.config_diff(saved, {**saved, key: old}) == []
+  assert checkpoints.config_diff(saved, {**saved, "max_step_norm": 0.2}) == [
+    "max_step_norm: 0.0 (workdir) -> 0.2 (this run)"
+  ]
+
+
 # --------------------------------------------------------------------------------------------
 # The loop in-process: NaN steps and bad input
 
