@@ -182,8 +182,7 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
   allocation = config.get("filter_allocation", "global")
   if allocation not in run_state.FILTER_ALLOCATIONS:
     problems.append(
-      f"filter_allocation must be one of {tuple(run_state.FILTER_ALLOCATIONS)}, got "
-      f"{allocation!r}"
+      f"filter_allocation must be one of {tuple(run_state.FILTER_ALLOCATIONS)}, got {allocation!r}"
     )
   elif allocation != "global" and (
     config.granularity != "filter"
