@@ -130,7 +130,7 @@ def make_optimizer(
 
 # config.filter_allocation -> the cost weight of dcil_jax.deploy.group_allocation (None: today's
 # global threshold of dcil_jax.granularity.filter_masks).
-FILTER_ALLOCATIONS = {"global": None, "groups": 0.0, "groups_macs": 1.0}
+FILTER_ALLOCATIONS = {"global": None, "groups": 0.0, "groups_macs": 0.5}
 
 
 def filter_allocation(

@@ -22,9 +22,10 @@ def base_config() -> ConfigDict:
   config.filter_score = "l1"
   # filter masks, which filters a refresh prunes: global (one threshold over all filters, the
   # official rule) | groups (coupled channel groups traced from the model, so that compaction
-  # removes every pruned filter, per-layer-normalised scores) | groups_macs (the same, each
-  # score divided by the MACs the channel saves relative to the mean; dcil_jax.deploy.
-  # group_allocation, docs/deploy.md). Groups need a global distribution.
+  # removes every pruned filter, per-layer-normalised scores; cost_weight 0) | groups_macs (the
+  # same, each score divided by the square root of the MACs the channel saves relative to the
+  # mean: cost_weight 0.5, as benchmarks/inference.py). dcil_jax.deploy.group_allocation,
+  # docs/deploy.md. Groups need granularity=filter, distribution=global and method dcil|dpf.
   config.filter_allocation = "global"
   config.update_every = 16  # mask refresh period in steps (official: 16)
   config.temperature = 2.0  # distillation temperature (official: 2)
