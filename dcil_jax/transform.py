@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +16,17 @@ from dcil_jax import refresh as refresh_lib
 from dcil_jax.schedules import SparsitySchedule
 
 GRANULARITIES = ("weight", "filter", "nm")
+
+
+@runtime_checkable
+class FilterAllocation(Protocol):
+  """Who decides which filters a refresh prunes, instead of one global threshold: e.g.
+  :class:`dcil_jax.deploy.GroupAllocation` (coupled channel groups, cost-aware). Static (it
+  travels in the optimizer state as part of :class:`MaskRefresh`)."""
+
+  def masks(self, params: Any, masks: Any, sparsity: jax.Array, score: str) -> Any:
+    """Filter masks like ``masks`` pruning a ``sparsity`` fraction of its filters (in ``jit``)."""
+    ...
 
 
 @jax.tree_util.register_static
@@ -34,6 +45,7 @@ class MaskRefresh:
   regrow: bool = True
   prunable: masks_lib.IsPrunable | None = None
   track_revivals: bool = False
+  allocation: FilterAllocation | None = None
 
   def describe(self) -> str:
     if not self.regrow:
@@ -70,6 +82,8 @@ class MaskRefresh:
     """Magnitude masks of ``params`` (structured like ``template``) at sparsity ``target``."""
     if self.granularity == "nm":
       return granularity_lib.nm_masks(params, template, *self.n_m)
+    if self.granularity == "filter" and self.allocation is not None:
+      return self.allocation.masks(params, template, target, self.score)
     if self.granularity == "filter":
       return granularity_lib.filter_masks(params, template, target, self.score, self.distribution)
     return masks_lib.magnitude_masks(
@@ -149,6 +163,7 @@ def masked_update(
   n_m: tuple[int, int] = (2, 4),
   regrow: bool = True,
   track_revivals: bool = False,
+  allocation: FilterAllocation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Keeps magnitude masks in the optimizer state and refreshes them every ``update_every`` steps.
 
@@ -191,6 +206,11 @@ def masked_update(
       granularity only.
     track_revivals: also record which weights were ever revived
       (``RefreshRecord.ever_revived``; one bool per prunable weight).
+    allocation: for ``granularity="filter"``, which filters a refresh prunes instead of the
+      global threshold of ``filter_masks``: :func:`dcil_jax.deploy.group_allocation` (traced
+      once from the model) prunes coupled channel groups, per-layer-normalised and optionally
+      weighted by the MACs they save, so that compaction removes every pruned filter. The
+      sparsity still counts prunable filters; ``distribution`` must stay ``"global"``.
 
   Returns:
     An optax transform whose state is a :class:`MaskedUpdateState`.
@@ -212,6 +232,16 @@ def masked_update(
     )
   if granularity == "nm":
     granularity_lib._check_nm(*n_m)
+  if allocation is not None and (granularity != "filter" or distribution != "global"):
+    raise ValueError(
+      "allocation= decides which filters go: it takes granularity='filter' and the default "
+      f"distribution='global', got {granularity!r}, {distribution!r}."
+    )
+  if allocation is not None and not isinstance(allocation, FilterAllocation):
+    raise TypeError(
+      f"allocation must have a masks(params, masks, sparsity, score) method (e.g. "
+      f"dcil_jax.deploy.group_allocation(...)), got {type(allocation).__name__}."
+    )
   if not regrow and granularity != "weight":
     raise ValueError(f"regrow=False (GMP) takes granularity='weight', got {granularity!r}.")
   refresh = MaskRefresh(
@@ -224,6 +254,7 @@ def masked_update(
     regrow,
     prunable,
     bool(track_revivals),
+    allocation,
   )
 
   def init_fn(params):

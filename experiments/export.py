@@ -42,8 +42,11 @@ def best_step(checkpointer: checkpoints.RunCheckpointer) -> int:
   return int(step)
 
 
-def restore_best(workdir: str | Path) -> tuple[Any, ml_collections.ConfigDict, int]:
-  """``(state, config, step)``: the run's best checkpoint restored into a fresh state."""
+def restore_best(
+  workdir: str | Path, final: bool = False
+) -> tuple[Any, ml_collections.ConfigDict, int]:
+  """``(state, config, step)``: the run's best checkpoint (``final``: its newest, the one the
+  run's final numbers are measured on) restored into a fresh state."""
   workpath = Path(workdir)
   config_file = workpath / "config.json"
   if not config_file.exists():
@@ -56,7 +59,9 @@ def restore_best(workdir: str | Path) -> tuple[Any, ml_collections.ConfigDict, i
     workpath / checkpoints.CHECKPOINT_DIR, async_save=False
   )
   try:
-    step = best_step(checkpointer)
+    step = max(checkpointer.all_steps(), default=-1) if final else best_step(checkpointer)
+    if step < 0:
+      raise FileNotFoundError(f"No checkpoint in {checkpointer.directory}; train the run first.")
     target = run_state.checkpoint_tree(fresh)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     restored = checkpointer.manager.restore(

@@ -143,6 +143,12 @@ def make_optimizer(
   The ``rigl`` wrapper and ``masked_update`` sit where ``make_optimizer`` puts them (``rigl``
   writes ``-params`` into pruned entries, so the scaling must happen inside it).
   """
+  if config.get("filter_allocation", "global") != "global":
+    raise ValueError(
+      f"fast_sweep trains with the global filter threshold only; filter_allocation="
+      f"{config.filter_allocation!r} needs the model's channel groups: run experiments.digits "
+      "(or another entry point of experiments.train) for it."
+    )
   normalised = run_state.learning_rate_schedule(config, steps_per_epoch)
   step_bound = optax.inject_hyperparams(dcil_jax.clip_step_norm, static_args="learning_rate")
   parts = [

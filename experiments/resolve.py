@@ -179,6 +179,21 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     problems.append(
       f"filter masks take filter_score in {FILTER_SCORES} and a global/layerwise split"
     )
+  allocation = config.get("filter_allocation", "global")
+  if allocation not in run_state.FILTER_ALLOCATIONS:
+    problems.append(
+      f"filter_allocation must be one of {tuple(run_state.FILTER_ALLOCATIONS)}, got {allocation!r}"
+    )
+  elif allocation != "global" and (
+    config.granularity != "filter"
+    or config.distribution != "global"
+    or config.method not in ("dcil", "dpf")
+  ):
+    problems.append(
+      f"filter_allocation={allocation!r} prunes channel groups of filter masks: it needs "
+      "granularity='filter', distribution='global' and method dcil or dpf (got "
+      f"{config.granularity!r}, {config.distribution!r}, {config.method!r})"
+    )
   if config.dcil_preset not in dcil_jax.DCIL.PRESETS:
     problems.append(
       f"dcil_preset must be one of {dcil_jax.DCIL.PRESETS}, got {config.dcil_preset!r}"

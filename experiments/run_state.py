@@ -76,12 +76,20 @@ def clipping(
 
 
 def make_optimizer(
-  config: ml_collections.ConfigDict, steps_per_epoch: int
+  config: ml_collections.ConfigDict,
+  steps_per_epoch: int,
+  allocation: deploy.GroupAllocation | None = None,
 ) -> optax.GradientTransformation:
   """SGD (Nesterov) with weight decay on every parameter, as the official code; for DCIL, DPF and
   GMP (no regrowth) ``masked_update``, and for RigL the whole optimizer wrapped in ``rigl`` (no
   rule given: ``TrainState.create`` prunes the model's convolutions, found from its module
-  types)."""
+  types). ``allocation``: the model's channel groups for ``filter_allocation`` other than
+  ``"global"`` (:func:`filter_allocation`)."""
+  if allocation is None and config.get("filter_allocation", "global") != "global":
+    raise ValueError(
+      f"filter_allocation={config.filter_allocation!r} needs the model's channel groups: pass "
+      "allocation=run_state.filter_allocation(config, model, variables)."
+    )
   learning_rate = learning_rate_schedule(config, steps_per_epoch)
   parts = [
     *clipping(config, learning_rate),
@@ -114,9 +122,29 @@ def make_optimizer(
         score=config.filter_score,
         regrow=config.method != "gmp",
         track_revivals=True,
+        allocation=allocation,
       )
     )
   return optax.chain(*parts)
+
+
+# config.filter_allocation -> the cost weight of dcil_jax.deploy.group_allocation (None: today's
+# global threshold of dcil_jax.granularity.filter_masks).
+FILTER_ALLOCATIONS = {"global": None, "groups": 0.0, "groups_macs": 0.5}
+
+
+def filter_allocation(
+  config: ml_collections.ConfigDict, model: Any, variables: dict[str, Any]
+) -> deploy.GroupAllocation | None:
+  """The channel groups the mask refresh prunes for ``config.filter_allocation`` (traced once
+  from the model), or ``None`` for ``"global"`` (one threshold over all filters)."""
+  cost_weight = FILTER_ALLOCATIONS[config.get("filter_allocation", "global")]
+  if cost_weight is None or config.method in ("dense", "rigl"):
+    return None
+  shape = tuple(example_input(config).shape[1:])
+  return deploy.group_allocation(
+    model, variables, shape, cost_weight=cost_weight, dtype=DTYPES[config.dtype]
+  )
 
 
 def example_input(config: ml_collections.ConfigDict) -> jax.Array:
@@ -140,7 +168,7 @@ def create_train_state(
   return dcil_jax.TrainState.create(
     model,
     variables,
-    make_optimizer(config, steps_per_epoch),
+    make_optimizer(config, steps_per_epoch, filter_allocation(config, model, variables)),
     method=method,
     example_input=dummy,
     mesh=mesh,

@@ -57,6 +57,7 @@ FILE_SECONDS = {
   "test_two_processes": 31,
   "test_readme": 40,
   "test_compact": 29,
+  "test_allocation": 30,
   "test_nnx": 25,
   "test_resume": 24,
   "test_checkpoints": 22,

@@ -66,6 +66,8 @@ def test_imagenet_recipe_scales_lr_with_batch_and_decays_by_cosine():
     (dict(lr_boundaries=(225, 150)), "lr_boundaries"),
     (dict(method="dpf", path_parallel=True), "path_parallel"),
     (dict(dtype="int8"), "dtype"),
+    (dict(filter_allocation="best"), "filter_allocation must be one of"),
+    (dict(filter_allocation="groups"), "needs granularity='filter'"),
   ],
 )
 def test_bad_configs_fail_at_start_with_a_clear_message(overrides, message):

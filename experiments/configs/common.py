@@ -20,6 +20,13 @@ def base_config() -> ConfigDict:
   # filter masks: l1 (mean |w|) | l2 (mean w^2), or l1_relative | l2_relative (divided by the
   # layer's mean filter score, dcil_jax.granularity.filter_scores)
   config.filter_score = "l1"
+  # filter masks, which filters a refresh prunes: global (one threshold over all filters, the
+  # official rule) | groups (coupled channel groups traced from the model, so that compaction
+  # removes every pruned filter, per-layer-normalised scores; cost_weight 0) | groups_macs (the
+  # same, each score divided by the square root of the MACs the channel saves relative to the
+  # mean: cost_weight 0.5, as benchmarks/inference.py). dcil_jax.deploy.group_allocation,
+  # docs/deploy.md. Groups need granularity=filter, distribution=global and method dcil|dpf.
+  config.filter_allocation = "global"
   config.update_every = 16  # mask refresh period in steps (official: 16)
   config.temperature = 2.0  # distillation temperature (official: 2)
   # DCIL's setting: robust (dcil_jax.DCIL.robust: the official loss with the SGD step bounded,
