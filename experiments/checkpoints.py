@@ -53,7 +53,7 @@ def _normalized(value: Any) -> Any:
 
 # Config fields added after runs were already written, each with the value that computes what
 # a run written before it computed: a workdir without the field continues with that value.
-ADDED_FIELDS: dict[str, Any] = {"max_step_norm": 0.0}
+ADDED_FIELDS: dict[str, Any] = {"max_step_norm": 0.0, "filter_allocation": "global"}
 
 
 def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
