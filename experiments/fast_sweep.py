@@ -158,31 +158,7 @@ def make_optimizer(
     optax.sgd(normalised, momentum=config.momentum, nesterov=config.nesterov),
     optax.inject_hyperparams(optax.scale)(step_size=1.0),
   ]
-  if config.method == "rigl":
-    total = round(config.num_epochs * steps_per_epoch)
-    return dcil_jax.rigl(
-      optax.chain(*parts),
-      config.sparsity,
-      update_every=config.update_every,
-      end_step=max(1, round(run_state.RIGL_END_FRACTION * total)),
-      drop_fraction=run_state.RIGL_DROP_FRACTION,
-      distribution="erk",
-    )
-  if config.method != "dense":
-    ramp = run_state.ramp_steps(config, steps_per_epoch)
-    stage = steps_per_epoch if ramp >= steps_per_epoch else 1
-    schedule = dcil_jax.cubic_sparsity(config.sparsity, ramp, steps_per_stage=stage)
-    parts.append(
-      dcil_jax.masked_update(
-        schedule,
-        update_every=config.update_every,
-        distribution=config.distribution,
-        granularity=config.granularity,
-        score=config.filter_score,
-        regrow=config.method != "gmp",
-      )
-    )
-  return optax.chain(*parts)
+  return run_state.sparsify(config, steps_per_epoch, parts)
 
 
 def make_method(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Any:

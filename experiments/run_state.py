@@ -96,7 +96,21 @@ def make_optimizer(
     optax.add_decayed_weights(config.weight_decay),
     optax.sgd(learning_rate, momentum=config.momentum, nesterov=config.nesterov),
   ]
-  if config.method == "rigl":  # constant ERK sparsity; wraps the whole optimizer
+  return sparsify(config, steps_per_epoch, parts, track_revivals=True, allocation=allocation)
+
+
+def sparsify(
+  config: ml_collections.ConfigDict,
+  steps_per_epoch: int,
+  parts: list[optax.GradientTransformation],
+  *,
+  track_revivals: bool = False,
+  allocation: deploy.GroupAllocation | None = None,
+) -> optax.GradientTransformation:
+  """The dense optimizer ``parts`` made sparse as ``config.method`` says: RigL (constant ERK
+  sparsity) wraps the whole chain; DCIL, DPF and GMP (no regrowth) chain ``masked_update`` after
+  it, on the recipe's cubic ramp; dense leaves it as it is. ``experiments.fast_sweep`` shares it."""
+  if config.method == "rigl":
     total = round(config.num_epochs * steps_per_epoch)
     return dcil_jax.rigl(
       optax.chain(*parts),
@@ -105,7 +119,7 @@ def make_optimizer(
       end_step=max(1, round(RIGL_END_FRACTION * total)),
       drop_fraction=RIGL_DROP_FRACTION,
       distribution="erk",
-      track_revivals=True,
+      track_revivals=track_revivals,
     )
   if config.method != "dense":
     ramp = ramp_steps(config, steps_per_epoch)
@@ -113,7 +127,8 @@ def make_optimizer(
     # configs) is evaluated every step instead.
     stage = steps_per_epoch if ramp >= steps_per_epoch else 1
     schedule = dcil_jax.cubic_sparsity(config.sparsity, ramp, steps_per_stage=stage)
-    parts.append(
+    parts = [
+      *parts,
       dcil_jax.masked_update(
         schedule,
         update_every=config.update_every,
@@ -121,10 +136,10 @@ def make_optimizer(
         granularity=config.granularity,
         score=config.filter_score,
         regrow=config.method != "gmp",
-        track_revivals=True,
+        track_revivals=track_revivals,
         allocation=allocation,
-      )
-    )
+      ),
+    ]
   return optax.chain(*parts)
 
 

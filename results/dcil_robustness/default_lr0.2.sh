@@ -14,16 +14,6 @@ for seed in 0 1 2 3 4; do
   python -m experiments.mnist1d --workdir="${workdir}" --config.method=dcil \
     --config.sparsity=0.9 --config.learning_rate=0.2 --config.warmup_init_lr=0.1 \
     --config.seed="${seed}" >"${workdir}.log" 2>&1 || true  # a NaN stop is a result too
-  python - "${workdir}" "${seed}" "$(( $(date +%s) - start ))" >>"${out}" <<'PY'
-import json, pathlib, sys
-workdir, seed, seconds = pathlib.Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-summary = workdir / "summary.json"
-record = {"seed": seed, "preset": "robust (default)", "lr": 0.2, "sparsity": 0.9, "seconds": seconds}
-if summary.exists():
-  s = json.loads(summary.read_text())
-  record |= {"top1": s["final"]["top1"], "best": s["best"]["top1"], "steps": s["steps"]}
-else:
-  record |= {"top1": None, "log_tail": workdir.with_suffix(".log").read_text()[-300:]}
-print(json.dumps(record))
-PY
+  python results/dcil_robustness/record.py "${workdir}" "$(( $(date +%s) - start ))" \
+    seed="${seed}" preset="robust (default)" lr=0.2 sparsity=0.9 >>"${out}"
 done

@@ -17,17 +17,7 @@ for seed in ${seeds}; do
       --config=experiments/configs/digits.py:resnet8 --config.method=dcil --config.sparsity=0.9 \
       --config.dcil_preset="${preset}" --config.seed="${seed}" --config.run.progress=false \
       >"${workdir}.log" 2>&1 || true  # a NaN stop is a result too
-    python - "${workdir}" "${seed}" "${preset}" "$(( $(date +%s) - start ))" >>"${out}" <<'PY'
-import json, pathlib, sys
-workdir, seed, preset, seconds = pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-summary = workdir / "summary.json"
-record = {"model": "resnet8", "seed": seed, "preset": preset, "sparsity": 0.9, "seconds": seconds}
-if summary.exists():
-  s = json.loads(summary.read_text())
-  record |= {"top1": s["final"]["top1"], "best": s["best"]["top1"], "steps": s["steps"]}
-else:
-  record |= {"top1": None, "log_tail": workdir.with_suffix(".log").read_text()[-300:]}
-print(json.dumps(record))
-PY
+    python results/dcil_robustness/record.py "${workdir}" "$(( $(date +%s) - start ))" \
+      model=resnet8 seed="${seed}" preset="${preset}" sparsity=0.9 >>"${out}"
   done
 done
