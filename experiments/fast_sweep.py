@@ -1,4 +1,4 @@
-"""Many small runs in one compiled program: MNIST-1D studies in minutes on a few CPU cores.
+"""Many small runs in one process and one compiled step: MNIST-1D studies on a few CPU cores.
 
   python -m experiments.fast_sweep --workdir=results/mnist1d_v2_cnn \
       --config=experiments/configs/mnist1d.py:cnn --lrs=0.02,0.05,0.1,0.2 --seeds=0,1,2,3,4
@@ -8,18 +8,20 @@ overhead (input pipeline, dispatch, an evaluation and a checkpoint every epoch),
 model (``benchmarks/results/sweep_throughput_cpu.md``). Here one **cell** (a method variant at a
 sparsity) trains every learning rate x seed of the grid together:
 
-- the library's own ``dcil_jax.TrainState.create`` and ``dcil_jax.train_step`` under
-  ``jax.vmap``: each run has its own initialisation, data order, dropout key, masks and
+- the library's own ``dcil_jax.TrainState.create`` (under ``jax.vmap``) and
+  ``dcil_jax.train_step``: each run has its own initialisation, data order, dropout key, masks and
   learning rate, and computes what ``experiments.mnist1d`` computes for that config
   (``tests/test_fast_sweep.py`` checks a few steps against the single-run path);
 - the learning rate's peak is a leaf of the optimizer state (``optax.inject_hyperparams``
   around ``optax.scale`` after SGD, the recipe's schedule normalised to a peak of 1), so the
-  learning rates share one program: the warm-up starts at the recipe's ratio of the peak
+  learning rates share one compiled step: the warm-up starts at the recipe's ratio of the peak
   (``warmup_init_lr / learning_rate``, 0.5 in the MNIST-1D configs);
 - the data sit on the device; each step gathers its batch by indices that reproduce
   ``input_pipeline.create_train_iterator``'s order (:func:`input_pipeline.train_order`);
-- an epoch is one ``lax.scan`` over its steps, and nothing reaches the host within it; after
-  each epoch the validation split is evaluated (cheap), and at the end validation and test;
+- each step of each run is one call of the compiled single-run step, queued from the host
+  without waiting (nothing returns to the host within an epoch; :func:`make_epoch_fn` says why
+  this beats one program per epoch on CPU); after each epoch the validation split is evaluated
+  (cheap), and at the end validation and test;
 - a run whose step is not finite (NaN/Inf loss, gradients or parameters: the step the library
   skips, and where the loop's default ``on_nonfinite="stop"`` ends a run) is **stopped there**
   (its state frozen at the last good step) and recorded as diverged with that step; the other
@@ -69,7 +71,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
   "dcil_robust_kdclip": ("dcil", {"grad_clip_norm": 1.0, "kd_clip": 1.0}),
 }
 DEFAULT_LRS = (0.02, 0.05, 0.1, 0.2)
-BATCHING = ("map", "vmap")
+BATCHING = ("host", "map", "vmap")
 COLLAPSE_FACTOR = 2.0  # a final accuracy below this x chance counts as collapsed
 
 
@@ -171,7 +173,7 @@ def make_method(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Any:
 
 
 # --------------------------------------------------------------------------------------------
-# The vmapped program
+# The runs of a cell: one step of each run at a time
 
 
 class Data(NamedTuple):
@@ -239,20 +241,31 @@ def _eval_all(
   return sums["top1"] / sums["count"]
 
 
-def make_epoch_fn(steps_per_epoch: int, batching: str = "map") -> Callable[..., Any]:
+def make_epoch_fn(steps_per_epoch: int, batching: str = "host") -> Callable[..., Any]:
   """``(states, stopped_at, images, labels, order, first_step, val) -> (states, stopped_at,
   losses [R, steps], val_top1 [R])``: one epoch of every run, the states donated.
 
   ``stopped_at`` is each run's first non-finite step (1-based, as the loop counts), or 0; a
   stopped run's state no longer changes.
 
-  ``batching``: ``"map"`` runs the runs' steps one after the other inside the program
-  (``lax.map``), ``"vmap"`` batches them. Batching turns each convolution into a grouped one
-  (one group per run), which XLA's CPU backend runs far slower than the separate convolutions
-  (``benchmarks/results/sweep_throughput_cpu.md``); either way nothing leaves the program.
+  ``batching``:
+
+  - ``"host"`` (default): each step of each run is one call of a compiled single-run step,
+    queued from the host without waiting for it (JAX dispatches asynchronously: nothing
+    returns to the host until the epoch's end);
+  - ``"map"``: one program per epoch, the runs' steps one after the other (``lax.map`` inside
+    ``lax.scan``);
+  - ``"vmap"``: one program per epoch, the runs' steps batched (``vmap`` inside ``lax.scan``).
+
+  The host loop is the fastest on CPU by far: XLA:CPU compiles the backward convolutions inside
+  a loop body with their operands in the layout the loop carries, for which it has only a slow
+  generic convolution, and batching (``vmap``) turns each convolution into a grouped one, which
+  it also runs slowly (``benchmarks/results/sweep_throughput_cpu.md``).
   """
   if batching not in BATCHING:
     raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}.")
+  if batching == "host":
+    return _host_epoch_fn(steps_per_epoch)
 
   @functools.partial(jax.jit, donate_argnums=(0,))
   def epoch(states, stopped_at, images, labels, order, first_step, val):
@@ -273,6 +286,55 @@ def make_epoch_fn(steps_per_epoch: int, batching: str = "map") -> Callable[..., 
       body, (states, stopped_at), jnp.arange(steps_per_epoch)
     )
     return states, stopped_at, losses.T, _eval_all(states, val, None)
+
+  return epoch
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _guarded_step(state, stopped_at, images, labels, order, r, t, first_step):
+  """One step of run ``r`` (its batch: row ``t`` of its ``order``); a run that has stopped,
+  or whose step is not finite, keeps its state (``stopped_at`` as in :func:`make_epoch_fn`)."""
+  idx = order[r, t]
+  new, metrics = dcil_jax.train_step(state, {"image": images[idx], "label": labels[idx]})
+  stopped_at = jnp.where((stopped_at == 0) & ~metrics["finite"], first_step + t + 1, stopped_at)
+  frozen = stopped_at > 0
+  state = jax.tree.map(lambda old, x: jnp.where(frozen, old, x), state, new)
+  return state, stopped_at, metrics["loss"]
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _unstack(states: Any, runs: int) -> list[Any]:
+  return [jax.tree.map(lambda a, r=r: a[r], states) for r in range(runs)]
+
+
+@jax.jit
+def _stack(states: list[Any]) -> Any:
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _top1(state: dcil_jax.TrainState, batch: dict[str, jax.Array], path: str | None) -> jax.Array:
+  sums = dcil_jax.eval_step(state, batch, path)
+  return sums["top1"] / sums["count"]
+
+
+def _host_epoch_fn(steps_per_epoch: int) -> Callable[..., Any]:
+  def epoch(states, stopped_at, images, labels, order, first_step, val):
+    runs = len(stopped_at)
+    order = jnp.asarray(order)
+    each = _unstack(states, runs)
+    stopped = [stopped_at[r] for r in range(runs)]
+    losses = []
+    for r in range(runs):
+      run_losses = []
+      for t in range(steps_per_epoch):
+        each[r], stopped[r], loss = _guarded_step(
+          each[r], stopped[r], images, labels, order, r, t, first_step
+        )
+        run_losses.append(loss)
+      losses.append(jnp.stack(run_losses))
+    top1 = jnp.stack([_top1(s, val, None) for s in each])
+    return _stack(each), jnp.stack(stopped), jnp.stack(losses), top1
 
   return epoch
 
@@ -299,7 +361,7 @@ def run_cell(
   *,
   progress: Any = None,
   num_steps: int | None = None,
-  batching: str = "map",
+  batching: str = "host",
 ) -> dict[str, Any]:
   """Trains every ``lrs`` x ``seeds`` run of ``cell`` together; returns the cell's record.
 
@@ -412,7 +474,7 @@ def run_grid(
   data: Data | None = None,
   progress: bool = True,
   num_steps: int | None = None,
-  batching: str = "map",
+  batching: str = "host",
 ) -> list[dict[str, Any]]:
   """Runs every cell whose file is missing (a finished cell is skipped), writing each as it
   finishes; returns the records of the cells it ran. ``WORKDIR/grid.json`` lists the grid."""
@@ -545,7 +607,7 @@ def define_flags() -> None:
   flags.DEFINE_string("seeds", "0,1,2,3,4", "Seeds (initialisation, data order, dropout).")
   flags.DEFINE_string("lrs", ",".join(map(str, DEFAULT_LRS)), "Peak learning rates.")
   flags.DEFINE_bool("progress", True, "Show the progress bar.")
-  flags.DEFINE_enum("batching", "map", BATCHING, "How the runs of a cell share a step.")
+  flags.DEFINE_enum("batching", "host", BATCHING, "How the runs of a cell share a step.")
   flags.mark_flags_as_required(["workdir"])
 
 

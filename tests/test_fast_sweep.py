@@ -1,4 +1,4 @@
-"""The vmapped sweep engine computes the single-run path's runs, and survives a diverging run."""
+"""The sweep engine computes the single-run path's runs, and survives a diverging run."""
 
 import jax
 import numpy as np
@@ -44,15 +44,16 @@ def single_run(config, steps):
 
 
 @pytest.mark.parametrize(
-  "variant",
+  "variant,batching",
   [
-    "dcil_robust",
-    # slow: RigL's wrapper scales the learning rate inside it (the default run covers the
-    # engine with test_a_vmapped_run_is_the_single_run[dcil_robust])
-    pytest.param("rigl", marks=pytest.mark.slow),
+    ("dcil_robust", "host"),
+    # slow: RigL's wrapper scales the learning rate inside it, and the one-program engine that
+    # the benchmark compares with (the default run covers the engine with the first case)
+    pytest.param("rigl", "host", marks=pytest.mark.slow),
+    pytest.param("dcil_robust", "map", marks=pytest.mark.slow),
   ],
 )
-def test_a_vmapped_run_is_the_single_run(variant, data):
+def test_a_sweep_run_is_the_single_run(variant, batching, data):
   cell = fs.Cell(variant, 0.9)
   config = fs.cell_config(base_config(), cell)
   seeds, lrs = [0, 1], [0.05, 0.2]
@@ -65,7 +66,7 @@ def test_a_vmapped_run_is_the_single_run(variant, data):
     [ip.train_order(len(y), config.batch_size, s, STEPS) for _ in lrs for s in seeds]
   )
   val = {"image": data.validation[0], "label": data.validation[1], "mask": np.ones(500, bool)}
-  states, stopped, losses, _ = fs.make_epoch_fn(STEPS)(
+  states, stopped, losses, _ = fs.make_epoch_fn(STEPS, batching)(
     states, np.zeros(4, np.int32), x, y, order, 0, val
   )
   assert losses.shape == (4, STEPS) and not np.asarray(stopped).any()
