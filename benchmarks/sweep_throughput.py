@@ -5,10 +5,12 @@
 **Before**: ``experiments.sweep.run_sweep`` (one ``experiments.train.train_and_evaluate`` per
 run: grain input, an evaluation and a checkpoint every epoch), the paper's CNN at the MNIST-1D
 recipe (30 epochs), dense and DCIL at 90 % (seed 0). **After**: ``experiments.fast_sweep.run_cell``
-for the same two methods, each cell 4 learning rates x 5 seeds (20 runs) in one program, 30
-epochs of the ``fit`` split. Both include compiling. Wall time and the process's CPU time (all
-threads) are recorded with the load average: on a shared machine the wall time is inflated by
-the other jobs, the CPU time much less.
+for the same two methods, each cell 4 learning rates x 5 seeds (20 runs) in one process, 30
+epochs of the ``fit`` split, with the engine ``--batching`` names (``host``, the default: one
+compiled single-run step queued from the host; ``map`` / ``vmap``: one program per epoch).
+Both include compiling. Wall time and the process's CPU time (all threads) are recorded with
+the load average: on a shared machine the wall time is inflated by the other jobs, the CPU time
+much less.
 """
 
 from __future__ import annotations
@@ -70,9 +72,13 @@ def after(epochs: int | None, batching: str) -> list[dict[str, Any]]:
     t["compile_and_first_epoch_s"] = record["epoch_end_s"][0]
     common.log(f"after {cell.name}: {t}")
     runs = len(record["runs"])
-    out.append(
-      {"path": f"experiments.fast_sweep ({batching})", "cell": cell.name, "runs": runs, **t}
-    )
+    out.append({
+      "path": f"experiments.fast_sweep ({batching})",
+      "cell": cell.name,
+      "runs": runs,
+      "steps": record["steps"],
+      **t,
+    })  # fmt: skip
   return out
 
 
@@ -133,7 +139,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--part", choices=("before", "after", "both"), default="both")
   parser.add_argument("--epochs", type=int, default=None, help="default: the recipe's 30")
-  parser.add_argument("--batching", default="map", choices=("map", "vmap"))
+  parser.add_argument("--batching", default="host", choices=("host", "map", "vmap"))
   parser.add_argument("--after_from", default=None, help="a fast_sweep grid directory")
   parser.add_argument("--out", default=os.path.join(RESULTS, "sweep_throughput_cpu"))
   args = parser.parse_args()

@@ -13,7 +13,7 @@ from flax import serialization
 from dcil_jax import granularity as granularity_lib
 from dcil_jax import masks as masks_lib
 from dcil_jax import refresh as refresh_lib
-from dcil_jax.schedules import SparsitySchedule
+from dcil_jax.schedules import SparsitySchedule, constant_sparsity
 
 GRANULARITIES = ("weight", "filter", "nm")
 
@@ -153,7 +153,7 @@ class MaskedUpdateState(NamedTuple):
 
 
 def masked_update(
-  sparsity_schedule: SparsitySchedule,
+  sparsity_schedule: SparsitySchedule | float,
   update_every: int = 16,
   *,
   distribution: masks_lib.Distribution = "global",
@@ -186,7 +186,8 @@ def masked_update(
   momentum is never reset.
 
   Args:
-    sparsity_schedule: ``step -> sparsity`` (see :mod:`dcil_jax.schedules`), in optimizer steps.
+    sparsity_schedule: ``step -> sparsity`` (see :mod:`dcil_jax.schedules`), in optimizer steps,
+      or a number: that sparsity from the first step (as optax takes a float learning rate).
       A traced value outside [0, 1) is replaced by the last valid one and flagged
       (``sparsity_out_of_range`` in the step metrics); a concrete one raises.
     update_every: refresh period ``k`` in optimizer steps (official: 16).
@@ -215,6 +216,13 @@ def masked_update(
   Returns:
     An optax transform whose state is a :class:`MaskedUpdateState`.
   """
+  if isinstance(sparsity_schedule, (int, float)) and not isinstance(sparsity_schedule, bool):
+    sparsity_schedule = constant_sparsity(sparsity_schedule)
+  if not callable(sparsity_schedule):
+    raise TypeError(
+      "sparsity_schedule must be a number or a function step -> sparsity (e.g. "
+      f"dcil_jax.cubic_sparsity(...)), got {type(sparsity_schedule).__name__}."
+    )
   if int(update_every) != update_every or update_every < 1:
     raise ValueError(f"update_every must be a positive integer, got {update_every!r}.")
   if distribution not in masks_lib.DISTRIBUTIONS:

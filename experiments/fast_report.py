@@ -297,7 +297,8 @@ def _stability_figure(cells: list[dict[str, Any]], lrs: Sequence[float], model: 
   fig.colorbar(im, ax=ax, fraction=0.04)
   fig.tight_layout()
   os.makedirs(fig_dir, exist_ok=True)
-  suffix = "_bounded" if cells and _bounded(cells[0]) else ""
+  # one figure per model, recipe length and recipe (grids of one model at two lengths coexist)
+  suffix = f"_{cells[0]['config']['num_epochs']:g}ep" + ("_bounded" if _bounded(cells[0]) else "")
   path = os.path.join(fig_dir, f"stability_map_{model}{suffix}.png")
   fig.savefig(path, dpi=110)
   plt.close(fig)

@@ -73,7 +73,7 @@ def test_lr_is_chosen_on_validation_and_failures_are_mapped(tmp_path):
   assert "| GMP | 0.9 | 73.00 ± 2.83 | 82.00 ± 1.41 | +9.00 ± 1.41 (2/2) |" in text
   # stability map: DCIL at lr 0.2 lost both seeds (one NaN at step 40, one collapse)
   assert "| DCIL-official @ 0.9 | 0/2 | **2/2 (1 NaN, step 40)** |" in text
-  assert os.path.exists(tmp_path / "figures" / "stability_map_mnist1d_cnn.png")
+  assert os.path.exists(tmp_path / "figures" / "stability_map_mnist1d_cnn_30ep.png")
 
 
 def test_a_grid_with_a_step_bound_names_its_dcil_robust_and_its_own_map(tmp_path):
@@ -88,7 +88,7 @@ def test_a_grid_with_a_step_bound_names_its_dcil_robust_and_its_own_map(tmp_path
   text = "\n".join(fast_report.sections([grid], str(tmp_path)))
   assert "lr·‖g‖ ≤ 0.2" in text and "DCIL-official" not in text
   assert "| DCIL-robust @ 0.9 |" in text
-  assert os.path.exists(tmp_path / "figures" / "stability_map_mnist1d_cnn_bounded.png")
+  assert os.path.exists(tmp_path / "figures" / "stability_map_mnist1d_cnn_30ep_bounded.png")
 
 
 def test_a_grid_that_has_not_started_is_reported_as_such(tmp_path):

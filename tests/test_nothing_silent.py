@@ -99,6 +99,20 @@ def test_a_constant_schedule_out_of_range_is_an_error_at_once(tiny_model, tiny_v
     dcil_jax.TrainState.create(tiny_model, tiny_variables, tx)
 
 
+def test_a_number_is_a_constant_sparsity_and_a_non_schedule_is_an_error(tiny_variables):
+  params = tiny_variables["params"]
+  number = masked(0.5, prunable=rules.all_kernels)
+  schedule = masked(dcil_jax.constant_sparsity(0.5), prunable=rules.all_kernels)
+  a = dcil_jax.get_masks(number.init(params), params)
+  b = dcil_jax.get_masks(schedule.init(params), params)
+  assert jax.tree.all(jax.tree.map(lambda x, y: bool((x == y).all()), a, b))
+  assert 0.4 < float(masks_lib.sparsity(a)) < 0.6
+  with pytest.raises(TypeError, match="number or a function step -> sparsity"):
+    masked("0.5", prunable=rules.all_kernels)
+  with pytest.raises(ValueError):
+    masked(1.5, prunable=rules.all_kernels)
+
+
 @pytest.mark.parametrize("method", ["dcil", "rigl"])
 def test_train_state_round_trips_through_flax_serialization(
   tiny_model, tiny_variables, tiny_batch, method

@@ -21,6 +21,8 @@ def test_the_readme_has_the_two_user_examples():
   blocks = python_blocks(README)
   assert any("dcil_jax.TrainState.create(" in b for b in blocks)  # your own code
   assert any("def step(" in b for b in blocks)  # your own model, optimizer and loop
+  deploy = [b for b in blocks if "deploy.compact(" in b]
+  assert deploy and "(nn.Module)" in deploy[0]  # deploys an own model, not a zoo model
 
 
 def check(block: str, ns: dict) -> None:
@@ -36,7 +38,14 @@ def check(block: str, ns: dict) -> None:
   if "deploy.compact(" in block:
     assert (Path("mynet_compact") / "model.onnx").exists()
     assert (Path("mynet_compact") / "model.stablehlo").exists()
+    assert ns["small"].report["removed"] > 0  # filters were pruned and removed
+  if "save_compressed(" in block:
     assert Path("mynet_sparse.npz").exists()
+  if "onnxruntime.InferenceSession(" in block and "masked(images)" not in block:
+    masked = ns["dcil_jax"].masked_function(
+      ns["model"], ns["dcil_jax"].export_variables(ns["state"]), ns["state"].trained_masks
+    )
+    np.testing.assert_allclose(ns["logits"], masked(ns["images"]), rtol=1e-4, atol=1e-4)
   if 'method="rigl"' in block:  # the baselines
     assert ns["state"].method.name == "rigl"
 
