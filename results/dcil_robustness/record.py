@@ -1,6 +1,6 @@
 """One JSON line for a finished (or NaN-stopped) run: its final and best sparse-path top-1.
 
-  python results/dcil_robustness/record.py WORKDIR SECONDS key=value ...
+python results/dcil_robustness/record.py WORKDIR SECONDS key=value ...
 """
 
 import json
