@@ -232,6 +232,13 @@ def _where_runs(flag: jax.Array, a: Any, b: Any) -> Any:
   return jax.tree.map(pick, a, b)
 
 
+def _guard(old: Any, new: Any, finite: jax.Array, stopped_at: jax.Array, step: Any) -> Any:
+  """``(state, stopped_at)`` after a step of one run or of runs on a leading axis: a run whose
+  step is not finite stops at ``step`` (1-based); a stopped run keeps its old state."""
+  stopped_at = jnp.where((stopped_at == 0) & ~finite, step, stopped_at)
+  return _where_runs(stopped_at > 0, old, new), stopped_at
+
+
 def _eval_all(
   states: dcil_jax.TrainState, batch: dict[str, jax.Array], path: str | None
 ) -> jax.Array:
@@ -277,9 +284,7 @@ def make_epoch_fn(steps_per_epoch: int, batching: str = "host") -> Callable[...,
         new, metrics = jax.vmap(dcil_jax.train_step)(states, batch)
       else:
         new, metrics = jax.lax.map(lambda sb: dcil_jax.train_step(*sb), (states, batch))
-      bad = (stopped_at == 0) & ~metrics["finite"]
-      stopped_at = jnp.where(bad, first_step + t + 1, stopped_at)
-      states = _where_runs(stopped_at > 0, states, new)
+      states, stopped_at = _guard(states, new, metrics["finite"], stopped_at, first_step + t + 1)
       return (states, stopped_at), metrics["loss"]
 
     (states, stopped_at), losses = jax.lax.scan(
@@ -296,9 +301,7 @@ def _guarded_step(state, stopped_at, images, labels, order, r, t, first_step):
   or whose step is not finite, keeps its state (``stopped_at`` as in :func:`make_epoch_fn`)."""
   idx = order[r, t]
   new, metrics = dcil_jax.train_step(state, {"image": images[idx], "label": labels[idx]})
-  stopped_at = jnp.where((stopped_at == 0) & ~metrics["finite"], first_step + t + 1, stopped_at)
-  frozen = stopped_at > 0
-  state = jax.tree.map(lambda old, x: jnp.where(frozen, old, x), state, new)
+  state, stopped_at = _guard(state, new, metrics["finite"], stopped_at, first_step + t + 1)
   return state, stopped_at, metrics["loss"]
 
 
