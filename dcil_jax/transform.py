@@ -187,7 +187,8 @@ def masked_update(
 
   Args:
     sparsity_schedule: ``step -> sparsity`` (see :mod:`dcil_jax.schedules`), in optimizer steps,
-      or a number: that sparsity from the first step (as optax takes a float learning rate).
+      or a number: that sparsity from the first step (as optax takes a float learning rate);
+      None for ``granularity="nm"``, which ignores it.
       A traced value outside [0, 1) is replaced by the last valid one and flagged
       (``sparsity_out_of_range`` in the step metrics); a concrete one raises.
     update_every: refresh period ``k`` in optimizer steps (official: 16).
@@ -218,7 +219,7 @@ def masked_update(
   """
   if isinstance(sparsity_schedule, (int, float)) and not isinstance(sparsity_schedule, bool):
     sparsity_schedule = constant_sparsity(sparsity_schedule)
-  if not callable(sparsity_schedule):
+  if not callable(sparsity_schedule) and not (granularity == "nm" and sparsity_schedule is None):
     raise TypeError(
       "sparsity_schedule must be a number or a function step -> sparsity (e.g. "
       f"dcil_jax.cubic_sparsity(...)), got {type(sparsity_schedule).__name__}."
