@@ -76,7 +76,9 @@ def row(m: dict[str, Any]) -> str:
   )
 
 
-def time_runs(results: list[dict[str, Any]], batches: list[int], rounds: int) -> list[str]:
+def time_runs(
+  results: list[dict[str, Any]], batches: list[int], rounds: int, load_before: float
+) -> list[str]:
   """Dense vs each run's compact model (see the module docstring); the Markdown table."""
   import onnxruntime
 
@@ -98,7 +100,7 @@ def time_runs(results: list[dict[str, Any]], batches: list[int], rounds: int) ->
     inference.time_all(configs, batch, rounds)
   keys = [f"{rt} b{b}" for rt in ("jax", "onnxruntime") for b in batches]
   lines = [
-    f"load average before / after: {results[0]['_load']:.2f} / {os.getloadavg()[0]:.2f}; "
+    f"load average before / after: {load_before:.2f} / {os.getloadavg()[0]:.2f}; "
     f"{rounds} rounds; speed-up = median of per-round dense / compact time (ms: median time)",
     "",
     "| model | " + " | ".join(keys) + " |",
@@ -121,13 +123,12 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   load = os.getloadavg()[0]
   results = [measure(w) for w in args.workdirs]
-  results[0]["_load"] = load
   print("| allocation | seed | final top-1 | pruned / removed filters | params kept | MACs kept |")
   print("|---|---|---|---|---|---|")
   for m in results:
     print(row(m))
   if args.time:
-    print("\n".join(["", *time_runs(results, args.batches, args.rounds)]))
+    print("\n".join(["", *time_runs(results, args.batches, args.rounds, load)]))
   print(json.dumps([{k: v for k, v in m.items() if not k.startswith("_")} for m in results]))
 
 

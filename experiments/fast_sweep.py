@@ -250,7 +250,8 @@ def _eval_all(
 
 def make_epoch_fn(steps_per_epoch: int, batching: str = "host") -> Callable[..., Any]:
   """``(states, stopped_at, images, labels, order, first_step, val) -> (states, stopped_at,
-  losses [R, steps], val_top1 [R])``: one epoch of every run, the states donated.
+  losses [R, steps], val_top1 [R])``: one epoch of every run (the one-program engines donate
+  ``states``).
 
   ``stopped_at`` is each run's first non-finite step (1-based, as the loop counts), or 0; a
   stopped run's state no longer changes.
