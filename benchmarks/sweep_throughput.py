@@ -11,6 +11,12 @@ compiled single-run step queued from the host; ``map`` / ``vmap``: one program p
 Both include compiling. Wall time and the process's CPU time (all threads) are recorded with
 the load average: on a shared machine the wall time is inflated by the other jobs, the CPU time
 much less.
+
+**Two processes at once** (``--part=pinning``): the study runs one ``fast_sweep`` process per
+recipe on 2 cores. Two child processes train the same cell (``--pinning_model``, DCIL at 90 %,
+5 seeds, 3 epochs) side by side, first each free to use both cores, then each pinned to its own
+core with ``taskset`` (and once with XLA's single-threaded CPU runtime instead of pinning); each
+reports its wall ms per run-step after its first (compiling) epoch.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from typing import Any
@@ -104,6 +112,100 @@ def after_from_grid(workdir: str) -> list[dict[str, Any]]:
   return out
 
 
+PLACEMENTS = {  # name: (command prefix for child k, extra environment)
+  "free (both on all cores)": (lambda k: [], {}),
+  "XLA single-threaded (--xla_cpu_multi_thread_eigen=false)": (
+    lambda k: [],
+    {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false"},
+  ),
+  "pinned (taskset -c 0 / -c 1)": (lambda k: ["taskset", "-c", str(k)], {}),
+}
+PINNING_EPOCHS = 3
+
+
+def pinning_child(model: str) -> dict[str, Any]:
+  """One process's share of the pinning measurement: the steady wall ms per run-step."""
+  from experiments import fast_sweep
+  from experiments.configs import mnist1d
+
+  base = mnist1d.get_config(model)
+  base.dataset = "mnist1d_val"
+  data = fast_sweep.mnist1d_data()
+  cell = fast_sweep.Cell("dcil", 0.9)
+  steps_per_epoch = len(data.train[1]) // fast_sweep.cell_config(base, cell).batch_size
+  seeds = [0, 1, 2, 3, 4]
+  record = fast_sweep.run_cell(
+    base, cell, seeds, [0.1], data,
+    num_steps=PINNING_EPOCHS * steps_per_epoch,
+  )  # fmt: skip
+  ends = record["epoch_end_s"]
+  steady = (PINNING_EPOCHS - 1) * steps_per_epoch * len(seeds)
+  return {"ms_per_run_step": 1000 * (ends[-1] - ends[0]) / steady, "run_steps": steady}
+
+
+def pinning(model: str) -> list[dict[str, Any]]:
+  out = []
+  for name, (prefix, env) in PLACEMENTS.items():
+    load = os.getloadavg()[0]
+    children = [
+      subprocess.Popen(
+        [
+          *prefix(k),
+          sys.executable,
+          "-m",
+          "benchmarks.sweep_throughput",
+          "--part=pinning_child",
+          f"--pinning_model={model}",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **env},
+      )
+      for k in range(2)
+    ]
+    results = []
+    for child in children:
+      stdout, _ = child.communicate()
+      if child.returncode:
+        raise RuntimeError(f"{name}: a child process failed (exit {child.returncode})")
+      results.append(json.loads(stdout.strip().splitlines()[-1]))
+    row = {
+      "placement": name,
+      "model": model,
+      "ms_per_run_step": [r["ms_per_run_step"] for r in results],
+      "run_steps": results[0]["run_steps"],
+      "load_start": load,
+      "load_end": os.getloadavg()[0],
+    }
+    common.log(f"pinning: {row}")
+    out.append(row)
+  return out
+
+
+def pinning_report(rows: list[dict[str, Any]]) -> list[str]:
+  if not rows:
+    return []
+  lines = [
+    "",
+    "## Two processes at once (`--part=pinning`)",
+    "",
+    "Two processes train the same cell (DCIL at 90 %, 5 seeds, lr 0.1) side by side; wall ms per "
+    "run-step after each one's first (compiling) epoch. Both processes' cells together advance "
+    "2 / (ms per run-step) run-steps per ms.",
+    "",
+    "| Model | Placement | Run-steps timed (each) | Wall ms / run-step (process 1, 2) "
+    "| Load avg start / end |",
+    "|---|---|---|---|---|",
+  ]
+  for r in rows:
+    ms = ", ".join(f"{m:.1f}" for m in r["ms_per_run_step"])
+    lines.append(
+      f"| {r['model']} | {r['placement']} | {r['run_steps']} | {ms} | "
+      f"{r['load_start']:.1f} / {r['load_end']:.1f} |"
+    )
+  return lines
+
+
 def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
   lines = [
     "# Sweep throughput on CPU: MNIST-1D CNN, per-run loop vs fast sweep engine",
@@ -132,24 +234,32 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
       f"{60 * r['runs'] / r['wall_s']:.2f} | {60 * r['runs'] / r['cpu_s']:.2f} | "
       f"{r['load_start']:.1f} / {r['load_end']:.1f} |"
     )
+  lines += pinning_report(meta.get("pinning", []))
   return "\n".join(lines) + "\n"
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--part", choices=("before", "after", "both"), default="both")
+  parser.add_argument(
+    "--part", choices=("before", "after", "both", "pinning", "pinning_child"), default="both"
+  )
+  parser.add_argument("--pinning_model", default="resnet1d", choices=("cnn", "resnet1d"))
   parser.add_argument("--epochs", type=int, default=None, help="default: the recipe's 30")
   parser.add_argument("--batching", default="host", choices=("host", "map", "vmap"))
   parser.add_argument("--after_from", default=None, help="a fast_sweep grid directory")
   parser.add_argument("--out", default=os.path.join(RESULTS, "sweep_throughput_cpu"))
   args = parser.parse_args()
+  if args.part == "pinning_child":
+    print(json.dumps(pinning_child(args.pinning_model)))
+    return
   start = time.perf_counter()
   path = args.out + ".json"
-  rows, commands = [], []
+  rows, commands, pinned = [], [], []
   if os.path.exists(path):  # parts measured at another time are kept
     with open(path) as f:
       old = json.load(f)
     rows, commands = old["rows"], old["meta"].get("commands", [old["meta"]["command"]])
+    pinned = old["meta"].get("pinning", [])
   new = []
   if args.part in ("before", "both") and not args.after_from:
     new += before(args.epochs)
@@ -157,6 +267,9 @@ def main() -> None:
     new += after_from_grid(args.after_from)
   elif args.part in ("after", "both"):
     new += after(args.epochs, args.batching)
+  if args.part == "pinning":
+    fresh = pinning(args.pinning_model)
+    pinned = [r for r in pinned if r["model"] != args.pinning_model] + fresh
   keys = {(r["path"], r["cell"]) for r in new}
   rows = [r for r in rows if (r["path"], r["cell"]) not in keys] + new
   meta = {
@@ -166,6 +279,7 @@ def main() -> None:
     "machine": {k: common.machine_info()[k] for k in ("cpu_model", "cpus_usable", "jax")},
     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     "benchmark_wall_s": time.perf_counter() - start,
+    "pinning": pinned,
   }
   meta["commands"] = [c for c in commands if c != meta["command"]] + [meta["command"]]
   with open(path, "w") as f:

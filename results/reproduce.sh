@@ -20,10 +20,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 m1d=experiments/configs/mnist1d.py
-study() {  # one model's grid under one recipe (step bound 0: none), sparsity by sparsity
-  local name=$1 model=$2 epochs=$3 recipe=$4 bound=$5
+pinned() {  # runs "$@" on core $1 where taskset exists and there are two cores or more: two
+  # unpinned processes on 2 cores ran a 1-D ResNet step 30 % slower (benchmarks/results/
+  # sweep_throughput_cpu.md)
+  local core=$1
+  shift
+  if command -v taskset >/dev/null && (($(nproc) > core)); then
+    taskset -c "${core}" "$@"
+  else
+    "$@"
+  fi
+}
+study() {  # one model's grid under one recipe (step bound 0: none) on one core, sparsity by
+  # sparsity
+  local name=$1 model=$2 epochs=$3 recipe=$4 bound=$5 core=$6
   for s in 0.9 0.98 0.8 0.95; do
-    nice -n 10 python -m experiments.fast_sweep --workdir="results/mnist1d_study/${name}_${recipe}" \
+    pinned "${core}" nice -n 10 python -m experiments.fast_sweep --workdir="results/mnist1d_study/${name}_${recipe}" \
       --config="${m1d}:${model}" --config.dataset=mnist1d_val --config.num_epochs="${epochs}" \
       --config.max_step_norm="${bound}" --methods=dense,dcil,gmp,dpf,rigl --sparsities="${s}" \
       --progress=false
@@ -31,10 +43,10 @@ study() {  # one model's grid under one recipe (step bound 0: none), sparsity by
 }
 for grid in "cnn90 cnn 90" "resnet1d resnet1d 30"; do  # two processes: the two recipes
   # shellcheck disable=SC2086  # the grid's name, model and epochs, split on purpose
-  study ${grid} bounded 0.2 &
+  study ${grid} bounded 0.2 0 &
   first=$!
   # shellcheck disable=SC2086
-  study ${grid} plain 0 &
+  study ${grid} plain 0 1 &
   second=$!
   wait "${first}"  # a failed process fails the script
   wait "${second}"
