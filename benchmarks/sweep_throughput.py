@@ -238,6 +238,20 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
   return "\n".join(lines) + "\n"
 
 
+READING = "## Reading"
+
+
+def kept_reading(path: str) -> str:
+  """The hand-written reading at the end of the last report (from its ``## Reading`` heading):
+  a rerun rewrites the tables, not the text written about them."""
+  if not os.path.exists(path):
+    return ""
+  with open(path) as f:
+    text = f.read()
+  at = text.find("\n" + READING)
+  return text[at:] if at >= 0 else ""
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument(
@@ -285,7 +299,7 @@ def main() -> None:
   with open(path, "w") as f:
     json.dump({"meta": meta, "rows": rows}, f, indent=1)
   with open(args.out + ".md", "w") as f:
-    f.write(report(rows, meta))
+    f.write(report(rows, meta) + kept_reading(args.out + ".md"))
 
 
 if __name__ == "__main__":

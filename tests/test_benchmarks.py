@@ -183,3 +183,16 @@ def test_fresh_process_rss_rows_become_targets_and_a_table():
   assert [(c["target"].split(" ")[0], c["pass"]) for c in checks] == [("dcil/sequential", False)]
   lines = step_time_report.sequential_section(result)
   assert "| resnet20 | 128 | dcil/unrolled | 900 | 1526 | 626 | **1.93** |" in lines
+
+
+def test_a_rerun_of_the_sweep_benchmark_keeps_the_hand_written_reading(tmp_path):
+  from benchmarks import sweep_throughput
+
+  path = tmp_path / "report.md"
+  assert sweep_throughput.kept_reading(str(path)) == ""  # no report yet
+  path.write_text("# Tables\n\n| a |\n\n## Reading (by hand)\n\n- what the tables mean\n")
+  assert (
+    sweep_throughput.kept_reading(str(path)) == "\n## Reading (by hand)\n\n- what the tables mean\n"
+  )
+  path.write_text("# Tables only\n")
+  assert sweep_throughput.kept_reading(str(path)) == ""

@@ -95,3 +95,15 @@ def test_a_grid_that_has_not_started_is_reported_as_such(tmp_path):
   assert fast_sweep.load_cells(str(tmp_path / "not_yet")) == []
   text = "\n".join(fast_report.sections([str(tmp_path / "not_yet")], str(tmp_path)))
   assert "No finished cell yet." in text
+
+
+def test_only_the_cnn_is_compared_with_the_published_accuracy(tmp_path):
+  """The published ~94 % is the paper's CNN's: a 1-D ResNet's dense run is not measured by it."""
+  dense = cell("dense", 0.0, [run(0.1, 0, 0.98, 0.98), run(0.1, 1, 0.98, 0.99)])
+  dense["config"]["model"] = "resnet1d"
+  grid = str(tmp_path / "resnet")
+  write_grid(grid, [dense])
+  text = "\n".join(fast_report.sections([grid], str(tmp_path)))
+  assert "Dense reaches 98.50 % test" in text
+  assert "the published ~94 %" not in text
+  assert "(no published accuracy for this model)" in text
