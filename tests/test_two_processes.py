@@ -64,6 +64,10 @@ def two_process_reference(tmp_path_factory):
   return workdir, finish_two(start_two(workdir), 0)
 
 
+# Slow: two processes of the real command. The default run checks each process's rows of every
+# global batch (test_input_pipeline.py), a sharded step equal to one device's (8 fake devices,
+# test_multi_device.py) and the hosts' stop agreement in process (test_loop.py).
+@pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
   """Each process reads its half of every global batch; only process 0 reports and writes; the
   run equals the one-process run (in this process) to float tolerance over its first steps.
@@ -94,9 +98,9 @@ def test_two_processes_train_like_one(tmp_path):
     assert abs(a["top1"] - b["top1"]) <= 0.05  # the drift above, on 360 test digits
 
 
-# The default run checks a signal and exact resume through one process (test_resume.py), the
-# stop agreement of two processes in process (test_loop.py) and two processes training like one
-# (above); this is the two-process form of the stop, over the full run.
+# The default run checks a signal and exact resume through one process (test_resume.py) and the
+# stop agreement of two processes in process (test_loop.py); this is the two-process form of the
+# stop, over the full run.
 @pytest.mark.slow
 def test_two_processes_stop_together_on_sigterm_to_one_and_resume_exactly(
   tmp_path, two_process_reference
