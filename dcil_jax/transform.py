@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import jax
@@ -217,7 +218,7 @@ def masked_update(
   Returns:
     An optax transform whose state is a :class:`MaskedUpdateState`.
   """
-  if isinstance(sparsity_schedule, (int, float)) and not isinstance(sparsity_schedule, bool):
+  if isinstance(sparsity_schedule, numbers.Real) and not isinstance(sparsity_schedule, bool):
     sparsity_schedule = constant_sparsity(sparsity_schedule)
   if not callable(sparsity_schedule) and not (granularity == "nm" and sparsity_schedule is None):
     raise TypeError(

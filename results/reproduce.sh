@@ -21,8 +21,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 m1d=experiments/configs/mnist1d.py
 pinned() {  # runs "$@" on core $1 where taskset exists and the machine has that core: two
-  # processes free to use both of 2 cores trained the 1-D ResNet 1.2x slower than pinned ones
-  # (benchmarks/results/sweep_throughput_cpu.md)
+  # processes free to use both of 2 cores train the 1-D ResNet slower than two pinned ones
+  # (benchmarks/results/sweep_throughput_cpu.md, "Two processes at once")
   local core=$1
   shift
   if command -v taskset >/dev/null && (($(nproc) > core)); then

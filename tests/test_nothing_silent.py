@@ -107,6 +107,8 @@ def test_a_number_is_a_constant_sparsity_and_a_non_schedule_is_an_error(tiny_var
   b = dcil_jax.get_masks(schedule.init(params), params)
   assert jax.tree.all(jax.tree.map(lambda x, y: bool((x == y).all()), a, b))
   assert 0.4 < float(masks_lib.sparsity(a)) < 0.6
+  c = dcil_jax.get_masks(masked(np.float32(0.5), prunable=rules.all_kernels).init(params), params)
+  assert jax.tree.all(jax.tree.map(lambda x, y: bool((x == y).all()), a, c))  # NumPy's numbers
   with pytest.raises(TypeError, match="number or a function step -> sparsity"):
     masked("0.5", prunable=rules.all_kernels)
   with pytest.raises(ValueError):
